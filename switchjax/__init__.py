@@ -1,0 +1,4 @@
+"""switchjax: Switch Transformers (sparse T5 Mixture-of-Experts) in JAX/Flax."""
+
+from switchjax.config import Config, DataConfig, MeshConfig, ModelConfig, MoeConfig, TrainConfig
+from switchjax.config import load_config
