@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 ROUTER_TYPES = ("tokens_choose_masked", "tokens_choose_scatter", "experts_choose_masked")
 SPARSE_LAYOUTS = ("mixed", "top", "bottom", "middle", "hf")
-ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "linear")
+ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_exact", "silu", "linear")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,317 @@
+"""Routers: which experts each token goes to, with what weight, and the router losses.
+
+Faithful to flaxformer's `routing.py` (the code Switch Transformers was trained with):
+- router logits are computed in float32 whatever the activation dtype, and jitter (training
+  only) multiplies the router's float32 copy of the inputs, never the experts' inputs;
+- tokens-choose top-k routing lays the k choices out as [k, tokens] before the cumulative sum,
+  so every token's first choice outranks every token's second choice; batch-prioritized
+  routing (BPR) first sorts tokens by their top gate;
+- the combine weight of a routed token is its raw softmax probability (no renormalisation);
+- the load-balancing loss is computed before capacity dropping.
+
+The routing algorithms are pure functions of the router probabilities (easy to test); the
+`Router` module owns the weights and is the one template that calls them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# flaxformer: "slightly better results adopting typical normally-distributed scaling for the
+# router, rather than the 0.1-scaled variance_scaling".
+default_router_init = nn.initializers.normal(stddev=2e-2)
+
+
+@flax.struct.dataclass
+class RouterMask:
+  """Dispatch and combine arrays for routing by one-hot einsum (masked routers).
+
+  Attributes:
+    dispatch_mask: <bool>[groups, tokens, experts, capacity], 1 where a token takes a slot.
+    combine_array: <float32>[groups, tokens, experts, capacity], the router probability of
+      each dispatched (token, expert, slot), 0 elsewhere.
+    auxiliary_loss: load-balancing loss (0 for experts-choose routing).
+    router_z_loss: mean squared log-partition of the router logits.
+  """
+  dispatch_mask: Array
+  combine_array: Array
+  auxiliary_loss: Array
+  router_z_loss: Array = 0.0
+
+
+@flax.struct.dataclass
+class RouterIndices:
+  """Dispatch indices and combine weights for routing by scatter / gather.
+
+  Attributes:
+    dispatch_indices: <int32>[groups, tokens, k, 2]: (expert, slot in that expert's buffer) of
+      each of a token's k choices; slot >= capacity means the choice was dropped.
+    combine_weights: <float32>[groups, tokens, k]: router probability, 0 for dropped choices.
+    auxiliary_loss, router_z_loss: as in RouterMask.
+  """
+  dispatch_indices: Array
+  combine_weights: Array
+  auxiliary_loss: Array
+  router_z_loss: Array = 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Losses.
+
+def load_balancing_loss(router_probs: Array, expert_indices: Array) -> Array:
+  """Switch Transformer's auxiliary load-balancing loss (eqs. 4-6 of the paper).
+
+  loss = E^2 * mean over (groups, experts) of f * P, where f is the fraction of a group's
+  tokens whose top-k choices include the expert and P the mean router probability.
+
+  Args:
+    router_probs: <float>[..., tokens, experts].
+    expert_indices: <int>[..., tokens, k]; negative indices (padding) count for no expert.
+  """
+  num_experts = router_probs.shape[-1]
+  # [..., tokens, k, experts] -> [..., tokens, experts]: was the token routed to the expert?
+  expert_mask = jax.nn.one_hot(expert_indices.astype(jnp.int32), num_experts, dtype=jnp.int32)
+  expert_mask = jnp.max(expert_mask, axis=-2)
+  tokens_per_group_and_expert = jnp.mean(expert_mask, dtype=jnp.float32, axis=-2)
+  router_prob_per_group_and_expert = jnp.mean(router_probs, dtype=jnp.float32, axis=-2)
+  return jnp.mean(tokens_per_group_and_expert * router_prob_per_group_and_expert,
+                  dtype=jnp.float32) * num_experts**2
+
+
+def router_z_loss(router_logits: Array) -> Array:
+  """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2 (keeps logits small).
+
+  Args:
+    router_logits: <float>[..., tokens, experts].
+  """
+  log_z = jax.nn.logsumexp(router_logits.astype(jnp.float32), axis=-1)
+  return jnp.mean(log_z**2)
+
+
+# --------------------------------------------------------------------------------------------
+# Routing algorithms (pure functions of the router probabilities).
+
+def top_k(x: Array, k: int) -> tuple[Array, Array]:
+  """`jax.lax.top_k` over the last axis (ties go to the lower index), from k argmax passes.
+
+  XLA's SPMD partitioner does not split TopK along batch dimensions: under a mesh it
+  all-gathers the router probabilities of the whole batch onto every device. argmax partitions
+  cleanly, and k is small for tokens-choose routing.
+  """
+  values, indices = [], []
+  for _ in range(k):
+    index = jnp.argmax(x, axis=-1)
+    values.append(jnp.take_along_axis(x, index[..., None], axis=-1)[..., 0])
+    indices.append(index)
+    x = jnp.where(jax.nn.one_hot(index, x.shape[-1], dtype=jnp.bool_), -jnp.inf, x)
+  return jnp.stack(values, axis=-1), jnp.stack(indices, axis=-1).astype(jnp.int32)
+
+
+def _priority_of_choices(expert_index: Array, num_experts: int) -> Array:
+  """Position of each (token, choice) in its expert's buffer, first choices first.
+
+  Args:
+    expert_index: <int32>[groups, tokens, k], negative for choices that go nowhere.
+
+  Returns:
+    <int32>[groups, tokens, k, experts]: the buffer slot at the chosen expert, -1 elsewhere.
+  """
+  num_groups, tokens, k = expert_index.shape
+  # Make k the leading axis so that all top-1 choices outrank all top-2 choices.
+  # [groups, k * tokens]
+  flat_index = jnp.swapaxes(expert_index, 1, 2).reshape(num_groups, k * tokens)
+  # [groups, k * tokens, experts]
+  expert_mask = jax.nn.one_hot(flat_index, num_experts, dtype=jnp.int32)
+  priority = jnp.cumsum(expert_mask, axis=1) * expert_mask - 1
+  # [groups, tokens, k, experts]
+  return jnp.swapaxes(priority.reshape(num_groups, k, tokens, num_experts), 1, 2)
+
+
+def tokens_choose_masked(router_probs: Array, padding_mask: Optional[Array],
+                         expert_capacity: int, num_selected_experts: int = 1,
+                         batch_prioritized_routing: bool = False) -> RouterMask:
+  """Each token picks its top-k experts; experts take tokens in priority order up to capacity.
+
+  Args:
+    router_probs: <float32>[groups, tokens, experts].
+    padding_mask: <float>[groups, tokens], 0 for padding tokens (never routed), or None.
+    expert_capacity: slots per expert per group.
+    num_selected_experts: k (1 = Switch, 2 = GShard).
+    batch_prioritized_routing: route tokens in decreasing order of their top gate (BPR).
+  """
+  num_groups, tokens, num_experts = router_probs.shape
+  k = num_selected_experts
+  # [groups, tokens, k]
+  expert_gate, expert_index = top_k(router_probs, k)
+
+  if padding_mask is not None:
+    gate_mask = padding_mask[..., None]  # [groups, tokens, 1]
+    expert_gate = expert_gate * gate_mask
+    # Padding choices get negative indices, which the one-hot below drops.
+    expert_index = jnp.where(gate_mask > 0, expert_index, -1 - expert_index)
+    router_probs = router_probs * gate_mask  # so the load-balancing loss ignores padding
+
+  auxiliary_loss = load_balancing_loss(router_probs, expert_index)
+
+  if batch_prioritized_routing:
+    # [groups, tokens]: tokens in decreasing order of their top-1 gate.
+    permutation = jnp.argsort(-expert_gate[..., 0], axis=-1)
+    expert_index = jnp.take_along_axis(expert_index, permutation[..., None], axis=1)
+
+  # [groups, tokens, experts]: each token's slot at each expert it chose, -1 elsewhere.
+  token_priority = jnp.max(_priority_of_choices(expert_index, num_experts), axis=2)
+
+  if batch_prioritized_routing:
+    inverse_permutation = jnp.argsort(permutation, axis=-1)
+    token_priority = jnp.take_along_axis(token_priority, inverse_permutation[..., None], axis=1)
+
+  # One-hot drops slots outside [0, capacity): overflowing tokens are not dispatched.
+  # [groups, tokens, experts, capacity]
+  dispatch_mask = jax.nn.one_hot(token_priority, expert_capacity, dtype=jnp.bool_)
+  combine_array = jnp.einsum("gte,gtec->gtec", router_probs, dispatch_mask.astype(jnp.float32))
+  return RouterMask(dispatch_mask, combine_array, auxiliary_loss)
+
+
+def tokens_choose_scatter(router_probs: Array, padding_mask: Optional[Array],
+                          expert_capacity: int, num_selected_experts: int = 1,
+                          batch_prioritized_routing: bool = False) -> RouterIndices:
+  """The same choices and priorities as `tokens_choose_masked`, kept as (expert, slot) indices.
+
+  As in flaxformer, padding tokens are down-weighted (probability 0), not excluded: they may
+  still take a slot.
+  """
+  num_groups, tokens, num_experts = router_probs.shape
+  k = num_selected_experts
+  if padding_mask is not None:
+    router_probs = router_probs * padding_mask[..., None]
+
+  # [groups, tokens, k]
+  combine_weights, expert_index = top_k(router_probs, k)
+  auxiliary_loss = load_balancing_loss(router_probs, expert_index)
+
+  ordered_index = expert_index
+  if batch_prioritized_routing:
+    permutation = jnp.argsort(-combine_weights[..., 0], axis=-1)
+    ordered_index = jnp.take_along_axis(expert_index, permutation[..., None], axis=1)
+
+  # [groups, tokens, k]: the slot of each choice at its expert.
+  token_priority = jnp.max(_priority_of_choices(ordered_index, num_experts), axis=-1)
+
+  if batch_prioritized_routing:
+    inverse_permutation = jnp.argsort(permutation, axis=-1)
+    token_priority = jnp.take_along_axis(token_priority, inverse_permutation[..., None], axis=1)
+
+  combine_weights = combine_weights * (token_priority < expert_capacity)
+  # [groups, tokens, k, 2]
+  dispatch_indices = jnp.stack([expert_index, token_priority], axis=-1).astype(jnp.int32)
+  return RouterIndices(dispatch_indices, combine_weights, auxiliary_loss)
+
+
+def experts_choose_masked(router_probs: Array, padding_mask: Optional[Array],
+                          expert_capacity: int) -> RouterMask:
+  """Each expert takes its top-`capacity` tokens of the group (Zhou et al., 2022).
+
+  A token may go to several experts or none. Encoder only: choosing by the whole group lets a
+  decoder see the future. Padding tokens are down-weighted (probability 0), as in flaxformer.
+  The capacity is capped at the group size (an expert cannot take more tokens than exist).
+  """
+  tokens = router_probs.shape[1]
+  if padding_mask is not None:
+    router_probs = router_probs * padding_mask[..., None]
+  capacity = min(expert_capacity, tokens)
+  # [groups, experts, tokens]; a stable sort keeps lax.top_k's tie order and, unlike TopK,
+  # is partitioned along the group axis under a mesh.
+  probs_t = jnp.swapaxes(router_probs, 1, 2)
+  # [groups, experts, capacity]
+  token_index = jnp.argsort(-probs_t, axis=-1, stable=True)[..., :capacity]
+  expert_gate = jnp.take_along_axis(probs_t, token_index, axis=-1)
+  # [groups, experts, capacity, tokens] -> [groups, tokens, experts, capacity]
+  dispatch_mask = jnp.moveaxis(jax.nn.one_hot(token_index, tokens, dtype=jnp.bool_), 3, 1)
+  combine_array = jnp.einsum("gec,gtec->gtec", expert_gate, dispatch_mask.astype(jnp.float32))
+  return RouterMask(dispatch_mask, combine_array, jnp.zeros((), jnp.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# The router module.
+
+class Router(nn.Module):
+  """Router weights plus one of the routing algorithms above.
+
+  Attributes:
+    num_experts: E.
+    router_type: tokens_choose_masked | tokens_choose_scatter | experts_choose_masked.
+    num_selected_experts: k for the tokens-choose routers.
+    batch_prioritized_routing: BPR for the tokens-choose routers.
+    jitter_noise: amplitude of the multiplicative jitter on the router's inputs (training).
+    use_bias: add a bias to the logits.
+    ignore_padding_tokens: treat all-zero input tokens as padding (flaxformer's rule: T5 zeroes
+      the sublayer inputs at padding positions).
+    kernel_init: initialiser of the [d_model, experts] kernel (normal(0.02)).
+  """
+  num_experts: int
+  router_type: str = "tokens_choose_masked"
+  num_selected_experts: int = 1
+  batch_prioritized_routing: bool = False
+  jitter_noise: float = 0.0
+  use_bias: bool = False
+  ignore_padding_tokens: bool = False
+  kernel_init: nn.initializers.Initializer = default_router_init
+
+  @nn.compact
+  def __call__(self, token_inputs: Array, expert_capacity: int,
+               apply_jitter: bool = False) -> tuple[RouterMask | RouterIndices, Array]:
+    """Routes a batch of token groups.
+
+    Args:
+      token_inputs: <float>[groups, tokens, d_model].
+      expert_capacity: slots per expert per group.
+      apply_jitter: apply jitter noise (training).
+
+    Returns:
+      The routing instructions (with both losses) and the router logits
+      <float32>[groups, tokens, experts].
+    """
+    d_model = token_inputs.shape[-1]
+    # Selective precision: the router always computes in float32.
+    x = token_inputs.astype(jnp.float32)
+    if apply_jitter and self.jitter_noise > 0:
+      x = x * jax.random.uniform(self.make_rng("jitter"), x.shape, jnp.float32,
+                                 minval=1.0 - self.jitter_noise, maxval=1.0 + self.jitter_noise)
+    kernel = self.param("kernel", nn.with_logical_partitioning(
+        self.kernel_init, ("embed", "unmodeled")), (d_model, self.num_experts), jnp.float32)
+    # [groups, tokens, experts]
+    router_logits = jnp.einsum("gtd,de->gte", x, jnp.asarray(kernel, jnp.float32),
+                               precision=jax.lax.Precision.HIGHEST)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(
+          nn.initializers.zeros, ("unmodeled",)), (self.num_experts,), jnp.float32)
+      router_logits = router_logits + jnp.asarray(bias, jnp.float32)
+    router_logits = nn.with_logical_constraint(router_logits, ("batch", "length", "unmodeled"))
+    router_probs = nn.with_logical_constraint(jax.nn.softmax(router_logits, axis=-1),
+                                              ("batch", "length", "unmodeled"))
+
+    padding_mask = None
+    if self.ignore_padding_tokens:
+      # [groups, tokens]: padding positions hold all-zero inputs.
+      padding_mask = (jnp.sum(jnp.abs(token_inputs), axis=-1) > 0).astype(jnp.float32)
+      router_logits = router_logits * padding_mask[..., None]  # as flaxformer, for the z-loss
+
+    if self.router_type == "tokens_choose_masked":
+      out = tokens_choose_masked(router_probs, padding_mask, expert_capacity,
+                                 self.num_selected_experts, self.batch_prioritized_routing)
+    elif self.router_type == "tokens_choose_scatter":
+      out = tokens_choose_scatter(router_probs, padding_mask, expert_capacity,
+                                  self.num_selected_experts, self.batch_prioritized_routing)
+    elif self.router_type == "experts_choose_masked":
+      out = experts_choose_masked(router_probs, padding_mask, expert_capacity)
+    else:
+      raise ValueError(f"moe.router_type={self.router_type!r} is not a router; use "
+                       "tokens_choose_masked, tokens_choose_scatter or experts_choose_masked.")
+    return out.replace(router_z_loss=router_z_loss(router_logits)), router_logits
