@@ -1,0 +1,156 @@
+"""Orbax checkpoints: one layout for training runs, converted models and fine-tuning starts.
+
+A checkpoint directory (a training workdir or the output of `scripts/convert_hf.py`) holds
+
+  config.json                 the resolved switchjax Config
+  checkpoints/<step>/params   the model parameters (Orbax, sharded arrays)
+  checkpoints/<step>/opt_state  optimizer state (training runs only)
+  checkpoints/<step>/meta     JSON: {"step": ..., "data": input-pipeline position, ...}
+
+Orbax writes each step to a temporary directory and renames it when complete, so a run killed
+while saving leaves the previous steps intact; `CheckpointStore.restore_latest` also steps back
+over a newest checkpoint that fails to load, and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from switchjax import config as config_lib
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+CHECKPOINTS = "checkpoints"
+
+
+class CheckpointStore:
+  """The checkpoints of one directory (asynchronous saves, keep the last K, resume).
+
+  Attributes:
+    directory: the workdir; checkpoints go to `directory/checkpoints`.
+  """
+
+  def __init__(self, directory, keep: Optional[int] = None, async_save: bool = True):
+    self.directory = pathlib.Path(directory).resolve()
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory / CHECKPOINTS, options=options,
+                                         item_names=("params", "opt_state", "meta"))
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, params, opt_state=None, meta: Optional[dict] = None,
+           force: bool = True) -> None:
+    """Starts saving (asynchronously); `wait()` blocks until it is on disk."""
+    items = {"params": ocp.args.StandardSave(params),
+             "meta": ocp.args.JsonSave({"step": int(step), **(meta or {})})}
+    if opt_state is not None:
+      items["opt_state"] = ocp.args.StandardSave(opt_state)
+    self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+  def restore(self, step: int, abstract_params, abstract_opt_state=None) -> dict:
+    """Restores one step onto the shardings of the abstract trees (any mesh or device count).
+
+    `abstract_*` are trees of `jax.ShapeDtypeStruct` with `.sharding` (e.g. from
+    `jax.eval_shape` plus the target shardings). Returns {'params', 'opt_state', 'meta'}.
+    """
+    items = {"params": ocp.args.StandardRestore(abstract_params),
+             "meta": ocp.args.JsonRestore()}
+    if abstract_opt_state is not None:
+      items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+    restored = self.manager.restore(int(step), args=ocp.args.Composite(**items))
+    return {name: restored[name] for name in items}
+
+  def restore_latest(self, abstract_params, abstract_opt_state=None,
+                     report=print) -> Optional[dict]:
+    """The newest checkpoint that loads, stepping back over broken ones (reported); None if
+    the directory has no checkpoint."""
+    for step in reversed(self.steps()):
+      try:
+        return self.restore(step, abstract_params, abstract_opt_state)
+      except Exception as e:  # noqa: BLE001  (any read failure means: try the previous one)
+        report(f"Checkpoint step {step} in {self.directory / CHECKPOINTS} could not be "
+               f"restored ({type(e).__name__}: {str(e)[:200]}); trying the previous one.")
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Model checkpoints (parameters plus config), for conversion, generation and fine-tuning.
+
+def save_model(directory, config: config_lib.Config, params, step: int = 0) -> pathlib.Path:
+  """Writes config.json and the parameters as checkpoint `step` (synchronously)."""
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  config_lib.save_config(config, directory / CONFIG_FILE)
+  store = CheckpointStore(directory, async_save=False)
+  store.save(step, params)
+  store.close()
+  return directory
+
+
+def load_config(directory) -> config_lib.Config:
+  path = pathlib.Path(directory) / CONFIG_FILE
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: {directory} is not a switchjax checkpoint "
+                            "directory (make one with scripts/convert_hf.py or pretrain.py).")
+  return config_lib.read_config(path)
+
+
+def load_model(directory, step: Optional[int] = None, shardings: Any = None):
+  """(Config, params) of a checkpoint directory: the given or newest step, parameters only.
+
+  Without `shardings` the parameters land on the default device; with a tree of shardings
+  (matching the parameters) they are restored sharded.
+  """
+  from switchjax.model import SwitchTransformer  # local: model imports are heavy
+  import jax.numpy as jnp
+
+  config = load_config(directory)
+  store = CheckpointStore(directory, async_save=False)
+  steps = store.steps()
+  if not steps:
+    raise FileNotFoundError(f"No checkpoint under {pathlib.Path(directory) / CHECKPOINTS}.")
+  model = SwitchTransformer(config.model)
+  dummy = jnp.ones((1, 8), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, dummy))["params"]
+  shapes = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, shapes,
+                        is_leaf=lambda x: hasattr(x, "value"))
+  if shardings is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, shapes)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          shapes, shardings)
+  candidates = [step] if step is not None else list(reversed(steps))
+  errors = []
+  for s in candidates:
+    try:
+      restored = store.restore(s, abstract)
+      store.close()
+      return config, restored["params"]
+    except Exception as e:  # noqa: BLE001
+      errors.append(f"step {s}: {type(e).__name__}: {str(e)[:200]}")
+  store.close()
+  raise ValueError(f"Could not restore parameters from {directory}: " + "; ".join(errors))
+
+
+def params_equal(a, b) -> bool:
+  """True when two parameter trees have the same structure and identical values."""
+  if jax.tree.structure(a) != jax.tree.structure(b):
+    return False
+  return all(np.array_equal(np.asarray(x), np.asarray(y))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))

@@ -1,0 +1,340 @@
+"""The Switch Transformer: a T5.1.1 encoder-decoder whose MLPs are partly Mixture-of-Experts.
+
+Layer structure (pre-norm residual blocks, as flaxformer and Hugging Face):
+
+  encoder layer:  x += Dropout(Attention(Norm(x)))          with the stack's relative bias
+                  x += Dropout(Mlp(Norm(x)))                 Mlp = dense MLP or MoeLayer
+  decoder layer:  x += Dropout(CausalSelfAttention(Norm(x)))
+                  x += Dropout(CrossAttention(Norm(x), encoded))
+                  x += Dropout(Mlp(Norm(x)))
+  stack output:   Dropout(Norm(x)); the decoder's logits come from the shared embedding
+                  (scaled by d_model**-0.5) or from an untied output layer.
+
+Masks come from the pad id 0: padding keys are masked in every attention; the decoder's
+self-attention is causal. With `mask_padding_activations` (flaxformer) the normalised inputs of
+every sublayer are zeroed at padding positions, so padding is routed as all-zero tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from switchjax import layers
+from switchjax.config import ModelConfig
+from switchjax.moe import MoeLayer, expert_kernel_init
+
+Array = jax.Array
+
+
+# --------------------------------------------------------------------------------------------
+# Sparse layer placement.
+
+def sparse_layer_indices(num_layers: int, num_sparse: int, layout: str) -> tuple[int, ...]:
+  """Indices of the MoE layers of a stack.
+
+  flaxformer's `LayerLayout`: bottom (layer < s), top (layer >= n - s), middle
+  (n - s <= 2 * layer < n + s), mixed (layer % (n // s) == n // s - 1: 12 layers, 6 sparse ->
+  1, 3, 5, ...). 'hf' is Hugging Face's rule (step = n // s, sparse when i % step == 1 or step
+  == 1; 12/4 -> 1, 4, 7, 10 where mixed gives 2, 5, 8, 11); kept when converting checkpoints.
+  """
+  n, s = num_layers, num_sparse
+  if layout == "hf":
+    step = n // s if s > 0 else n
+    return tuple(i for i in range(n) if i % step == 1 or step == 1)
+  if s == 0:
+    return ()
+  if layout == "bottom":
+    return tuple(range(s))
+  if layout == "top":
+    return tuple(range(n - s, n))
+  if layout == "middle":
+    return tuple(i for i in range(n) if n - s <= 2 * i < n + s)
+  if layout == "mixed":
+    step = n // s
+    return tuple(i for i in range(n) if i % step == step - 1)
+  raise ValueError(f"model.sparse_layout={layout!r}; use mixed, top, bottom, middle or hf.")
+
+
+def encoder_sparse_layers(cfg: ModelConfig) -> tuple[int, ...]:
+  if cfg.sparse_encoder_layers is not None:
+    return tuple(cfg.sparse_encoder_layers)
+  return sparse_layer_indices(cfg.num_layers, cfg.num_sparse_encoder_layers, cfg.sparse_layout)
+
+
+def decoder_sparse_layers(cfg: ModelConfig) -> tuple[int, ...]:
+  if cfg.sparse_decoder_layers is not None:
+    return tuple(cfg.sparse_decoder_layers)
+  return sparse_layer_indices(cfg.decoder_layers, cfg.num_sparse_decoder_layers,
+                              cfg.sparse_layout)
+
+
+# --------------------------------------------------------------------------------------------
+# Masks.
+
+def padding_bias(key_tokens: Array, dtype=jnp.float32) -> Array:
+  """[batch, 1, 1, keys]: 0 for real keys, NEG_INF for padding (token 0)."""
+  return jnp.where(key_tokens > 0, 0.0, layers.NEG_INF).astype(dtype)[:, None, None, :]
+
+
+def causal_bias(length: int, dtype=jnp.float32) -> Array:
+  """[1, 1, length, length]: NEG_INF above the diagonal."""
+  keep = jnp.tril(jnp.ones((length, length), jnp.bool_))
+  return jnp.where(keep, 0.0, layers.NEG_INF).astype(dtype)[None, None]
+
+
+def decoder_logit_mask(decoder_input_tokens: Array) -> Array:
+  """flaxformer's mask of real decoder positions [batch, length, 1]: the 0 at position 0 is the
+  start token, not padding, and so is any 0 just before a real token."""
+  shifted_left = jnp.pad(decoder_input_tokens[:, 1:], ((0, 0), (0, 1)))
+  first = jnp.arange(decoder_input_tokens.shape[1])[None, :] == 0
+  real = (decoder_input_tokens > 0) | (shifted_left > 0) | first
+  return real[..., None]
+
+
+# --------------------------------------------------------------------------------------------
+# Layers.
+
+def _mlp(cfg: ModelConfig, sparse: bool, causal: bool, name: str) -> nn.Module:
+  dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+  if sparse:
+    return MoeLayer(cfg.moe, d_ff=cfg.expert_mlp_dim, activations=cfg.expert_acts,
+                    dropout_rate=cfg.expert_dropout, causal=causal, dtype=dtype,
+                    param_dtype=param_dtype, kernel_init=expert_kernel_init(cfg.init_scale),
+                    name=name)
+  return layers.MlpBlock(cfg.d_ff, cfg.mlp_activations, cfg.dropout_rate, dtype=dtype,
+                         param_dtype=param_dtype, kernel_init=nn.initializers.variance_scaling(
+                             cfg.init_scale, "fan_in", "truncated_normal"), name=name)
+
+
+def _attention(cfg: ModelConfig, name: str, cross: bool = False) -> layers.MultiHeadAttention:
+  return layers.MultiHeadAttention(
+      cfg.num_heads, cfg.d_kv, cfg.dropout_rate, cross_attention=cross,
+      dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+      kernel_init=nn.initializers.variance_scaling(cfg.init_scale, "fan_in", "normal"),
+      name=name)
+
+
+def _norm(cfg: ModelConfig, name: str) -> layers.RMSNorm:
+  return layers.RMSNorm(cfg.layer_norm_epsilon, dtype=jnp.dtype(cfg.dtype),
+                        param_dtype=jnp.dtype(cfg.param_dtype), name=name)
+
+
+def _dropout(cfg: ModelConfig) -> nn.Dropout:
+  return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))  # broadcast along length, as T5X
+
+
+class EncoderLayer(nn.Module):
+  """Self-attention then a dense or sparse MLP, each pre-normed with a residual."""
+  config: ModelConfig
+  sparse: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, bias: Array, logit_mask: Optional[Array],
+               enable_dropout: bool = False) -> Array:
+    cfg = self.config
+    deterministic = not enable_dropout
+    h = _norm(cfg, "pre_attention_layer_norm")(x)
+    if logit_mask is not None:
+      h = h * logit_mask
+    h = _attention(cfg, "attention")(h, h, bias, enable_dropout=enable_dropout)
+    x = x + _dropout(cfg)(h, deterministic=deterministic)
+    h = _norm(cfg, "pre_mlp_layer_norm")(x)
+    if logit_mask is not None:
+      h = h * logit_mask
+    h = _mlp(cfg, self.sparse, causal=False, name="mlp")(h, enable_dropout=enable_dropout)
+    x = x + _dropout(cfg)(h, deterministic=deterministic)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class DecoderLayer(nn.Module):
+  """Causal self-attention, cross-attention to the encoder, then a dense or sparse MLP."""
+  config: ModelConfig
+  sparse: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, encoded: Optional[Array], self_bias: Array, cross_bias: Array,
+               logit_mask: Optional[Array], enable_dropout: bool = False, decode: bool = False,
+               decode_position: Optional[Array] = None) -> Array:
+    cfg = self.config
+    deterministic = not enable_dropout
+    h = _norm(cfg, "pre_self_attention_layer_norm")(x)
+    if logit_mask is not None:
+      h = h * logit_mask
+    h = _attention(cfg, "self_attention")(h, h, self_bias, enable_dropout=enable_dropout,
+                                          decode=decode, decode_position=decode_position)
+    x = x + _dropout(cfg)(h, deterministic=deterministic)
+    h = _norm(cfg, "pre_cross_attention_layer_norm")(x)
+    if logit_mask is not None:
+      h = h * logit_mask
+    h = _attention(cfg, "encoder_decoder_attention", cross=True)(
+        h, encoded, cross_bias, enable_dropout=enable_dropout, decode=decode)
+    x = x + _dropout(cfg)(h, deterministic=deterministic)
+    h = _norm(cfg, "pre_mlp_layer_norm")(x)
+    if logit_mask is not None:
+      h = h * logit_mask
+    h = _mlp(cfg, self.sparse, causal=True, name="mlp")(h, enable_dropout=enable_dropout)
+    x = x + _dropout(cfg)(h, deterministic=deterministic)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+def _maybe_remat(cls, cfg: ModelConfig, static_argnums):
+  """Rematerialise whole layers in the backward pass (saves activation memory)."""
+  return nn.remat(cls, static_argnums=static_argnums) if cfg.remat == "full" else cls
+
+
+# --------------------------------------------------------------------------------------------
+# Stacks.
+
+class Encoder(nn.Module):
+  """Token embedding (shared), relative position bias, the encoder layers, final norm."""
+  config: ModelConfig
+  embedder: layers.Embed
+
+  @nn.compact
+  def __call__(self, tokens: Array, enable_dropout: bool = False) -> Array:
+    """tokens <int>[batch, length] -> encoded [batch, length, d_model]."""
+    cfg = self.config
+    length = tokens.shape[1]
+    x = self.embedder(tokens)
+    x = _dropout(cfg)(x, deterministic=not enable_dropout)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    relpos = layers.RelativePositionBias(
+        cfg.num_heads, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
+        bidirectional=True, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+        name="relpos_bias")
+    bias = relpos(length, length) + padding_bias(tokens, jnp.dtype(cfg.dtype))
+    logit_mask = (tokens > 0)[..., None].astype(x.dtype) if cfg.mask_padding_activations \
+        else None
+    sparse = set(encoder_sparse_layers(cfg))
+    layer_cls = _maybe_remat(EncoderLayer, cfg, static_argnums=(4,))
+    for i in range(cfg.num_layers):
+      x = layer_cls(cfg, sparse=i in sparse, name=f"layers_{i}")(x, bias, logit_mask,
+                                                                 enable_dropout)
+    x = _norm(cfg, "encoder_norm")(x)
+    return _dropout(cfg)(x, deterministic=not enable_dropout)
+
+
+class Decoder(nn.Module):
+  """Token embedding (shared), causal relative bias, decoder layers, final norm, logits."""
+  config: ModelConfig
+  embedder: layers.Embed
+
+  @nn.compact
+  def __call__(self, encoded: Optional[Array], encoder_input_tokens: Array,
+               decoder_input_tokens: Array, decoder_target_tokens: Optional[Array] = None,
+               enable_dropout: bool = False, decode: bool = False) -> Array:
+    """Returns float32 logits [batch, length, vocab].
+
+    In decode mode the 'cache' collection must be mutable. The first such call (on a dummy
+    [batch, max_length] input) creates the cache: zeroed self-attention keys/values and the
+    encoder's keys/values; each later call takes one token [batch, 1] and `encoded` may be None.
+    """
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    length = decoder_input_tokens.shape[1]
+    relpos = layers.RelativePositionBias(
+        cfg.num_heads, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
+        bidirectional=False, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
+        name="relpos_bias")
+    cross_bias = padding_bias(encoder_input_tokens, dtype)
+
+    position = None
+    if decode and self.has_variable("cache", "position"):
+      # One decoding step: the query sits at `position`; keys are the cache's positions.
+      position_var = self.variable("cache", "position")
+      key_positions = self.variable("cache", "key_positions").value  # [max_length]
+      position = position_var.value
+      position_var.value = position + 1
+      max_length = key_positions.shape[0]
+      future = jnp.where(key_positions > position, layers.NEG_INF, 0.0).astype(dtype)
+      self_bias = relpos.decode_step(position, max_length) + future[None, None, None, :]
+      logit_mask = None
+    else:
+      if decode:  # cache creation
+        self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+        self.variable("cache", "key_positions", lambda: jnp.arange(length, dtype=jnp.int32))
+      self_bias = relpos(length, length) + causal_bias(length, dtype)
+      if decoder_target_tokens is not None:  # T5X: padding targets are masked as keys too
+        self_bias = self_bias + padding_bias(decoder_target_tokens, dtype)
+      logit_mask = decoder_logit_mask(decoder_input_tokens).astype(dtype) \
+          if cfg.mask_padding_activations else None
+
+    x = self.embedder(decoder_input_tokens)
+    x = _dropout(cfg)(x, deterministic=not enable_dropout)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    sparse = set(decoder_sparse_layers(cfg))
+    layer_cls = _maybe_remat(DecoderLayer, cfg, static_argnums=(6, 7))
+    for i in range(cfg.decoder_layers):
+      x = layer_cls(cfg, sparse=i in sparse, name=f"layers_{i}")(
+          x, encoded, self_bias, cross_bias, logit_mask, enable_dropout, decode, position)
+    x = _norm(cfg, "decoder_norm")(x)
+    x = _dropout(cfg)(x, deterministic=not enable_dropout)
+    if cfg.tie_embeddings:
+      logits = self.embedder.attend(x * cfg.d_model**-0.5)
+    else:
+      kernel = self.param("logits_dense", nn.with_logical_partitioning(
+          nn.initializers.variance_scaling(cfg.init_scale, "fan_in", "truncated_normal"),
+          ("embed", "vocab")), (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
+      logits = jnp.einsum("bld,dv->blv", x.astype(jnp.float32), jnp.asarray(kernel, jnp.float32))
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+# --------------------------------------------------------------------------------------------
+# Models.
+
+def _embedder(cfg: ModelConfig) -> layers.Embed:
+  return layers.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype),
+                      param_dtype=jnp.dtype(cfg.param_dtype))
+
+
+class SwitchTransformer(nn.Module):
+  """The Switch encoder-decoder.
+
+  `model.apply({"params": params}, encoder_input_tokens, decoder_input_tokens,
+  decoder_target_tokens=None, enable_dropout=False)` returns float32 logits
+  [batch, target_length, vocab]. Apply with `mutable=["intermediates"]` to collect each sparse
+  layer's router logits and metrics; training needs rngs 'dropout' (and 'jitter' if the router
+  jitters).
+  """
+  config: ModelConfig
+
+  def setup(self):
+    self.config.validate()
+    self.token_embedder = _embedder(self.config)  # shared by encoder, decoder and logits
+    self.encoder = Encoder(self.config, self.token_embedder)
+    self.decoder = Decoder(self.config, self.token_embedder)
+
+  def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+               decoder_target_tokens: Optional[Array] = None,
+               enable_dropout: bool = False) -> Array:
+    encoded = self.encode(encoder_input_tokens, enable_dropout=enable_dropout)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
+                       decoder_target_tokens, enable_dropout=enable_dropout)
+
+  def encode(self, encoder_input_tokens: Array, enable_dropout: bool = False) -> Array:
+    """[batch, input_length] tokens -> [batch, input_length, d_model]."""
+    return self.encoder(encoder_input_tokens, enable_dropout=enable_dropout)
+
+  def decode(self, encoded: Optional[Array], encoder_input_tokens: Array,
+             decoder_input_tokens: Array, decoder_target_tokens: Optional[Array] = None,
+             enable_dropout: bool = False, decode: bool = False) -> Array:
+    """Decoder logits given the encoder's output (see `Decoder` for decode mode)."""
+    return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens,
+                        decoder_target_tokens, enable_dropout=enable_dropout, decode=decode)
+
+
+class SwitchEncoder(nn.Module):
+  """Encoder-only Switch model: tokens -> contextual embeddings [batch, length, d_model]."""
+  config: ModelConfig
+
+  def setup(self):
+    self.config.validate()
+    self.token_embedder = _embedder(self.config)
+    self.encoder = Encoder(self.config, self.token_embedder)
+
+  def __call__(self, encoder_input_tokens: Array, enable_dropout: bool = False) -> Array:
+    return self.encoder(encoder_input_tokens, enable_dropout=enable_dropout)
