@@ -1,0 +1,152 @@
+"""Training losses and routing metrics, as T5X's MoE encoder-decoder model computes them.
+
+loss = CE (with label smoothing, plus z_loss * logsumexp(logits)^2 per token), summed over real
+target tokens and divided by their number, + aux_loss_factor * mean over MoE layers of the
+load-balancing loss + router_z_loss_factor * mean over MoE layers of the router z-loss.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from switchjax import routing
+
+Array = jax.Array
+ROUTING_METRICS = ("auxiliary_loss", "router_z_loss", "fraction_tokens_left_behind",
+                   "expert_usage", "router_confidence")
+
+
+def cross_entropy_with_z_loss(logits: Array, targets: Array, weights: Array,
+                              z_loss: float = 0.0,
+                              label_smoothing: float = 0.0) -> tuple[Array, Array, Array]:
+  """T5X's weighted cross-entropy.
+
+  Args:
+    logits: <float>[batch, length, vocab].
+    targets: <int>[batch, length].
+    weights: <float>[batch, length], 1 for real target tokens.
+    z_loss: coefficient of logsumexp(logits)^2 (T5X: 1e-4).
+    label_smoothing: mass spread uniformly over the other classes.
+
+  Returns:
+    (sum of CE + z-loss, sum of the z-loss part, sum of weights), each a float32 scalar.
+  """
+  vocab = logits.shape[-1]
+  logits = logits.astype(jnp.float32)
+  confidence = 1.0 - label_smoothing
+  low_confidence = label_smoothing / (vocab - 1)
+  # Entropy of the smoothed target distribution: the CE of a perfect prediction.
+  normalizing_constant = -(confidence * math.log(confidence) +
+                           (vocab - 1) * low_confidence * math.log(low_confidence + 1e-20)) \
+      if label_smoothing > 0 else 0.0
+  log_z = jax.nn.logsumexp(logits, axis=-1)  # [batch, length]
+  log_probs = logits - log_z[..., None]
+  target_log_prob = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  if label_smoothing > 0:
+    ce = -(confidence * target_log_prob +
+           low_confidence * (jnp.sum(log_probs, axis=-1) - target_log_prob))
+  else:
+    ce = -target_log_prob
+  ce = ce - normalizing_constant
+  z = z_loss * log_z**2
+  weights = weights.astype(jnp.float32)
+  return jnp.sum((ce + z) * weights), jnp.sum(z * weights), jnp.sum(weights)
+
+
+# --------------------------------------------------------------------------------------------
+# Routing metrics sown by the MoE layers.
+
+def moe_layer_metrics(intermediates: Any) -> dict[str, dict[str, Array]]:
+  """{layer path: {metric: value}} for every MoE layer found in the 'intermediates'
+  collection (paths like 'encoder/layers_1/mlp')."""
+  found: dict[str, dict[str, Array]] = {}
+
+  def visit(node, path):
+    if isinstance(node, dict) or hasattr(node, "items"):
+      if "auxiliary_loss" in node:
+        found["/".join(path)] = {name: value[0] if isinstance(value, tuple) else value
+                                 for name, value in node.items()}
+        return
+      for key, child in node.items():
+        visit(child, path + [key])
+
+  visit(intermediates, [])
+  return found
+
+
+def moe_losses_and_metrics(intermediates: Any, aux_loss_factor: float,
+                           router_z_loss_factor: float) -> tuple[Array, dict[str, Array]]:
+  """(weighted MoE loss terms, metrics averaged over layers plus per-layer values)."""
+  layers = moe_layer_metrics(intermediates)
+  if not layers:
+    return jnp.float32(0.0), {}
+  metrics = {name: jnp.mean(jnp.stack([m[name] for m in layers.values()])).astype(jnp.float32)
+             for name in ROUTING_METRICS}
+  for path, m in layers.items():
+    for name in ("expert_usage", "fraction_tokens_left_behind", "router_confidence"):
+      metrics[f"layers/{path}/{name}"] = m[name].astype(jnp.float32)
+  loss = (aux_loss_factor * metrics["auxiliary_loss"] +
+          router_z_loss_factor * metrics["router_z_loss"])
+  return loss, metrics
+
+
+def loss_and_metrics(logits: Array, batch: dict[str, Array], intermediates: Any, *,
+                     z_loss: float = 1e-4, label_smoothing: float = 0.0,
+                     aux_loss_factor: float = 0.01,
+                     router_z_loss_factor: float = 0.0) -> tuple[Array, dict[str, Array]]:
+  """The T5X MoE training loss for one batch and its metrics.
+
+  `batch` holds decoder_target_tokens and, optionally, decoder_loss_weights (default:
+  target != 0). The loss is normalised by the number of real target tokens.
+  """
+  targets = batch["decoder_target_tokens"]
+  weights = batch.get("decoder_loss_weights")
+  if weights is None:
+    weights = (targets > 0).astype(jnp.float32)
+  total, total_z, num_tokens = cross_entropy_with_z_loss(logits, targets, weights, z_loss,
+                                                         label_smoothing)
+  denominator = jnp.maximum(num_tokens, 1.0)
+  moe_loss, metrics = moe_losses_and_metrics(intermediates, aux_loss_factor,
+                                             router_z_loss_factor)
+  loss = total / denominator + moe_loss
+  metrics.update({
+      "loss": loss,
+      "cross_entropy": (total - total_z) / denominator,
+      "z_loss": total_z / denominator,
+      "moe_loss": moe_loss,
+      "num_target_tokens": num_tokens,
+      "accuracy": jnp.sum((jnp.argmax(logits, -1) == targets) * weights) / denominator,
+  })
+  return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face's pooled router losses.
+
+def hf_router_losses(intermediates: Any, stack: str) -> tuple[Array, Array]:
+  """(z-loss, load-balancing loss) as Hugging Face computes them with
+  `output_router_logits=True`: the router logits of all sparse layers of a stack concatenated
+  along the sequence, top-1 expert by argmax (before capacity). Note that HF skips both
+  (reports 0) when every layer of the stack is sparse.
+
+  Args:
+    intermediates: the 'intermediates' collection of a forward pass.
+    stack: 'encoder' or 'decoder'.
+  """
+  logits = [m["router_logits"] for path, m in sorted(
+      moe_layer_metrics(intermediates).items(), key=lambda kv: _layer_index(kv[0]))
+            if path.startswith(stack)]
+  # [batch, sum of lengths, experts]
+  logits = jnp.concatenate(logits, axis=1).astype(jnp.float32)
+  z = routing.router_z_loss(logits)
+  aux = routing.load_balancing_loss(jax.nn.softmax(logits, -1),
+                                    jnp.argmax(logits, -1)[..., None])
+  return z, aux
+
+
+def _layer_index(path: str) -> int:
+  return next(int(p.split("_")[1]) for p in path.split("/") if p.startswith("layers_"))
