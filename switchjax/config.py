@@ -202,9 +202,11 @@ class DataConfig:
     text_field: the field holding the text in JSON Lines and Parquet files.
     spm_path: a SentencePiece model (e.g. an HF checkpoint's spiece.model); None = train a
       T5-layout model on the corpus at first use and cache it.
-    spm_vocab_size: pieces of that trained model (the 100 sentinels come on top).
-    cache_dir: where trained tokenizers and tokenized corpora are cached (default: under
-      ~/.cache/switchjax).
+    spm_vocab_size: pieces of that trained model (the sentinels come on top); the embedded
+      default corpus supports up to about 12,000.
+    extra_ids: sentinel ids appended after the pieces (<extra_id_N> = vocab - 1 - N; T5: 100).
+    cache_dir: where trained tokenizers and tokenized corpora are cached (default:
+      $SWITCHJAX_CACHE, else ~/.cache/switchjax).
     inputs_length, targets_length: encoder and decoder lengths (T5: 512 and 114).
     noise_density, mean_noise_span_length: T5 span corruption (0.15, 3.0).
     eval_fraction: share of the corpus's chunks held out for evaluation.
@@ -214,6 +216,7 @@ class DataConfig:
   text_field: str = "text"
   spm_path: Optional[str] = None
   spm_vocab_size: int = 32000
+  extra_ids: int = 100
   cache_dir: Optional[str] = None
   inputs_length: int = 512
   targets_length: int = 114
@@ -233,6 +236,8 @@ class DataConfig:
                        ">= 1.")
     if not 0.0 <= self.eval_fraction < 1.0:
       raise ValueError(f"{p}.eval_fraction={self.eval_fraction} must be in [0, 1).")
+    if self.extra_ids < 0:
+      raise ValueError(f"{p}.extra_ids={self.extra_ids} must be >= 0 (T5 uses 100).")
     if self.spm_vocab_size < 16:
       raise ValueError(f"{p}.spm_vocab_size={self.spm_vocab_size} must be >= 16.")
 

@@ -1,0 +1,361 @@
+"""Corpora: the embedded default corpus, user files, and their tokenized, cached form.
+
+A corpus is a deterministic sequence of documents (strings):
+
+- the embedded default corpus (data.paths empty) is text that ships with CPython itself, so it
+  needs no download on any machine with Python: the reference documentation topics of
+  `pydoc_data.topics` (language reference pages), then the docstrings of 200+ characters of
+  the standard library's modules, classes and functions, read from its source files with `ast`
+  (nothing is imported). About 1.7 MB of English text (400k tokens at 8000 pieces) on
+  Python 3.11.
+- user corpora (data.paths: files or globs, in the given order, each glob sorted):
+  `.txt`: one document per paragraph (lines up to a blank line), which streams large files;
+  `.jsonl` / `.json`: JSON Lines, one object per line, the text in data.text_field;
+  `.parquet`: the string column data.text_field. `.gz` versions of .txt/.jsonl/.json work too.
+
+Tokenizing (`tokenize_corpus`) concatenates the token ids of all documents without separators,
+as T5's `reduce_concat_tokens` does (no eos between documents), into one flat array saved as a
+memory-mapped .npy in the cache, so a large corpus is tokenized once and not per run.
+`TokenChunks` cuts it into chunks of the raw span-corruption length (568 for 512/114).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import glob
+import gzip
+import json
+import logging
+import os
+import pathlib
+import sys
+import sysconfig
+import warnings
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from switchjax.data import cache
+from switchjax.data.tokenizer import EmptyTextError, Tokenizer, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+TOKENIZER_TRAINING_SENTENCES = 300_000  # Lines of the corpus the tokenizer is trained on.
+_ENCODE_BATCH_DOCS = 512
+
+
+# --------------------------------------------------------------------------------------------
+# Sources.
+
+_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
+_MIN_DOCSTRING_CHARS = 200
+
+
+def _stdlib_files() -> list[pathlib.Path]:
+  """The standard library's .py files, without tests, IDLE and installed packages."""
+  files = []
+  for directory, subdirs, names in os.walk(sysconfig.get_paths()["stdlib"]):
+    subdirs[:] = [d for d in subdirs if d not in _STDLIB_SKIP]
+    files += [pathlib.Path(directory, n) for n in names if n.endswith(".py")]
+  return sorted(files)
+
+
+def _docstrings(path: pathlib.Path) -> list[str]:
+  """Docstrings of 200+ characters of the module, classes and functions of a file."""
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # e.g. SyntaxWarning for invalid escapes.
+      tree = ast.parse(path.read_bytes())
+  except (SyntaxError, ValueError, OSError):
+    return []
+  docs = []
+  for node in ast.walk(tree):
+    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+      doc = ast.get_docstring(node)
+      if doc and len(doc) >= _MIN_DOCSTRING_CHARS:
+        docs.append(doc)
+  return docs
+
+
+@functools.lru_cache(maxsize=1)
+def default_documents() -> tuple[str, ...]:
+  """The embedded corpus's documents: CPython's documentation topics, then stdlib docstrings.
+
+  Kept in memory (2 MB) for the process: parsing the standard library takes a few seconds.
+  """
+  import pydoc_data.topics
+  topics = pydoc_data.topics.topics
+  docs = [topics[name] for name in sorted(topics)]
+  for path in _stdlib_files():
+    docs += _docstrings(path)
+  return tuple(docs)
+
+
+class DefaultCorpus:
+  """The embedded corpus (data.paths empty): text that ships with CPython."""
+
+  @property
+  def description(self) -> str:
+    return f"the embedded default corpus (Python {sys.version.split()[0]} documentation)"
+
+  def fingerprint(self) -> str:
+    import pydoc_data.topics
+    files = [pydoc_data.topics.__file__] + _stdlib_files()
+    return cache.fingerprint("default-corpus-v1", sys.version, cache.file_stats(files))
+
+  def documents(self) -> Iterator[str]:
+    return iter(default_documents())
+
+
+@dataclasses.dataclass(frozen=True)
+class FileCorpus:
+  """Documents read from text, JSON Lines and Parquet files (see the module docstring)."""
+  files: tuple[pathlib.Path, ...]
+  text_field: str = "text"
+  patterns: tuple[str, ...] = ()
+
+  @property
+  def description(self) -> str:
+    return f"data.paths={self.patterns!r} ({len(self.files)} files)"
+
+  def fingerprint(self) -> str:
+    return cache.fingerprint("file-corpus-v1", self.text_field, cache.file_stats(self.files))
+
+  def documents(self) -> Iterator[str]:
+    for path in self.files:
+      yield from read_documents(path, self.text_field)
+
+
+def resolve_paths(patterns: Sequence[str]) -> list[pathlib.Path]:
+  """The files named by `patterns` (paths or globs, ~ expanded), in order, without repeats."""
+  files: list[pathlib.Path] = []
+  for pattern in patterns:
+    expanded = os.path.expanduser(pattern)
+    matches = sorted(glob.glob(expanded, recursive=True)) if glob.has_magic(expanded) else (
+        [expanded] if os.path.exists(expanded) else [])
+    if not matches:
+      raise ValueError(f"no files match data.paths={pattern!r}; check the path or glob.")
+    for match in matches:
+      path = pathlib.Path(match)
+      if path.is_dir():
+        raise ValueError(f"data.paths entry {match!r} is a directory; give files or a glob "
+                         f"such as {os.path.join(match, '*.jsonl')!r}.")
+      _check_suffix(path)
+      if path not in files:
+        files.append(path)
+  return files
+
+
+def _suffix(path: pathlib.Path) -> str:
+  """The format suffix, looking through .gz: a.jsonl.gz -> .jsonl."""
+  suffixes = [s.lower() for s in path.suffixes]
+  if suffixes and suffixes[-1] == ".gz":
+    suffixes = suffixes[:-1]
+  return suffixes[-1] if suffixes else ""
+
+
+def _check_suffix(path: pathlib.Path) -> None:
+  suffix = _suffix(path)
+  gzipped = path.suffix.lower() == ".gz"
+  if suffix not in SUPPORTED_SUFFIXES or (gzipped and suffix == ".parquet"):
+    name = (suffix + (".gz" if gzipped else "")) or "(no extension)"
+    raise ValueError(f"{path}: unsupported file type {name!r}; "
+                     "data.paths takes .txt (a document per paragraph), .jsonl/.json (JSON "
+                     "Lines with data.text_field) and .parquet files.")
+
+
+def _open_text(path: pathlib.Path):
+  if path.suffix.lower() == ".gz":
+    return gzip.open(path, "rt", encoding="utf-8")
+  return open(path, encoding="utf-8")
+
+
+def read_documents(path: str | os.PathLike, text_field: str = "text") -> Iterator[str]:
+  """The documents of one file, chosen by its extension."""
+  path = pathlib.Path(path)
+  _check_suffix(path)
+  suffix = _suffix(path)
+  if suffix == ".txt":
+    return _txt_documents(path)
+  if suffix in (".jsonl", ".json"):
+    return _jsonl_documents(path, text_field)
+  return _parquet_documents(path, text_field)
+
+
+def _txt_documents(path: pathlib.Path) -> Iterator[str]:
+  """Paragraphs: runs of non-blank lines."""
+  paragraph: list[str] = []
+  with _open_text(path) as f:
+    for line in f:
+      if line.strip():
+        paragraph.append(line.rstrip("\n"))
+      elif paragraph:
+        yield "\n".join(paragraph)
+        paragraph = []
+  if paragraph:
+    yield "\n".join(paragraph)
+
+
+def _jsonl_documents(path: pathlib.Path, text_field: str) -> Iterator[str]:
+  with _open_text(path) as f:
+    for line_number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}, line {line_number}: not valid JSON ({e}); .jsonl/.json "
+                         "files must hold one JSON object per line (JSON Lines).") from None
+      if not isinstance(record, dict) or text_field not in record:
+        fields = ", ".join(map(repr, record)) if isinstance(record, dict) else "not an object"
+        raise ValueError(f"{path}, line {line_number}: no field {text_field!r} (the line has: "
+                         f"{fields}); set --set data.text_field=NAME to the field that holds "
+                         "the text.")
+      text = record[text_field]
+      if not isinstance(text, str):
+        raise ValueError(f"{path}, line {line_number}: field {text_field!r} is a "
+                         f"{type(text).__name__}, not a string; set --set data.text_field=NAME "
+                         "to the field that holds the text.")
+      if text.strip():
+        yield text
+
+
+def _parquet_documents(path: pathlib.Path, text_field: str) -> Iterator[str]:
+  import pyarrow.parquet as pq
+  parquet = pq.ParquetFile(path)
+  columns = parquet.schema_arrow.names
+  if text_field not in columns:
+    raise ValueError(f"{path}: no column {text_field!r} (columns: {', '.join(columns)}); set "
+                     "--set data.text_field=NAME to the column that holds the text.")
+  for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+    for text in batch.column(0).to_pylist():
+      if isinstance(text, str) and text.strip():
+        yield text
+
+
+def open_corpus(data_cfg) -> DefaultCorpus | FileCorpus:
+  """The corpus of a DataConfig: its files, or the embedded default corpus if paths is empty."""
+  if not data_cfg.paths:
+    return DefaultCorpus()
+  patterns = tuple(data_cfg.paths)
+  return FileCorpus(tuple(resolve_paths(patterns)), data_cfg.text_field, patterns)
+
+
+def _empty_corpus_error(corpus) -> ValueError:
+  hint = (" (is data.text_field right?)" if isinstance(corpus, FileCorpus) else "")
+  return ValueError(f"the corpus is empty: {corpus.description} holds no text{hint}; add "
+                    "documents to the files or point data.paths at other files.")
+
+
+# --------------------------------------------------------------------------------------------
+# The tokenizer of a corpus.
+
+def get_tokenizer(data_cfg, corpus=None) -> Tokenizer:
+  """The tokenizer of a DataConfig.
+
+  data.spm_path if set (it must exist); otherwise a T5-layout unigram model with
+  data.spm_vocab_size pieces trained on the first TOKENIZER_TRAINING_SENTENCES lines of the
+  corpus at first use and cached under the cache directory, keyed by the corpus files and the
+  vocabulary size. The number of sentinels is data.extra_ids (100 if the config has no such
+  field).
+  """
+  extra_ids = data_cfg.extra_ids
+  if data_cfg.spm_path:
+    if not os.path.isfile(os.path.expanduser(data_cfg.spm_path)):
+      raise ValueError(f"data.spm_path={data_cfg.spm_path!r} does not exist; point it at a "
+                       "SentencePiece .model file (e.g. an HF checkpoint's spiece.model), or "
+                       "leave it unset to train a tokenizer on the corpus.")
+    return Tokenizer(os.path.expanduser(data_cfg.spm_path), extra_ids=extra_ids)
+  corpus = corpus or open_corpus(data_cfg)
+  vocab = data_cfg.spm_vocab_size
+  key = cache.fingerprint("spm-v1", corpus.fingerprint(), vocab, TOKENIZER_TRAINING_SENTENCES)
+  path = cache.cache_dir(data_cfg.cache_dir) / "tokenizers" / f"spm{vocab}-{key}.model"
+  if not path.exists():
+    log.info("Training a %d-piece SentencePiece tokenizer on %s (first use; cached at %s).",
+             vocab, corpus.description, path)
+    try:
+      train_tokenizer(corpus.documents(), vocab, path, max_sentences=TOKENIZER_TRAINING_SENTENCES)
+    except EmptyTextError:
+      raise _empty_corpus_error(corpus) from None
+  return Tokenizer(path, extra_ids=extra_ids)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenized corpus.
+
+def token_dtype(vocab_size: int) -> np.dtype:
+  """uint16 when every id fits (vocab_size < 65536), else int32."""
+  return np.dtype(np.uint16 if vocab_size < 2**16 else np.int32)
+
+
+def tokenize_corpus(corpus, tokenizer: Tokenizer, cache_root: str | os.PathLike) -> np.ndarray:
+  """All documents' ids concatenated without separators: a read-only memmap [num_tokens].
+
+  Cached as tokens-KEY.npy under `cache_root`/tokens, KEY from the corpus fingerprint and the
+  tokenizer's hash.
+  """
+  key = cache.fingerprint("tokens-v1", corpus.fingerprint(), tokenizer.fingerprint)
+  path = pathlib.Path(cache_root) / "tokens" / f"tokens-{key}.npy"
+  if not path.exists():
+    log.info("Tokenizing %s (first use; cached at %s).", corpus.description, path)
+    _write_tokens(corpus, tokenizer, path)
+  return np.load(path, mmap_mode="r")
+
+
+def _write_tokens(corpus, tokenizer: Tokenizer, path: pathlib.Path) -> None:
+  """Streams the ids to a raw temporary file, then copies them into the .npy (atomically)."""
+  dtype = token_dtype(tokenizer.vocab_size)
+  raw_path = cache.temporary_path(path.with_suffix(".raw"))
+  try:
+    num_tokens = 0
+    with open(raw_path, "wb") as raw:
+      for docs in _batches(corpus.documents(), _ENCODE_BATCH_DOCS):
+        ids = [i for doc_ids in tokenizer.encode_batch(docs) for i in doc_ids]
+        raw.write(np.asarray(ids, dtype=dtype).tobytes())
+        num_tokens += len(ids)
+    if num_tokens == 0:
+      raise _empty_corpus_error(corpus)
+    source = np.memmap(raw_path, dtype=dtype, mode="r", shape=(num_tokens,))
+    with cache.atomic_path(path) as tmp:
+      target = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(num_tokens,))
+      step = 1 << 24
+      for start in range(0, num_tokens, step):
+        target[start:start + step] = source[start:start + step]
+      target.flush()
+      del target, source
+  finally:
+    raw_path.unlink(missing_ok=True)
+
+
+def _batches(items, size):
+  batch = []
+  for item in items:
+    batch.append(item)
+    if len(batch) == size:
+      yield batch
+      batch = []
+  if batch:
+    yield batch
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenChunks:
+  """The flat token array cut into consecutive chunks of `chunk_length` tokens.
+
+  Chunk i is tokens[i * chunk_length : (i + 1) * chunk_length]; the final partial chunk (fewer
+  than chunk_length tokens) is dropped, so every example fills the lengths exactly.
+  """
+  tokens: np.ndarray  # [num_tokens], memory-mapped
+  chunk_length: int
+
+  def __len__(self) -> int:
+    return len(self.tokens) // self.chunk_length
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    if not 0 <= i < len(self):
+      raise IndexError(f"chunk {i} out of range [0, {len(self)}).")
+    start = i * self.chunk_length
+    return np.asarray(self.tokens[start:start + self.chunk_length], dtype=np.int32)
