@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from switchjax import config as config_lib
+from switchjax import sharding
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +128,8 @@ def load_model(directory, step: Optional[int] = None, shardings: Any = None):
     raise FileNotFoundError(f"No checkpoint under {pathlib.Path(directory) / CHECKPOINTS}.")
   model = SwitchTransformer(config.model)
   dummy = jnp.ones((1, 8), jnp.int32)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, dummy))["params"]
-  shapes = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, shapes,
-                        is_leaf=lambda x: hasattr(x, "value"))
+  shapes = sharding.unbox(
+      jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, dummy))["params"])
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, shapes)

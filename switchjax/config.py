@@ -258,7 +258,10 @@ class TrainConfig:
     z_loss: output logits z-loss (T5X 1e-4); label_smoothing: 0 in T5X.
     aux_loss_factor, router_z_loss_factor: MoE losses (Switch: 0.01 and 0).
     seed: parameter init, dropout and jitter.
-    log_every, eval_every, eval_steps, checkpoint_every, keep_checkpoints.
+    log_every, eval_every (0: only at the end), eval_steps, checkpoint_every, keep_checkpoints.
+    init_from: a checkpoint directory whose parameters start a new run (fine-tuning, or a
+      converted Hugging Face model); ignored when the workdir already has a checkpoint.
+    peak_tflops_per_device: for the MFU estimate; 0 looks the device kind up (TPU, A100, H100).
   """
   batch_size: int = 256
   num_microbatches: int = 1
@@ -282,6 +285,8 @@ class TrainConfig:
   eval_steps: int = 10
   checkpoint_every: int = 1000
   keep_checkpoints: int = 3
+  init_from: Optional[str] = None
+  peak_tflops_per_device: float = 0.0
 
   def validate(self, prefix: str = "train") -> None:
     p = prefix
@@ -289,6 +294,8 @@ class TrainConfig:
                  "checkpoint_every", "keep_checkpoints"):
       if getattr(self, name) < 1:
         raise ValueError(f"{p}.{name}={getattr(self, name)} must be >= 1.")
+    if self.eval_every < 0 or self.eval_steps < 1:
+      raise ValueError(f"{p}.eval_every must be >= 0 and {p}.eval_steps >= 1.")
     if self.batch_size % self.num_microbatches:
       raise ValueError(f"{p}.batch_size={self.batch_size} must be divisible by "
                        f"{p}.num_microbatches={self.num_microbatches}.")

@@ -88,6 +88,13 @@ def logical_sharding(mesh: Mesh, logical_axes: Sequence[Optional[str]]) -> Named
   return NamedSharding(mesh, logical_to_spec(logical_axes))
 
 
+def unbox(boxed) -> Any:
+  """The values of a tree of `nn.Partitioned` boxes, without applying sharding constraints
+  (so it also works on the abstract shapes of `jax.eval_shape`)."""
+  return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 def param_specs(boxed_params) -> Any:
   """PartitionSpecs of a parameter tree whose leaves are `nn.LogicallyPartitioned` boxes
   (as returned by `init` or `jax.eval_shape(init)`)."""
