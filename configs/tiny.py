@@ -14,7 +14,7 @@ def get_config():
       num_decoder_layers=2, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
       sparse_layout="mixed", mlp_activations=("relu",), dropout_rate=0.0, dtype="float32",
       init_scale=0.1,
-      moe=MoeConfig(num_experts=4, max_group_size=64, train_capacity_factor=1.25,
+      moe=MoeConfig(num_experts=4, max_group_size=8, train_capacity_factor=1.25,
                     eval_capacity_factor=2.0, min_expert_capacity=2))
   data = DataConfig(spm_vocab_size=500, inputs_length=32, targets_length=8,
                     eval_fraction=0.02)

@@ -1,6 +1,20 @@
-"""switchjax: Switch Transformers (sparse T5 Mixture-of-Experts) in JAX/Flax."""
+"""switchjax: Switch Transformers (sparse T5 Mixture-of-Experts) in JAX/Flax.
 
-from switchjax.config import Config, DataConfig, MeshConfig, ModelConfig, MoeConfig, TrainConfig
-from switchjax.config import load_config
+The public API:
+  configs     Config, ModelConfig, MoeConfig, DataConfig, TrainConfig, MeshConfig, load_config
+  modules     SwitchTransformer, SwitchEncoder, MoeLayer, Router
+  Hugging Face  from_hf, to_hf
+  generation  generate
+  checkpoints save_model, load_model
+  training    train
+"""
+
+from switchjax.checkpoint import load_model, save_model
+from switchjax.decoding import generate
+from switchjax.config import (Config, DataConfig, MeshConfig, ModelConfig, MoeConfig,
+                              TrainConfig, load_config)
+from switchjax.hf import from_hf, to_hf
+from switchjax.model import SwitchEncoder, SwitchTransformer
 from switchjax.moe import MoeLayer
 from switchjax.routing import Router
+from switchjax.train import train

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import time
 from typing import Any, Optional
 
 import jax
@@ -31,6 +32,37 @@ CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
 
 
+class IncompatibleCheckpointError(ValueError):
+  """A checkpoint of another model or optimizer (not a broken one): never set aside."""
+
+
+def _path_name(path) -> str:
+  """'decoder.layers_0.mlp.wi' for a tree path (Orbax's naming of saved arrays)."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+  return ".".join(parts)
+
+
+def _shapes_by_name(tree) -> dict[str, tuple]:
+  return {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _first_difference(saved: dict, expected: dict) -> Optional[str]:
+  missing = sorted(set(expected) - set(saved))
+  unexpected = sorted(set(saved) - set(expected))
+  if missing or unexpected:
+    return (f"arrays this config expects but the checkpoint lacks: {missing[:4]}; arrays the "
+            f"checkpoint has but this config does not: {unexpected[:4]}")
+  for name in sorted(expected):
+    if saved[name] != expected[name]:
+      return f"{name} has shape {saved[name]} in the checkpoint but {expected[name]} here"
+  return None
+
+
 class CheckpointStore:
   """The checkpoints of one directory (asynchronous saves, keep the last K, resume).
 
@@ -42,8 +74,11 @@ class CheckpointStore:
     self.directory = pathlib.Path(directory).resolve()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(self.directory / CHECKPOINTS, options=options,
-                                         item_names=("params", "opt_state", "meta"))
+    self.manager = ocp.CheckpointManager(
+        self.directory / CHECKPOINTS, options=options,
+        item_handlers={"params": ocp.StandardCheckpointHandler(),
+                       "opt_state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -79,15 +114,54 @@ class CheckpointStore:
 
   def restore_latest(self, abstract_params, abstract_opt_state=None,
                      report=print) -> Optional[dict]:
-    """The newest checkpoint that loads, stepping back over broken ones (reported); None if
-    the directory has no checkpoint."""
-    for step in reversed(self.steps()):
-      try:
-        return self.restore(step, abstract_params, abstract_opt_state)
-      except Exception as e:  # noqa: BLE001  (any read failure means: try the previous one)
-        report(f"Checkpoint step {step} in {self.directory / CHECKPOINTS} could not be "
-               f"restored ({type(e).__name__}: {str(e)[:200]}); trying the previous one.")
-    return None
+    """The newest checkpoint that loads, stepping back over broken ones; None if the directory
+    has no checkpoint. Broken steps are reported and moved to `checkpoints_broken/` (kept for
+    inspection, out of the way of the steps this run will save again)."""
+    broken = []
+    try:
+      for step in reversed(self.steps()):
+        try:
+          self.check_compatible(step, abstract_params, abstract_opt_state)
+          return self.restore(step, abstract_params, abstract_opt_state)
+        except IncompatibleCheckpointError:
+          raise
+        except Exception as e:  # noqa: BLE001  (any read failure: try the previous one)
+          report(f"Checkpoint step {step} in {self.directory / CHECKPOINTS} could not be "
+                 f"restored ({type(e).__name__}: {str(e)[:200]}); trying the previous one.")
+          broken.append(step)
+      return None
+    finally:
+      for step in broken:
+        self._set_aside(step, report)
+
+  def check_compatible(self, step: int, abstract_params, abstract_opt_state=None) -> None:
+    """Raises IncompatibleCheckpointError if `step` holds other arrays than expected (a run of
+    another model or optimizer); other read failures propagate as they are."""
+    metadata = self.manager.item_metadata(step)
+    items = [("params", abstract_params)]
+    if abstract_opt_state is not None:
+      items.append(("opt_state", abstract_opt_state))
+    for item, abstract in items:
+      saved = metadata[item]
+      if saved is None:
+        raise FileNotFoundError(f"step {step} has no readable {item}")
+      difference = _first_difference(_shapes_by_name(saved), _shapes_by_name(abstract))
+      if difference:
+        raise IncompatibleCheckpointError(
+            f"{self.directory} holds checkpoints of another model or optimizer (step {step}, "
+            f"{item}: {difference}). Use a new --workdir, or start a new run from these "
+            f"parameters with --set train.init_from={self.directory}.")
+
+  def _set_aside(self, step: int, report) -> None:
+    if jax.process_index() == 0:
+      target = self.directory / "checkpoints_broken" / f"{step}-{int(time.time())}"
+      target.parent.mkdir(exist_ok=True)
+      (self.directory / CHECKPOINTS / str(step)).rename(target)
+      report(f"Moved the broken step {step} to {target}.")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"set aside broken checkpoint {step}")
+    self.manager.reload()
 
 
 # --------------------------------------------------------------------------------------------

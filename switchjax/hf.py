@@ -1,24 +1,54 @@
 """Hugging Face `google/switch-*` checkpoints <-> switchjax.
 
-`from_hf(path)` reads `config.json` (transformers 4.x or 5.x) and the weights, maps the names,
-transposes torch's (out, in) Linear weights, stacks the experts into [E, in, out] kernels, and
-builds a ModelConfig that computes what Hugging Face computes: one routing group per sequence
-with a fixed `expert_capacity`, HF's sparse-layer placement, no zeroing of padding activations,
-tied or untied logits. `to_hf` is the reverse and refuses what HF cannot express.
+`from_hf(path)` reads `config.json` (transformers 4.x or 5.x layout) and the weights
+(`model.safetensors`, sharded safetensors, `pytorch_model.bin` or sharded bins; float32, float16
+or bfloat16), checks every tensor name and shape against the config, transposes torch's
+(out, in) Linear weights and stacks the experts into [E, in, out] kernels. The ModelConfig it
+builds computes what transformers computes: each sequence is one routing group with a fixed
+`expert_capacity`, HF's sparse-layer placement, padding routed like any token (no
+`mask_padding_activations`), tied or untied logits.
+
+`to_hf(model_or_config, params, out_dir)` writes `config.json` (5.x layout) and
+`model.safetensors` for `SwitchTransformersForConditionalGeneration.from_pretrained`, and refuses
+(ValueError) what that model cannot express: gated MLPs, capacity-factor routing, k > 1,
+experts-choose or batch-prioritized routing, ignored padding tokens, expert widths or
+activations that differ from the dense ones, sparse placements HF's rule cannot produce.
+
+Notes on transformers 5.x: `save_pretrained` omits tied tensors (4.x files contain them); with
+`tie_word_embeddings=False` it does not tie `encoder/decoder.embed_tokens` to `shared` either, so
+`to_hf` writes those copies for untied models and `from_hf` refuses copies that differ.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
-from typing import Any
+import re
+from typing import Any, Callable, Optional
 
 import numpy as np
 
-from switchjax.config import ModelConfig, MoeConfig
-from switchjax.model import SwitchTransformer, sparse_layer_indices
+from switchjax.config import Config, ModelConfig, MoeConfig
+from switchjax.model import SwitchTransformer, decoder_sparse_layers, encoder_sparse_layers
 
-HF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu_exact", "gelu_new": "gelu", "silu": "silu"}
+# HF `dense_act_fn` -> switchjax activation. HF's 'gelu' is the exact (erf) form, 'gelu_new'
+# and friends the tanh approximation (switchjax's 'gelu').
+HF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu_exact", "gelu_new": "gelu",
+                  "gelu_pytorch_tanh": "gelu", "gelu_fast": "gelu", "silu": "silu",
+                  "swish": "silu", "linear": "linear"}
+# switchjax activation -> HF `dense_act_fn`.
+TO_HF_ACTIVATIONS = {"relu": "relu", "gelu_exact": "gelu", "gelu": "gelu_new",
+                     "gelu_new": "gelu_new", "silu": "silu", "linear": "linear"}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TIED_EMBEDDINGS = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+HF_DEFAULTS = {"vocab_size": 32128, "d_model": 768, "d_kv": 64, "d_ff": 2048, "num_layers": 12,
+               "num_decoder_layers": 12, "num_heads": 12, "num_sparse_encoder_layers": 3,
+               "num_sparse_decoder_layers": 3, "num_experts": 8, "expert_capacity": 64,
+               "router_bias": False, "router_jitter_noise": 0.01, "dropout_rate": 0.1,
+               "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+               "layer_norm_epsilon": 1e-6, "tie_word_embeddings": True, "dense_act_fn": "relu"}
 
 
 class CheckpointError(ValueError):
@@ -26,30 +56,78 @@ class CheckpointError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------
+# Sparse layer placement.
+
+def hf_sparse_layers(num_layers: int, num_sparse: int,
+                     step: Optional[int] = None) -> tuple[int, ...]:
+  """The sparse blocks transformers builds: step = the stored `*_sparse_step` if the config
+  has one, else num_layers // num_sparse (num_layers when 0); block i is sparse when
+  i % step == 1, or every block when step == 1; a step of 0 gives none.
+
+  Note that 0 sparse layers without a stored step still makes block 1 sparse (HF's rule).
+  """
+  if step is None:
+    step = num_layers // num_sparse if num_sparse > 0 else num_layers
+  if step <= 0:
+    return ()
+  return tuple(i for i in range(num_layers) if i % step == 1 or step == 1)
+
+
+def hf_sparse_count(num_layers: int, layers: tuple[int, ...], stack: str) -> tuple[int, int]:
+  """(num_sparse, sparse_step) that make transformers build exactly `layers` sparse.
+
+  Tries len(layers) first, then every other count; no sparse layer is written as step 0.
+  Raises ValueError when no count reproduces the placement.
+  """
+  layers = tuple(sorted(layers))
+  if not layers:
+    return 0, 0
+  for count in [len(layers)] + list(range(1, num_layers + 1)):
+    if hf_sparse_layers(num_layers, count) == layers:
+      return count, num_layers // count
+  options = sorted({hf_sparse_layers(num_layers, s) for s in range(1, num_layers + 1)})
+  raise ValueError(
+      f"The {stack}'s sparse layers {layers} cannot be expressed in Hugging Face: with "
+      f"{num_layers} layers its rule (step = layers // sparse count, block i sparse when "
+      f"i % step == 1) only produces {', '.join(map(str, options))}. The placement is part "
+      f"of the weights: configure new models with model.sparse_layout='hf' (or "
+      f"model.sparse_{stack}_layers set to one of these) to be able to export them.")
+
+
+# --------------------------------------------------------------------------------------------
 # Config.
 
 def config_from_hf(hf: dict) -> ModelConfig:
-  """ModelConfig equivalent to a Hugging Face SwitchTransformersConfig dict."""
+  """ModelConfig equivalent to a Hugging Face SwitchTransformersConfig dict (4.x or 5.x)."""
   if hf.get("model_type") != "switch_transformers":
     raise CheckpointError(
-        f"config.json has model_type={hf.get('model_type')!r}, not 'switch_transformers'; "
-        "from_hf converts SwitchTransformersForConditionalGeneration checkpoints only.")
-  act = hf.get("dense_act_fn", "relu")
+        f"config.json has model_type={hf.get('model_type')!r}, not 'switch_transformers': this "
+        "is another kind of model. from_hf converts Switch Transformers checkpoints "
+        "(SwitchTransformersForConditionalGeneration, e.g. google/switch-base-8) only.")
+  hf = {**HF_DEFAULTS, **hf}  # transformers' defaults for absent keys
+  act = hf["dense_act_fn"]
+  if str(act).startswith("gated-") or hf.get("is_gated_act") or str(
+      hf.get("feed_forward_proj", "")).startswith("gated-"):
+    raise CheckpointError(
+        f"config.json asks for a gated feed-forward (dense_act_fn={act!r}, "
+        f"is_gated_act={hf.get('is_gated_act')}, feed_forward_proj={hf.get('feed_forward_proj')!r})"
+        ": transformers' SwitchTransformers has no gated MLP (it raises for 'gated-gelu'), so "
+        "there is no reference to convert against; use a checkpoint with dense_act_fn 'relu'.")
   if act not in HF_ACTIVATIONS:
-    raise CheckpointError(f"config.json has dense_act_fn={act!r}; supported: "
-                          f"{', '.join(HF_ACTIVATIONS)}.")
-  num_layers = hf.get("num_layers", 12)
-  num_decoder_layers = hf.get("num_decoder_layers") or num_layers
-  enc = _hf_sparse_layers(num_layers, hf.get("num_sparse_encoder_layers", 3),
-                          hf.get("encoder_sparse_step"))
-  dec = _hf_sparse_layers(num_decoder_layers, hf.get("num_sparse_decoder_layers", 3),
-                          hf.get("decoder_sparse_step"))
+    raise CheckpointError(f"config.json has dense_act_fn={act!r}, which switchjax does not "
+                          f"implement; supported: {', '.join(HF_ACTIVATIONS)}.")
+  num_layers = hf["num_layers"]
+  num_decoder_layers = hf["num_decoder_layers"] or num_layers
+  enc = hf_sparse_layers(num_layers, hf["num_sparse_encoder_layers"],
+                         hf.get("encoder_sparse_step"))
+  dec = hf_sparse_layers(num_decoder_layers, hf["num_sparse_decoder_layers"],
+                         hf.get("decoder_sparse_step"))
   return ModelConfig(
-      vocab_size=hf.get("vocab_size", 32128),
-      d_model=hf.get("d_model", 768),
-      d_ff=hf.get("d_ff", 2048),
-      num_heads=hf.get("num_heads", 12),
-      d_kv=hf.get("d_kv", 64),
+      vocab_size=hf["vocab_size"],
+      d_model=hf["d_model"],
+      d_ff=hf["d_ff"],
+      num_heads=hf["num_heads"],
+      d_kv=hf["d_kv"],
       num_layers=num_layers,
       num_decoder_layers=num_decoder_layers,
       num_sparse_encoder_layers=len(enc),
@@ -58,108 +136,525 @@ def config_from_hf(hf: dict) -> ModelConfig:
       sparse_encoder_layers=enc,
       sparse_decoder_layers=dec,
       mlp_activations=(HF_ACTIVATIONS[act],),
-      dropout_rate=hf.get("dropout_rate", 0.1),
-      relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
-      relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
-      tie_embeddings=hf.get("tie_word_embeddings", True),
-      layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
+      dropout_rate=hf["dropout_rate"],
+      relative_attention_num_buckets=hf["relative_attention_num_buckets"],
+      relative_attention_max_distance=hf["relative_attention_max_distance"],
+      tie_embeddings=hf["tie_word_embeddings"],
+      layer_norm_epsilon=hf["layer_norm_epsilon"],
       dtype="float32",
       param_dtype="float32",
       init_scale=1.0,
       mask_padding_activations=False,
       moe=MoeConfig(
-          num_experts=hf.get("num_experts", 8),
+          num_experts=hf["num_experts"],
           router_type="tokens_choose_masked",
           num_selected_experts=1,
-          jitter_noise=hf.get("router_jitter_noise", 0.01),
-          router_bias=hf.get("router_bias", False),
-          expert_capacity=hf.get("expert_capacity", 64)))
+          jitter_noise=hf["router_jitter_noise"],
+          router_bias=hf["router_bias"],
+          expert_capacity=hf["expert_capacity"]))
 
 
-def _hf_sparse_layers(num_layers: int, num_sparse: int, step: int | None) -> tuple[int, ...]:
-  """HF's placement; 4.x configs store the step, 5.x derive it from the sparse count."""
-  if step is not None and num_sparse:
-    return tuple(i for i in range(num_layers) if i % step == 1 or step == 1)
-  return sparse_layer_indices(num_layers, num_sparse, "hf")
+def config_to_hf(cfg: ModelConfig) -> dict:
+  """The config.json (transformers 5.x layout) of a model HF can express; else ValueError
+  saying why and what to change.
+
+  `mask_padding_activations=True` is accepted: with one routing group per sequence, tokens
+  filling the capacity in position order and padding at the end, zeroing padding activations
+  does not change the logits of real positions (only the router losses, which HF computes over
+  padding too).
+  """
+  cfg.validate()
+  moe = cfg.moe
+  refusals = []
+  if len(cfg.mlp_activations) != 1 or len(cfg.expert_acts) != 1:
+    refusals.append(
+        f"gated MLPs (mlp_activations={cfg.mlp_activations}, expert_activations="
+        f"{cfg.expert_acts}): HF's SwitchTransformers has only act(x @ wi) @ wo; use one "
+        "activation, e.g. ('relu',)")
+  elif cfg.mlp_activations != cfg.expert_acts:
+    refusals.append(f"expert_activations={cfg.expert_acts} differ from mlp_activations="
+                    f"{cfg.mlp_activations}: HF has one dense_act_fn for both")
+  elif cfg.mlp_activations[0] not in TO_HF_ACTIVATIONS:
+    refusals.append(f"activation {cfg.mlp_activations[0]!r} has no HF dense_act_fn; use one "
+                    f"of {', '.join(TO_HF_ACTIVATIONS)}")
+  if cfg.expert_mlp_dim != cfg.d_ff:
+    refusals.append(f"expert_d_ff={cfg.expert_d_ff} differs from d_ff={cfg.d_ff}: HF's experts "
+                    "have the dense width; set model.expert_d_ff=None")
+  if moe.expert_capacity is None:
+    refusals.append("capacity-factor routing (moe.expert_capacity=None): HF routes each "
+                    "sequence with a fixed number of slots per expert; set "
+                    "model.moe.expert_capacity (switch-base-*: 64)")
+  if moe.router_type == "experts_choose_masked":
+    refusals.append("experts-choose routing: HF has only the tokens-choose top-1 router; set "
+                    "model.moe.router_type='tokens_choose_masked'")
+  elif moe.num_selected_experts != 1:
+    refusals.append(f"top-{moe.num_selected_experts} routing: HF routes each token to one "
+                    "expert; set model.moe.num_selected_experts=1")
+  if moe.batch_prioritized_routing:
+    refusals.append("batch-prioritized routing: HF fills the experts in position order; set "
+                    "model.moe.batch_prioritized_routing=False")
+  if moe.ignore_padding_tokens:
+    refusals.append("moe.ignore_padding_tokens=True: HF routes padding like any token; set "
+                    "it to False")
+  layouts = {}
+  for stack, n, layers in (("encoder", cfg.num_layers, encoder_sparse_layers(cfg)),
+                           ("decoder", cfg.decoder_layers, decoder_sparse_layers(cfg))):
+    try:
+      layouts[stack] = hf_sparse_count(n, layers, stack)
+    except ValueError as e:
+      refusals.append(str(e).rstrip("."))
+  if refusals:
+    raise ValueError("Cannot write this model as a Hugging Face checkpoint: " +
+                     "; ".join(refusals) + ".")
+  return {
+      "architectures": ["SwitchTransformersForConditionalGeneration"],
+      "model_type": "switch_transformers",
+      "vocab_size": cfg.vocab_size,
+      "d_model": cfg.d_model,
+      "d_kv": cfg.d_kv,
+      "d_ff": cfg.d_ff,
+      "num_heads": cfg.num_heads,
+      "num_layers": cfg.num_layers,
+      "num_decoder_layers": cfg.decoder_layers,
+      "num_sparse_encoder_layers": layouts["encoder"][0],
+      "num_sparse_decoder_layers": layouts["decoder"][0],
+      "encoder_sparse_step": layouts["encoder"][1],
+      "decoder_sparse_step": layouts["decoder"][1],
+      "num_experts": moe.num_experts,
+      "expert_capacity": moe.expert_capacity,
+      "router_bias": moe.router_bias,
+      "router_jitter_noise": moe.jitter_noise,
+      "router_dtype": "float32",
+      "router_ignore_padding_tokens": False,
+      "router_z_loss_coef": 0.001,
+      "router_aux_loss_coef": 0.001,
+      "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
+      "relative_attention_max_distance": cfg.relative_attention_max_distance,
+      "dropout_rate": cfg.dropout_rate,
+      "layer_norm_epsilon": cfg.layer_norm_epsilon,
+      "initializer_factor": 1.0,
+      "dense_act_fn": TO_HF_ACTIVATIONS[cfg.mlp_activations[0]],
+      "tie_word_embeddings": cfg.tie_embeddings,
+      "is_encoder_decoder": True,
+      "use_cache": True,
+      "pad_token_id": 0,
+      "eos_token_id": 1,
+      "decoder_start_token_id": 0,
+      "dtype": "float32",
+  }
 
 
 # --------------------------------------------------------------------------------------------
-# Weights.
+# The tensor map: one entry per HF tensor.
 
-def _t(w: np.ndarray) -> np.ndarray:
-  return np.ascontiguousarray(np.asarray(w, np.float32).T)
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+  """One Hugging Face tensor and where it lives in the switchjax params.
+
+  Attributes:
+    name: HF state-dict name.
+    path: keys of the switchjax parameter.
+    expert: index into the leading expert axis of a stacked expert kernel, else None.
+    hf_shape: the torch shape.
+    jax_shape: the shape of params[path] (of one expert's slice for experts).
+    transpose: torch keeps Linear weights (out, in): switchjax = hf.T.reshape(jax_shape).
+  """
+  name: str
+  path: tuple[str, ...]
+  expert: Optional[int]
+  hf_shape: tuple[int, ...]
+  jax_shape: tuple[int, ...]
+  transpose: bool
 
 
-def params_from_state_dict(state: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
-  """switchjax params from a Hugging Face state dict (numpy arrays)."""
-  h, k = cfg.num_heads, cfg.d_kv
-  used: set[str] = set()
+def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
+  """Every tensor of the HF checkpoint of `cfg` (without the tied copies of shared.weight)."""
+  d, h, k, f, e = cfg.d_model, cfg.num_heads, cfg.d_kv, cfg.d_ff, cfg.moe.num_experts
+  specs = []
 
-  def get(name):
-    if name not in state:
-      raise CheckpointError(f"missing tensor {name!r} in the checkpoint.")
-    used.add(name)
-    return np.asarray(state[name], np.float32)
+  def add(name, path, hf_shape, jax_shape=None, transpose=True, expert=None):
+    jax_shape = jax_shape or (hf_shape[::-1] if transpose else hf_shape)
+    specs.append(TensorSpec(name, tuple(path), expert, tuple(hf_shape), tuple(jax_shape),
+                            transpose))
 
-  def attention(prefix):
-    return {"query": _t(get(f"{prefix}.q.weight")).reshape(-1, h, k),
-            "key": _t(get(f"{prefix}.k.weight")).reshape(-1, h, k),
-            "value": _t(get(f"{prefix}.v.weight")).reshape(-1, h, k),
-            "out": _t(get(f"{prefix}.o.weight")).reshape(h, k, -1)}
+  def norm(name, path):
+    add(name, path + ["scale"], (d,), transpose=False)
 
-  def mlp(prefix, sparse):
+  def attention(prefix, path):
+    for hf_name, ours in (("q", "query"), ("k", "key"), ("v", "value")):
+      add(f"{prefix}.{hf_name}.weight", path + [ours], (h * k, d), (d, h, k))
+    add(f"{prefix}.o.weight", path + ["out"], (d, h * k), (h, k, d))
+
+  def mlp(prefix, path, sparse):
     if not sparse:
-      return {"wi": _t(get(f"{prefix}.wi.weight")), "wo": _t(get(f"{prefix}.wo.weight"))}
-    experts = [f"{prefix}.experts.expert_{e}" for e in range(cfg.moe.num_experts)]
-    out = {"router": {"kernel": _t(get(f"{prefix}.router.classifier.weight"))},
-           "wi": np.stack([_t(get(f"{e}.wi.weight")) for e in experts]),
-           "wo": np.stack([_t(get(f"{e}.wo.weight")) for e in experts])}
+      add(f"{prefix}.wi.weight", path + ["wi"], (f, d))
+      add(f"{prefix}.wo.weight", path + ["wo"], (d, f))
+      return
+    add(f"{prefix}.router.classifier.weight", path + ["router", "kernel"], (e, d))
     if cfg.moe.router_bias:
-      out["router"]["bias"] = get(f"{prefix}.router.classifier.bias")
-    return out
+      add(f"{prefix}.router.classifier.bias", path + ["router", "bias"], (e,), transpose=False)
+    for i in range(e):
+      add(f"{prefix}.experts.expert_{i}.wi.weight", path + ["wi"], (f, d), expert=i)
+      add(f"{prefix}.experts.expert_{i}.wo.weight", path + ["wo"], (d, f), expert=i)
 
-  from switchjax.model import decoder_sparse_layers, encoder_sparse_layers
+  add("shared.weight", ["token_embedder", "embedding"], (cfg.vocab_size, d), transpose=False)
+  buckets = cfg.relative_attention_num_buckets
   enc_sparse, dec_sparse = set(encoder_sparse_layers(cfg)), set(decoder_sparse_layers(cfg))
-  encoder: dict[str, Any] = {
-      "relpos_bias": {"rel_embedding": _t(get(
-          "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"))},
-      "encoder_norm": {"scale": get("encoder.final_layer_norm.weight")}}
+  add("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+      ["encoder", "relpos_bias", "rel_embedding"], (buckets, h))
   for i in range(cfg.num_layers):
-    b = f"encoder.block.{i}.layer"
-    encoder[f"layers_{i}"] = {
-        "pre_attention_layer_norm": {"scale": get(f"{b}.0.layer_norm.weight")},
-        "attention": attention(f"{b}.0.SelfAttention"),
-        "pre_mlp_layer_norm": {"scale": get(f"{b}.1.layer_norm.weight")},
-        "mlp": mlp(f"{b}.1.mlp", i in enc_sparse)}
-  decoder: dict[str, Any] = {
-      "relpos_bias": {"rel_embedding": _t(get(
-          "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"))},
-      "decoder_norm": {"scale": get("decoder.final_layer_norm.weight")}}
+    b, p = f"encoder.block.{i}.layer", ["encoder", f"layers_{i}"]
+    norm(f"{b}.0.layer_norm.weight", p + ["pre_attention_layer_norm"])
+    attention(f"{b}.0.SelfAttention", p + ["attention"])
+    norm(f"{b}.1.layer_norm.weight", p + ["pre_mlp_layer_norm"])
+    mlp(f"{b}.1.mlp", p + ["mlp"], i in enc_sparse)
+  norm("encoder.final_layer_norm.weight", ["encoder", "encoder_norm"])
+  add("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+      ["decoder", "relpos_bias", "rel_embedding"], (buckets, h))
   for i in range(cfg.decoder_layers):
-    b = f"decoder.block.{i}.layer"
-    decoder[f"layers_{i}"] = {
-        "pre_self_attention_layer_norm": {"scale": get(f"{b}.0.layer_norm.weight")},
-        "self_attention": attention(f"{b}.0.SelfAttention"),
-        "pre_cross_attention_layer_norm": {"scale": get(f"{b}.1.layer_norm.weight")},
-        "encoder_decoder_attention": attention(f"{b}.1.EncDecAttention"),
-        "pre_mlp_layer_norm": {"scale": get(f"{b}.2.layer_norm.weight")},
-        "mlp": mlp(f"{b}.2.mlp", i in dec_sparse)}
+    b, p = f"decoder.block.{i}.layer", ["decoder", f"layers_{i}"]
+    norm(f"{b}.0.layer_norm.weight", p + ["pre_self_attention_layer_norm"])
+    attention(f"{b}.0.SelfAttention", p + ["self_attention"])
+    norm(f"{b}.1.layer_norm.weight", p + ["pre_cross_attention_layer_norm"])
+    attention(f"{b}.1.EncDecAttention", p + ["encoder_decoder_attention"])
+    norm(f"{b}.2.layer_norm.weight", p + ["pre_mlp_layer_norm"])
+    mlp(f"{b}.2.mlp", p + ["mlp"], i in dec_sparse)
+  norm("decoder.final_layer_norm.weight", ["decoder", "decoder_norm"])
   if not cfg.tie_embeddings:
-    decoder["logits_dense"] = _t(get("lm_head.weight"))
-  params = {"token_embedder": {"embedding": get("shared.weight")}, "encoder": encoder,
-            "decoder": decoder}
+    add("lm_head.weight", ["decoder", "logits_dense"], (cfg.vocab_size, d))
+  return specs
+
+
+# --------------------------------------------------------------------------------------------
+# Reading weight files.
+
+@dataclasses.dataclass
+class Tensors:
+  """The tensors of a checkpoint: their shapes, and a reader returning float32 numpy arrays
+  (so that nothing is loaded before the names and shapes are checked)."""
+  shapes: dict[str, tuple[int, ...]]
+  read: Callable[[str], np.ndarray]
+
+
+def _safetensors_dtypes() -> dict:
+  import ml_dtypes  # comes with jax; numpy itself has no bfloat16
+  return {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+          "BF16": np.dtype(ml_dtypes.bfloat16)}
+
+
+def _safetensors_header(file: pathlib.Path) -> tuple[dict, int]:
+  """(tensor entries, byte offset of the data) of a .safetensors file, validated.
+
+  Reads the format directly (8-byte header length, JSON header, raw little-endian data)
+  because safetensors' numpy loader cannot return bfloat16.
+  """
+  dtypes = _safetensors_dtypes()
+  try:
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+      length = int.from_bytes(fh.read(8), "little")
+      if size < 8 or length > size - 8:
+        raise ValueError(f"header length {length} does not fit in a {size}-byte file")
+      header = json.loads(fh.read(length))
+    if not isinstance(header, dict):
+      raise ValueError("the header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - length
+    for name, entry in header.items():
+      if entry.get("dtype") not in dtypes:
+        raise ValueError(f"tensor {name!r} has dtype {entry.get('dtype')!r}; expected one of "
+                         f"{', '.join(dtypes)}")
+      begin, end = entry["data_offsets"]
+      nbytes = int(np.prod(entry["shape"], dtype=np.int64)) * dtypes[entry["dtype"]].itemsize
+      if not 0 <= begin <= end <= data_size or end - begin != nbytes:
+        raise ValueError(f"tensor {name!r} has byte range {begin}..{end}, which does not fit "
+                         f"its shape {entry['shape']} or the file")
+  except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{file} is not a readable safetensors file ({e}); the file is "
+                          "corrupt or truncated: download or save it again.") from None
+  return header, 8 + length
+
+
+def _read_safetensors(files: list[pathlib.Path]) -> Tensors:
+  """Tensors of one or more .safetensors files (memory-mapped, read on demand)."""
+  dtypes = _safetensors_dtypes()
+  where: dict[str, tuple[pathlib.Path, dict, int]] = {}
+  for file in files:
+    header, start = _safetensors_header(file)
+    for name, entry in header.items():
+      where[name] = (file, entry, start)
+
+  def read(name: str) -> np.ndarray:
+    file, entry, start = where[name]
+    begin, end = entry["data_offsets"]
+    raw = np.memmap(file, dtype=np.uint8, mode="r", offset=start + begin, shape=(end - begin,)) \
+        if end > begin else np.zeros((0,), np.uint8)
+    return np.array(raw.view(dtypes[entry["dtype"]]).reshape(entry["shape"]), np.float32)
+
+  return Tensors({name: tuple(e["shape"]) for name, (_, e, _) in where.items()}, read)
+
+
+def _read_torch(files: list[pathlib.Path]) -> Tensors:
+  """Tensors of pytorch_model.bin files (torch.load with weights_only=True)."""
+  import torch  # only for .bin checkpoints
+
+  state = {}
+  for file in files:
+    try:
+      part = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (torch raises many kinds for a bad file)
+      raise CheckpointError(f"{file} could not be read by torch.load ({type(e).__name__}: "
+                            f"{str(e)[:200]}); the file is corrupt or not a state dict.") from None
+    if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+      raise CheckpointError(f"{file} does not hold a state dict of tensors.")
+    state.update(part)
+  return Tensors({name: tuple(t.shape) for name, t in state.items()},
+                 lambda name: state[name].detach().to(torch.float32).numpy().copy())
+
+
+def _shard_files(index_file: pathlib.Path) -> list[pathlib.Path]:
+  """The shard files named by a *.index.json weight map (which must all exist)."""
+  try:
+    weight_map = json.loads(index_file.read_text())["weight_map"]
+    names = sorted(set(weight_map.values()))
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    raise CheckpointError(f"{index_file} is not a readable shard index ({e}).") from None
+  missing = [n for n in names if not (index_file.parent / n).is_file()]
+  if missing:
+    raise CheckpointError(f"{index_file} names shard files that are missing: "
+                          f"{', '.join(missing)}.")
+  return [index_file.parent / n for n in names]
+
+
+def read_tensors(path: pathlib.Path) -> Tensors:
+  """The tensors of a checkpoint directory, from the first of WEIGHT_FILES it holds."""
+  single, sharded, torch_single, torch_sharded = (path / n for n in WEIGHT_FILES)
+  if single.is_file():
+    return _read_safetensors([single])
+  if sharded.is_file():
+    return _read_safetensors(_shard_files(sharded))
+  if torch_single.is_file():
+    return _read_torch([torch_single])
+  if torch_sharded.is_file():
+    return _read_torch(_shard_files(torch_sharded))
+  raise CheckpointError(f"{path} has no weights: expected one of {', '.join(WEIGHT_FILES)} "
+                        f"(found {', '.join(sorted(p.name for p in path.iterdir()))}).")
+
+
+# --------------------------------------------------------------------------------------------
+# Checks.
+
+def _names(names, limit: int = 20) -> str:
+  names = sorted(names)
+  more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+  return ", ".join(names[:limit]) + more
+
+
+def _check_sparse_layers(cfg: ModelConfig, shapes: dict) -> None:
+  """The sparse blocks of the config must be the blocks holding a router in the file."""
+  pattern = re.compile(r"^(encoder|decoder)\.block\.(\d+)\.layer\.\d+\.mlp\.router\."
+                       r"classifier\.weight$")
+  found = {"encoder": set(), "decoder": set()}
+  for name in shapes:
+    if m := pattern.match(name):
+      found[m.group(1)].add(int(m.group(2)))
+  problems = []
+  for stack, expected in (("encoder", encoder_sparse_layers(cfg)),
+                          ("decoder", decoder_sparse_layers(cfg))):
+    if set(expected) != found[stack]:
+      problems.append(f"the config makes {stack} blocks {tuple(expected)} sparse but the "
+                      f"weights have routers in {stack} blocks {tuple(sorted(found[stack]))}")
+  if problems:
+    raise CheckpointError(
+        "Sparse layers do not match: " + "; ".join(problems) + ". (HF's rule: step = "
+        "*_sparse_step or num_layers // num_sparse_*_layers, block i sparse when i % step == "
+        "1.) Fix num_sparse_encoder_layers / num_sparse_decoder_layers (or the *_sparse_step "
+        "entries) in config.json.")
+
+
+def _resolve_tied(cfg: ModelConfig, tensors: Tensors) -> set[str]:
+  """Checks the copies of shared.weight that transformers ties, and returns their names (to
+  be ignored). A file without shared.weight but with a copy gets the copy as shared.weight."""
+  shapes = tensors.shapes
+  copies = [n for n in TIED_EMBEDDINGS if n in shapes]
+  if cfg.tie_embeddings and "lm_head.weight" in shapes:
+    copies.append("lm_head.weight")
+  if "shared.weight" not in shapes and copies:
+    source, read = copies.pop(0), tensors.read
+    shapes["shared.weight"] = shapes[source]
+    tensors.read = lambda name: read(source if name == "shared.weight" else name)
+  if not copies or "shared.weight" not in shapes:
+    return set(copies)
+  shared = tensors.read("shared.weight")
+  differ = [n for n in copies if shapes[n] != shared.shape or
+            not np.array_equal(tensors.read(n), shared)]
+  if differ:
+    raise CheckpointError(
+        f"{_names(differ)} differ from shared.weight: switchjax has one token embedding "
+        "shared by the encoder, the decoder and (when tied) the logits. (transformers 5.x "
+        "does not tie encoder/decoder.embed_tokens when tie_word_embeddings=False; copy "
+        "shared.weight into them before saving.)")
+  return set(copies)
+
+
+def _check_names_and_shapes(specs: list[TensorSpec], shapes: dict, ignored: set[str]) -> None:
+  """Missing, unexpected and wrongly shaped tensors, all reported in one error."""
+  expected = {s.name: s.hf_shape for s in specs}
+  missing = set(expected) - set(shapes)
+  unexpected = set(shapes) - set(expected) - ignored
+  wrong = [f"{n} expected {expected[n]}, found {tuple(shapes[n])}"
+           for n in sorted(set(expected) & set(shapes)) if tuple(shapes[n]) != expected[n]]
+  problems = []
+  if missing:
+    problems.append(f"missing tensors: {_names(missing)}")
+  if unexpected:
+    problems.append(f"unexpected tensors: {_names(unexpected)}")
+  if wrong:
+    problems.append(f"shape mismatch: {'; '.join(wrong[:20])}")
+  if problems:
+    raise CheckpointError("The weights do not match config.json: " + ". ".join(problems) +
+                          ".")
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion.
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _get(tree, path: tuple[str, ...]):
+  for key in path:
+    if not hasattr(tree, "__getitem__") or key not in tree:
+      raise ValueError(f"params have no entry {'/'.join(path)}: they do not belong to this "
+                       "model config.")
+    tree = tree[key]
+  return tree
+
+
+def params_from_tensors(tensors: Tensors, cfg: ModelConfig) -> dict:
+  """switchjax params (numpy float32) from checked HF tensors."""
+  params: dict[str, Any] = {}
+  experts: dict[tuple[str, ...], list] = {}
+  for spec in tensor_specs(cfg):
+    x = tensors.read(spec.name)
+    x = np.ascontiguousarray(x.T.reshape(spec.jax_shape) if spec.transpose else x)
+    if spec.expert is None:
+      _set(params, spec.path, x)
+    else:
+      experts.setdefault(spec.path, []).append(x)
+  for path, stack in experts.items():
+    _set(params, path, np.stack(stack))  # [experts, in, out]
   return params
 
 
-def load_state_dict(path: pathlib.Path) -> dict[str, np.ndarray]:
-  """Reads model.safetensors (numpy)."""
-  from safetensors.numpy import load_file
-  return load_file(str(path / "model.safetensors"))
+def state_dict_from_params(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """HF state dict (numpy float32, torch layout) of switchjax params."""
+  state = {}
+  for spec in tensor_specs(cfg):
+    x = np.asarray(_get(params, spec.path), np.float32)
+    if spec.expert is not None:
+      x = x[spec.expert]
+    if x.shape != spec.jax_shape:
+      raise ValueError(f"params {'/'.join(spec.path)} has shape {x.shape}, expected "
+                       f"{spec.jax_shape} for this model config.")
+    state[spec.name] = np.ascontiguousarray(x.reshape(spec.hf_shape[::-1]).T
+                                            if spec.transpose else x)
+  if not cfg.tie_embeddings:  # transformers 5.x ties nothing then: write the copies
+    for name in TIED_EMBEDDINGS:
+      state[name] = state["shared.weight"].copy()
+  return state
+
+
+def _checkpoint_dir(path) -> pathlib.Path:
+  """The directory, with clear errors for a missing, non-directory or empty path."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise CheckpointError(f"{path} does not exist: give a Hugging Face checkpoint directory "
+                          "(config.json plus weights).")
+  if not path.is_dir():
+    raise CheckpointError(f"{path} is not a directory: give the Hugging Face checkpoint "
+                          "directory holding config.json and the weights.")
+  files = sorted(p.name for p in path.iterdir())
+  if not files:
+    raise CheckpointError(f"{path} is empty: expected config.json and model.safetensors (or "
+                          "pytorch_model.bin).")
+  if "config.json" not in files:
+    raise CheckpointError(f"{path} has no config.json (found {', '.join(files[:10])}); a "
+                          "Hugging Face checkpoint directory needs it.")
+  return path
+
+
+def read_hf_config(path) -> dict:
+  """config.json of a checkpoint directory as a dict."""
+  path = _checkpoint_dir(path)
+  try:
+    hf = json.loads((path / "config.json").read_text())
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{path / 'config.json'} is not valid JSON ({e}).") from None
+  if not isinstance(hf, dict):
+    raise CheckpointError(f"{path / 'config.json'} does not hold a JSON object.")
+  return hf
 
 
 def from_hf(path) -> tuple[SwitchTransformer, dict]:
-  """(model, params) from a Hugging Face checkpoint directory."""
-  path = pathlib.Path(path)
-  cfg = config_from_hf(json.loads((path / "config.json").read_text()))
-  params = params_from_state_dict(load_state_dict(path), cfg)
-  return SwitchTransformer(cfg), params
+  """(model, params) from a Hugging Face checkpoint directory.
+
+  The params are numpy float32 in switchjax's layout; `model.apply({"params": params},
+  input_ids, decoder_input_ids)` gives transformers' logits when padding is token 0 (the
+  attention mask is `input_ids != 0`). Raises CheckpointError naming what is wrong.
+  """
+  path = _checkpoint_dir(path)
+  cfg = config_from_hf(read_hf_config(path))
+  tensors = read_tensors(path)
+  _check_sparse_layers(cfg, tensors.shapes)
+  ignored = _resolve_tied(cfg, tensors)
+  _check_names_and_shapes(tensor_specs(cfg), tensors.shapes, ignored)
+  return SwitchTransformer(cfg), params_from_tensors(tensors, cfg)
+
+
+def _model_config(model_or_config) -> ModelConfig:
+  if isinstance(model_or_config, ModelConfig):
+    return model_or_config
+  if isinstance(model_or_config, (Config, SwitchTransformer)):
+    return model_or_config.model if isinstance(model_or_config, Config) \
+        else model_or_config.config
+  raise TypeError(f"to_hf takes a SwitchTransformer, a ModelConfig or a Config, not "
+                  f"{type(model_or_config).__name__}.")
+
+
+def _plain_params(params) -> dict:
+  """Unboxes logical-partitioning metadata and a {'params': ...} wrapper."""
+  import flax.linen as nn
+  params = nn.meta.unbox(params)
+  if "params" in params and "token_embedder" not in params:
+    params = params["params"]
+  return params
+
+
+def to_hf(model_or_config, params, out_dir) -> pathlib.Path:
+  """Writes a Hugging Face checkpoint directory (config.json, generation_config.json,
+  model.safetensors) for `SwitchTransformersForConditionalGeneration.from_pretrained`.
+
+  Args:
+    model_or_config: a SwitchTransformer, its ModelConfig, or a whole switchjax Config.
+    params: the model's parameters (numpy or jax arrays, possibly boxed).
+    out_dir: created if needed; existing files of the same names are overwritten.
+
+  Raises ValueError (before writing anything) when HF cannot express the model; see
+  `config_to_hf`.
+  """
+  from safetensors.numpy import save_file
+
+  cfg = _model_config(model_or_config)
+  hf_config = config_to_hf(cfg)
+  state = state_dict_from_params(_plain_params(params), cfg)
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+  (out / "generation_config.json").write_text(json.dumps(
+      {"decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}, indent=2) + "\n")
+  save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+  return out

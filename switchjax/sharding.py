@@ -56,8 +56,9 @@ def resolve_mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"mesh sizes {tuple(sizes)} do not fit {num_devices} devices: the "
-                       f"fixed sizes multiply to {known}, which does not divide {num_devices}.")
+      named = ", ".join(f"mesh.{n}={s}" for n, s in zip(MESH_AXES, sizes))
+      raise ValueError(f"{named} do not fit {num_devices} devices: the fixed sizes multiply to "
+                       f"{known}, which does not divide {num_devices}.")
     sizes[sizes.index(-1)] = num_devices // known
   if int(np.prod(sizes)) != num_devices:
     raise ValueError(f"mesh data x expert x model = {sizes[0]} x {sizes[1]} x {sizes[2]} = "

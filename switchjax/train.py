@@ -208,7 +208,7 @@ def make_train_step(model: SwitchTransformer, tx: optax.GradientTransformation,
         "z_loss": sums["z_sum"] / num_tokens,
         "accuracy": sums["correct"] / num_tokens,
         "learning_rate": schedule(step),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "num_target_tokens": num_tokens,
     })
     finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
@@ -298,7 +298,6 @@ def train(config: Config, workdir, *, devices: Optional[Sequence[jax.Device]] = 
   say = log if is_main else (lambda _: None)
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, workdir / checkpoint.CONFIG_FILE)
     say(f"Config {cfg.name}:\n{format_config(cfg)}")
 
   mesh = sharding.make_mesh(cfg.mesh, cfg.model.moe.num_experts, devices)
@@ -309,6 +308,8 @@ def train(config: Config, workdir, *, devices: Optional[Sequence[jax.Device]] = 
                      f"{tcfg.num_microbatches} x {batch_shards}.")
   say(f"Mesh {dict(mesh.shape)} over {mesh.devices.size} devices "
       f"({jax.process_count()} processes, {mesh.devices.flat[0].device_kind}).")
+  for warning in routing_group_warnings(cfg, batch_shards):
+    say(f"Warning: {warning}")
 
   data = make_pretraining_data(cfg.data, tcfg.batch_size, process_index=jax.process_index(),
                                process_count=jax.process_count(),
@@ -343,6 +344,8 @@ def train(config: Config, workdir, *, devices: Optional[Sequence[jax.Device]] = 
     store = checkpoint.CheckpointStore(workdir, keep=tcfg.keep_checkpoints)
     restored = store.restore_latest(_abstract_tree(param_shapes, param_shardings),
                                     _abstract_tree(opt_shapes, opt_shardings), report=say)
+    if is_main:  # after the checks above: an incompatible workdir keeps its own config
+      save_config(cfg, workdir / checkpoint.CONFIG_FILE)
     if restored is not None:
       step0 = int(restored["meta"]["step"])
       state = {"step": jax.device_put(jnp.int32(step0), scalar), "params": restored["params"],
@@ -455,6 +458,29 @@ def train(config: Config, workdir, *, devices: Optional[Sequence[jax.Device]] = 
 
 # --------------------------------------------------------------------------------------------
 # Helpers of the loop.
+
+def routing_group_warnings(config: Config, batch_shards: int) -> list[str]:
+  """Warns when the routing groups do not split evenly over the batch shards.
+
+  The group count depends on the tokens, E and moe.max_group_size only (never on the mesh), so
+  a run routes identically on every mesh. When the groups do not divide over the
+  data x expert devices, groups straddle devices (slower); flaxformer instead shrinks groups
+  with the device count. The fix is an explicit, smaller moe.max_group_size.
+  """
+  from switchjax.moe import group_layout
+  moe_cfg, micro = config.model.moe, config.train.batch_size // config.train.num_microbatches
+  warnings = []
+  for stack, length in (("encoder", config.data.inputs_length),
+                        ("decoder", config.data.targets_length)):
+    layout = group_layout(micro, length, moe_cfg, train=True)
+    if layout.num_groups % batch_shards:
+      per_device = micro * length // batch_shards
+      warnings.append(
+          f"the {stack}'s {layout.num_groups} routing groups of {layout.tokens_per_group} "
+          f"tokens do not split over the {batch_shards} data x expert devices, so groups "
+          f"straddle devices; set moe.max_group_size to at most {per_device} (tokens per "
+          "device) for local routing, as flaxformer does.")
+  return warnings
 
 def _keep_tokenizer(tokenizer, workdir: pathlib.Path) -> None:
   """Copies the tokenizer's model into the workdir (spiece.model) for generation later."""

@@ -1,11 +1,48 @@
-"""Test session set-up: 8 emulated CPU devices (set before jax starts) for mesh tests."""
+"""Test session set-up, before jax starts.
 
+- 8 emulated CPU devices for the mesh tests;
+- fast compilation: XLA's CPU backend at optimisation level 0 (the tiny test models compile in
+  half the time and run fast enough) and one persistent compilation cache for the session and
+  its subprocesses, so the many runs of the same tiny configuration compile once. Speed is
+  measured by scripts/benchmark.py, never by tests.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+                           " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="switchjax-test-jax-cache-")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _switchjax_cache(tmp_path_factory):
+  """Trained tokenizers and tokenized corpora go to one temporary cache per test session
+  (inherited by subprocesses), never to ~/.cache."""
+  previous = os.environ.get("SWITCHJAX_CACHE")
+  os.environ["SWITCHJAX_CACHE"] = str(tmp_path_factory.mktemp("switchjax_cache"))
+  yield
+  if previous is None:
+    os.environ.pop("SWITCHJAX_CACHE", None)
+  else:
+    os.environ["SWITCHJAX_CACHE"] = previous
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: end-to-end checks (multi-process, kills); CI runs "
+                          "them too")

@@ -80,7 +80,9 @@ def test_mesh_sizes_resolve_and_are_checked():
   with pytest.raises(ValueError, match=r"mesh data x expert x model = 2 x 2 x 1 = 4 devices, "
                                        r"but 8 are available"):
     sharding.make_mesh(MeshConfig(2, 2, 1))
-  with pytest.raises(ValueError, match=r"fixed sizes multiply to 3, which does not divide 8"):
+  with pytest.raises(ValueError, match=r"mesh.data=-1, mesh.expert=3, mesh.model=1 do not fit 8 "
+                                       r"devices: the fixed sizes multiply to 3, which does not "
+                                       r"divide 8"):
     sharding.make_mesh(MeshConfig(-1, 3, 1))
   with pytest.raises(ValueError, match=r"at most one of mesh.data, mesh.expert, mesh.model"):
     sharding.make_mesh(MeshConfig(-1, -1, 1))

@@ -259,8 +259,7 @@ def get_tokenizer(data_cfg, corpus=None) -> Tokenizer:
   data.spm_path if set (it must exist); otherwise a T5-layout unigram model with
   data.spm_vocab_size pieces trained on the first TOKENIZER_TRAINING_SENTENCES lines of the
   corpus at first use and cached under the cache directory, keyed by the corpus files and the
-  vocabulary size. The number of sentinels is data.extra_ids (100 if the config has no such
-  field).
+  vocabulary size. The number of sentinels is data.extra_ids.
   """
   extra_ids = data_cfg.extra_ids
   if data_cfg.spm_path:
