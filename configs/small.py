@@ -18,7 +18,8 @@ def get_config():
   model = dataclasses.replace(config.model, vocab_size=2176, d_kv=32, dtype="float32")
   data = DataConfig(spm_vocab_size=2000, inputs_length=128, targets_length=29,
                     eval_fraction=0.02)
-  train = dataclasses.replace(config.train, batch_size=32, num_train_steps=300, log_every=25,
+  train = dataclasses.replace(config.train, batch_size=32, num_microbatches=1,
+                              num_train_steps=300, log_every=25,
                               eval_every=100, eval_steps=4, checkpoint_every=100,
                               keep_checkpoints=2)
   return dataclasses.replace(config, model=model, data=data, train=train,

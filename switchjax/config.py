@@ -166,9 +166,11 @@ class ModelConfig:
     if self.sparse_layout not in SPARSE_LAYOUTS:
       raise ValueError(f"{p}.sparse_layout={self.sparse_layout!r}; use one of "
                        f"{', '.join(SPARSE_LAYOUTS)}.")
-    for stack, n, s in (("encoder", self.num_layers, self.num_sparse_encoder_layers),
-                        ("decoder", self.decoder_layers, self.num_sparse_decoder_layers)):
-      if not 0 <= s <= n:
+    for stack, n, s, explicit in (
+        ("encoder", self.num_layers, self.num_sparse_encoder_layers, self.sparse_encoder_layers),
+        ("decoder", self.decoder_layers, self.num_sparse_decoder_layers,
+         self.sparse_decoder_layers)):
+      if explicit is None and not 0 <= s <= n:
         raise ValueError(f"{p}.num_sparse_{stack}_layers={s} must be between 0 and the "
                          f"{n} {stack} layers.")
     for stack, n, idx in (("encoder", self.num_layers, self.sparse_encoder_layers),
@@ -248,7 +250,10 @@ class TrainConfig:
 
   Attributes:
     batch_size: global batch (sequences per step).
-    num_microbatches: gradient accumulation steps per batch.
+    num_microbatches: gradient accumulation steps per batch; 0 = automatic: the fewest that
+      keep each device at most `device_microbatch_size` sequences at a time (1 on a pod that
+      fits the batch; more on small machines).
+    device_microbatch_size: the per-device limit of the automatic choice.
     num_train_steps: total steps of the run.
     learning_rate: peak learning rate 'rsqrt' schedule: lr = learning_rate / sqrt(max(step,
       warmup_steps)) (T5X: 1.0 and 10000); 'constant' uses learning_rate as it is.
@@ -265,6 +270,7 @@ class TrainConfig:
   """
   batch_size: int = 256
   num_microbatches: int = 1
+  device_microbatch_size: int = 8
   num_train_steps: int = 100_000
   learning_rate: float = 1.0
   schedule: str = "rsqrt"
@@ -290,13 +296,16 @@ class TrainConfig:
 
   def validate(self, prefix: str = "train") -> None:
     p = prefix
-    for name in ("batch_size", "num_microbatches", "num_train_steps", "log_every",
+    for name in ("batch_size", "device_microbatch_size", "num_train_steps", "log_every",
                  "checkpoint_every", "keep_checkpoints"):
       if getattr(self, name) < 1:
         raise ValueError(f"{p}.{name}={getattr(self, name)} must be >= 1.")
     if self.eval_every < 0 or self.eval_steps < 1:
       raise ValueError(f"{p}.eval_every must be >= 0 and {p}.eval_steps >= 1.")
-    if self.batch_size % self.num_microbatches:
+    if self.num_microbatches < 0:
+      raise ValueError(f"{p}.num_microbatches={self.num_microbatches} must be >= 1, or 0 for "
+                       "an automatic choice.")
+    if self.num_microbatches and self.batch_size % self.num_microbatches:
       raise ValueError(f"{p}.batch_size={self.batch_size} must be divisible by "
                        f"{p}.num_microbatches={self.num_microbatches}.")
     if self.schedule not in ("rsqrt", "constant"):

@@ -19,6 +19,8 @@ def switch(name: str, *, num_experts: int, d_model: int, d_ff: int, num_heads: i
   router init normal(0.02), bfloat16 activations with a float32 router and float32 params,
   no dropout in pretraining, Adafactor (decay 0.8, factored, parameter scale, clipping 1.0),
   lr 1/sqrt(max(step, 10000)), output z-loss 1e-4, batch 256 x (512 inputs, 114 targets).
+  Gradient accumulation is automatic: one microbatch when every device holds at most 8
+  sequences (e.g. 32 devices), more on smaller machines.
   """
   model = ModelConfig(
       vocab_size=32128, d_model=d_model, d_ff=d_ff, num_heads=num_heads, d_kv=64,
@@ -31,7 +33,8 @@ def switch(name: str, *, num_experts: int, d_model: int, d_ff: int, num_heads: i
                     max_group_size=group_size, train_capacity_factor=train_capacity_factor,
                     eval_capacity_factor=eval_capacity_factor,
                     min_expert_capacity=min_expert_capacity))
-  train = TrainConfig(batch_size=256, num_train_steps=500_000, learning_rate=1.0,
+  train = TrainConfig(batch_size=256, num_microbatches=0, num_train_steps=500_000,
+                      learning_rate=1.0,
                       schedule="rsqrt", warmup_steps=10_000, optimizer="adafactor",
                       z_loss=1e-4, aux_loss_factor=0.01, router_z_loss_factor=0.0)
   data = DataConfig(inputs_length=512, targets_length=114)

@@ -289,11 +289,17 @@ def train(config: Config, workdir, *, devices: Optional[Sequence[jax.Device]] = 
     progress: show a progress bar (process 0).
     log: where process 0's messages go.
   """
+  config.validate()
+  with _StopSignals() as signals:  # a SIGTERM during start-up stops after the first step
+    return _train(config, pathlib.Path(workdir), devices, progress, log, signals)
+
+
+def _train(config: Config, workdir: pathlib.Path, devices, progress: bool, log,
+           signals: "_StopSignals") -> RunResult:
+  """The body of `train`, with the stop signals already watched."""
   from switchjax.data import make_pretraining_data  # local: keeps `import switchjax` light
 
-  config.validate()
   cfg, tcfg = config, config.train
-  workdir = pathlib.Path(workdir)
   is_main = jax.process_index() == 0
   say = log if is_main else (lambda _: None)
   if is_main:
@@ -302,12 +308,13 @@ def train(config: Config, workdir, *, devices: Optional[Sequence[jax.Device]] = 
 
   mesh = sharding.make_mesh(cfg.mesh, cfg.model.moe.num_experts, devices)
   batch_shards = mesh.shape["data"] * mesh.shape["expert"]
-  if tcfg.batch_size % (batch_shards * tcfg.num_microbatches):
-    raise ValueError(f"train.batch_size={tcfg.batch_size} must be divisible by "
-                     f"train.num_microbatches x mesh data x mesh expert = "
-                     f"{tcfg.num_microbatches} x {batch_shards}.")
   say(f"Mesh {dict(mesh.shape)} over {mesh.devices.size} devices "
       f"({jax.process_count()} processes, {mesh.devices.flat[0].device_kind}).")
+  tcfg = dataclasses.replace(tcfg, num_microbatches=resolve_microbatches(tcfg, batch_shards))
+  cfg = dataclasses.replace(cfg, train=tcfg)
+  if tcfg.num_microbatches > 1:
+    say(f"Gradient accumulation: {tcfg.num_microbatches} microbatches of "
+        f"{tcfg.batch_size // tcfg.num_microbatches} sequences per step.")
   for warning in routing_group_warnings(cfg, batch_shards):
     say(f"Warning: {warning}")
 
@@ -404,47 +411,49 @@ def train(config: Config, workdir, *, devices: Optional[Sequence[jax.Device]] = 
     bar = _progress_bar(step0, tcfg.num_train_steps, enabled=progress and is_main)
     timer = _StepTimer()
     try:
-      with _StopSignals() as signals:
-        step = step0
-        while step < tcfg.num_train_steps:
-          batch = sharding.host_local_to_global(mesh, next(data.train))
-          state, metrics = train_step(state, batch)
-          step += 1
-          pending.append(metrics)
-          bar.update(1)
-          if step % tcfg.log_every == 0 or step == tcfg.num_train_steps:
-            steps_done = len(pending)
-            logged = _mean_metrics(pending)  # waits for the steps to finish
-            pending = []
-            elapsed = timer.read_and_reset()
-            logged["tokens_per_second"] = tokens_per_step * steps_done / elapsed
-            logged["seconds_per_step"] = elapsed / steps_done
-            logged["model_tflops_per_device"] = (flops * steps_done / elapsed / 1e12 /
-                                                 mesh.devices.size)
-            if peak:
-              logged["mfu"] = logged["model_tflops_per_device"] / peak
-            if int(state["nonfinite"]):
-              save(step)  # raises NonFiniteLossError
-            writer.write(step, logged)
-            result.losses[step] = logged["loss"]
-            bar.set_postfix(loss=f"{logged['loss']:.3f}", ce=f"{logged['cross_entropy']:.3f}")
-            bar.write(_format_log(step, logged)) if bar.enabled else say(_format_log(step, logged))
-          do_eval = bool(tcfg.eval_every and step % tcfg.eval_every == 0 and
-                         data.num_eval_chunks)
-          stop = _any_process(signals.received is not None)
-          do_save = step % tcfg.checkpoint_every == 0 or step == tcfg.num_train_steps or stop
-          if do_eval or do_save:
-            timer.pause(state)
-            if do_eval:
-              result.eval_metrics = evaluate(step)
-            if do_save:
-              save(step)
-            timer.resume()
-          if stop:
-            result.stopped_by = signals.received or "another process"
-            say(f"\nStopped by {result.stopped_by} at step {step}; checkpoint saved. Run the "
-                "same command to resume.")
-            break
+      step = step0
+      while step < tcfg.num_train_steps:
+        batch = sharding.host_local_to_global(mesh, next(data.train))
+        state, metrics = train_step(state, batch)
+        step += 1
+        pending.append(metrics)
+        bar.update(1)
+        if step % tcfg.log_every == 0 or step == tcfg.num_train_steps:
+          steps_done = len(pending)
+          logged = _mean_metrics(pending)  # waits for the steps to finish
+          pending = []
+          elapsed = timer.read_and_reset()
+          logged["tokens_per_second"] = tokens_per_step * steps_done / elapsed
+          logged["seconds_per_step"] = elapsed / steps_done
+          logged["model_tflops_per_device"] = (flops * steps_done / elapsed / 1e12 /
+                                               mesh.devices.size)
+          if peak:
+            logged["mfu"] = logged["model_tflops_per_device"] / peak
+          if int(state["nonfinite"]):
+            save(step)  # raises NonFiniteLossError
+          writer.write(step, logged)
+          result.losses[step] = logged["loss"]
+          bar.set_postfix(loss=f"{logged['loss']:.3f}", ce=f"{logged['cross_entropy']:.3f}")
+          if bar.enabled:
+            bar.write(_format_log(step, logged))  # above the progress bar
+          else:
+            say(_format_log(step, logged))
+        do_eval = bool(tcfg.eval_every and step % tcfg.eval_every == 0 and
+                       data.num_eval_chunks)
+        stop = _any_process(signals.received is not None)
+        do_save = step % tcfg.checkpoint_every == 0 or step == tcfg.num_train_steps or stop
+        if do_eval or do_save:
+          timer.pause(state)
+          if do_eval:
+            result.eval_metrics = evaluate(step)
+          if do_save:
+            save(step)
+          timer.resume()
+        if stop:
+          result.stopped_by = signals.received or "another process"
+          say(f"\nStopped by {result.stopped_by} at step {step}; checkpoint saved. Run the "
+              "same command to resume.")
+          break
       if result.stopped_by is None and data.num_eval_chunks and (
           not tcfg.eval_every or step % tcfg.eval_every):
         result.eval_metrics = evaluate(step)
@@ -458,6 +467,25 @@ def train(config: Config, workdir, *, devices: Optional[Sequence[jax.Device]] = 
 
 # --------------------------------------------------------------------------------------------
 # Helpers of the loop.
+
+def resolve_microbatches(cfg: TrainConfig, batch_shards: int) -> int:
+  """The number of microbatches: as configured, or (0) the fewest that keep every device at
+  most `device_microbatch_size` sequences at a time. Checks that the batch splits evenly."""
+  if cfg.batch_size % batch_shards:
+    raise ValueError(f"train.batch_size={cfg.batch_size} must be divisible by the "
+                     f"{batch_shards} data x expert devices of the mesh.")
+  per_device = cfg.batch_size // batch_shards
+  n = cfg.num_microbatches
+  if n == 0:
+    n = -(-per_device // cfg.device_microbatch_size)
+    while per_device % n:
+      n += 1
+  if per_device % n:
+    raise ValueError(f"train.batch_size={cfg.batch_size} must be divisible by "
+                     f"train.num_microbatches x mesh data x mesh expert = {n} x "
+                     f"{batch_shards}.")
+  return n
+
 
 def routing_group_warnings(config: Config, batch_shards: int) -> list[str]:
   """Warns when the routing groups do not split evenly over the batch shards.

@@ -1,5 +1,6 @@
 """The pretraining pipeline: corpora, caching, global batches, host sharding, resuming, errors."""
 
+import logging
 import gzip
 import json
 import re
@@ -404,3 +405,16 @@ def test_no_eval_split(ws):
   assert data.num_eval_chunks == 0
   with pytest.raises(ValueError, match="there is no eval split: data.eval_fraction=0"):
     data.eval_batches(1)
+
+
+def test_default_corpus_caps_an_oversized_vocabulary(tmp_path, caplog):
+  # Presets made for real corpora (32,000 pieces) still run on the embedded corpus.
+  from switchjax.config import DataConfig
+  from switchjax.data.corpus import get_tokenizer
+  cfg = DataConfig(spm_vocab_size=32000, cache_dir=str(tmp_path))
+  with caplog.at_level(logging.WARNING):
+    tokenizer = get_tokenizer(cfg)
+  assert 8000 < tokenizer.num_pieces < 32000
+  assert tokenizer.vocab_size == tokenizer.num_pieces + 100
+  assert (f"supports at most {tokenizer.num_pieces} SentencePiece pieces; training "
+          f"{tokenizer.num_pieces} instead of data.spm_vocab_size=32000") in caplog.text

@@ -217,3 +217,65 @@ def test_empty_corpus_is_an_error(tmp_path):
                    "--set", f"data.paths={tmp_path / 'empty.txt'}"], timeout=300)
   assert result.returncode == 1 and "Traceback" not in result.stderr
   assert "empty" in result.stderr.lower(), result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Sharding of the optimizer state, microbatches, changing meshes, SIGTERM.
+
+def test_adafactor_state_of_expert_kernels_is_sharded_over_experts():
+  from jax.sharding import PartitionSpec as P
+  from switchjax.train import make_optimizer, opt_state_specs
+  tx = make_optimizer(tiny().train)
+  shapes = {"wi": jax.ShapeDtypeStruct((8, 256, 512), np.float32),
+            "scale": jax.ShapeDtypeStruct((256,), np.float32)}
+  specs = {"wi": P("expert", None, "model"), "scale": P(None)}
+  state = opt_state_specs(tx, shapes, specs)
+  factored = state[0]  # scale_by_factored_rms: row and column statistics per expert
+  assert factored.v_row["wi"] == P("expert", None)  # [E, d_model]
+  assert factored.v_col["wi"] == P("expert", "model")  # [E, d_ff]
+  assert factored.v["scale"] == P(None)
+
+
+def test_microbatches_give_the_full_batch_update(tmp_path):
+  # The tiny preset's routing groups (8 tokens) never straddle sequences and 2 microbatches of
+  # 4 sequences keep them (with fewer tokens than 8 x E, groups would shrink), so splitting
+  # the batch changes nothing but the summation order.
+  settings = ["mesh.data=1", "train.num_train_steps=3", "train.log_every=1",
+              "train.eval_every=0"]
+  one = jax.devices()[:1]
+  whole = run(tiny(*settings), tmp_path / "whole", devices=one)
+  split = run(tiny("train.num_microbatches=2", *settings), tmp_path / "split", devices=one)
+  for step, loss in whole.losses.items():
+    np.testing.assert_allclose(split.losses[step], loss, atol=1e-5, rtol=0)
+
+
+def test_checkpoint_restores_onto_another_mesh(tmp_path):
+  settings = ["train.log_every=1", "train.eval_every=0", "train.checkpoint_every=3"]
+  straight = run(tiny("mesh.data=1", "train.num_train_steps=6", *settings),
+                 tmp_path / "straight", devices=jax.devices()[:1])
+  run(tiny("mesh.data=1", "train.num_train_steps=3", *settings), tmp_path / "moved",
+      devices=jax.devices()[:1])
+  moved = run(tiny("mesh.data=2", "mesh.expert=4", "train.num_train_steps=6", *settings),
+              tmp_path / "moved")
+  for step in (4, 5, 6):
+    np.testing.assert_allclose(moved.losses[step], straight.losses[step], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(
+      [sys.executable, PRETRAIN, "--no_progress", "--config=tiny", f"--workdir={workdir}",
+       "--set", "train.num_train_steps=100000", "--set", "train.checkpoint_every=100000",
+       "--set", "train.eval_every=0", "--set", "train.log_every=1"], cwd=ROOT,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 300
+  metrics = workdir / "metrics.jsonl"
+  while time.time() < deadline and not (metrics.exists() and metrics.read_text()):
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)
+  output = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 130, output[-2000:]
+  stopped = int(output.split("Stopped by SIGTERM at step ")[1].split(";")[0])
+  assert "checkpoint saved. Run the same command to resume." in output
+  assert checkpoint.CheckpointStore(workdir).steps() == [stopped]

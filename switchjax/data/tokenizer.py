@@ -43,6 +43,14 @@ PAD_PIECE, EOS_PIECE, UNK_PIECE = "<pad>", "</s>", "<unk>"
 _SENTINEL_RE = re.compile(r"<extra_id_(\d+)>")
 
 
+class VocabularyTooLargeError(ValueError):
+  """The text cannot support the requested number of pieces; `limit` is the most it allows."""
+
+  def __init__(self, message: str, limit: int):
+    super().__init__(message)
+    self.limit = limit
+
+
 class EmptyTextError(ValueError):
   """train_tokenizer was given no text."""
 
@@ -271,10 +279,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_prefix_or_path:
   except RuntimeError as e:
     limit = re.search(r"value <= (\d+)", str(e))
     if limit:
-      raise ValueError(
+      raise VocabularyTooLargeError(
           f"SentencePiece could not train a {vocab_size}-piece model on {len(sentences)} lines "
           f"of text: this text allows at most {limit.group(1)} pieces. Lower the vocabulary "
-          f"size (data.spm_vocab_size <= {limit.group(1)}) or give more text.") from None
+          f"size (data.spm_vocab_size <= {limit.group(1)}) or give more text.",
+          int(limit.group(1))) from None
     raise ValueError(f"SentencePiece could not train a {vocab_size}-piece model on "
                      f"{len(sentences)} lines of text: {str(e).rstrip('.')}.") from None
   path.parent.mkdir(parents=True, exist_ok=True)
