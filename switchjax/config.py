@@ -352,8 +352,21 @@ def available_configs() -> list[str]:
 
 
 def load_config(name_or_path: str, overrides: tuple[str, ...] | list[str] = ()) -> Config:
-  """Loads a preset by name (configs/NAME.py) or file path, then applies `a.b=value` overrides."""
+  """Loads a config, then applies `a.b=value` overrides.
+
+  `name_or_path` is a preset name (configs/NAME.py), a .py file with get_config(), a saved
+  config.json, or a checkpoint directory (a converted model or a training workdir): its
+  config, with train.init_from set to the directory so a new run starts from its parameters.
+  """
   path = pathlib.Path(name_or_path)
+  if path.is_dir() and (path / "config.json").is_file():
+    config = read_config(path / "config.json")
+    if config.train.init_from is None:
+      config = dataclasses.replace(config, train=dataclasses.replace(
+          config.train, init_from=str(path.resolve())))
+    return apply_overrides(config, overrides).validate()
+  if path.suffix == ".json" and path.is_file():
+    return apply_overrides(read_config(path), overrides).validate()
   if not (path.suffix == ".py" and path.exists()):
     path = CONFIGS_DIR / f"{name_or_path}.py"
   if not path.exists():
@@ -361,7 +374,8 @@ def load_config(name_or_path: str, overrides: tuple[str, ...] | list[str] = ()) 
     close = difflib.get_close_matches(str(name_or_path), names, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ValueError(f"Unknown config {name_or_path!r}.{hint} Available: {', '.join(names)} "
-                     "(or a path to a .py file with get_config()).")
+                     "(or a .py file with get_config(), a config.json, or a checkpoint "
+                     "directory).")
   spec = importlib.util.spec_from_file_location(f"switchjax_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

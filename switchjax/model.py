@@ -127,6 +127,15 @@ def _dropout(cfg: ModelConfig) -> nn.Dropout:
   return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))  # broadcast along length, as T5X
 
 
+def _residual(cfg: ModelConfig, x: Array, norm_name: str, logit_mask: Optional[Array],
+              sublayer, enable_dropout: bool) -> Array:
+  """A pre-norm residual block: x + Dropout(sublayer(Norm(x) * logit_mask))."""
+  h = _norm(cfg, norm_name)(x)
+  if logit_mask is not None:
+    h = h * logit_mask
+  return x + _dropout(cfg)(sublayer(h), deterministic=not enable_dropout)
+
+
 class EncoderLayer(nn.Module):
   """Self-attention then a dense or sparse MLP, each pre-normed with a residual."""
   config: ModelConfig
@@ -136,17 +145,11 @@ class EncoderLayer(nn.Module):
   def __call__(self, x: Array, bias: Array, logit_mask: Optional[Array],
                enable_dropout: bool = False) -> Array:
     cfg = self.config
-    deterministic = not enable_dropout
-    h = _norm(cfg, "pre_attention_layer_norm")(x)
-    if logit_mask is not None:
-      h = h * logit_mask
-    h = _attention(cfg, "attention")(h, h, bias, enable_dropout=enable_dropout)
-    x = x + _dropout(cfg)(h, deterministic=deterministic)
-    h = _norm(cfg, "pre_mlp_layer_norm")(x)
-    if logit_mask is not None:
-      h = h * logit_mask
-    h = _mlp(cfg, self.sparse, causal=False, name="mlp")(h, enable_dropout=enable_dropout)
-    x = x + _dropout(cfg)(h, deterministic=deterministic)
+    x = _residual(cfg, x, "pre_attention_layer_norm", logit_mask, lambda h: _attention(
+        cfg, "attention")(h, h, bias, enable_dropout=enable_dropout), enable_dropout)
+    x = _residual(cfg, x, "pre_mlp_layer_norm", logit_mask, lambda h: _mlp(
+        cfg, self.sparse, causal=False, name="mlp")(h, enable_dropout=enable_dropout),
+                  enable_dropout)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
@@ -160,24 +163,16 @@ class DecoderLayer(nn.Module):
                logit_mask: Optional[Array], enable_dropout: bool = False, decode: bool = False,
                decode_position: Optional[Array] = None) -> Array:
     cfg = self.config
-    deterministic = not enable_dropout
-    h = _norm(cfg, "pre_self_attention_layer_norm")(x)
-    if logit_mask is not None:
-      h = h * logit_mask
-    h = _attention(cfg, "self_attention")(h, h, self_bias, enable_dropout=enable_dropout,
-                                          decode=decode, decode_position=decode_position)
-    x = x + _dropout(cfg)(h, deterministic=deterministic)
-    h = _norm(cfg, "pre_cross_attention_layer_norm")(x)
-    if logit_mask is not None:
-      h = h * logit_mask
-    h = _attention(cfg, "encoder_decoder_attention", cross=True)(
-        h, encoded, cross_bias, enable_dropout=enable_dropout, decode=decode)
-    x = x + _dropout(cfg)(h, deterministic=deterministic)
-    h = _norm(cfg, "pre_mlp_layer_norm")(x)
-    if logit_mask is not None:
-      h = h * logit_mask
-    h = _mlp(cfg, self.sparse, causal=True, name="mlp")(h, enable_dropout=enable_dropout)
-    x = x + _dropout(cfg)(h, deterministic=deterministic)
+    x = _residual(cfg, x, "pre_self_attention_layer_norm", logit_mask, lambda h: _attention(
+        cfg, "self_attention")(h, h, self_bias, enable_dropout=enable_dropout, decode=decode,
+                               decode_position=decode_position), enable_dropout)
+    x = _residual(cfg, x, "pre_cross_attention_layer_norm", logit_mask, lambda h: _attention(
+        cfg, "encoder_decoder_attention", cross=True)(
+            h, encoded, cross_bias, enable_dropout=enable_dropout, decode=decode),
+                  enable_dropout)
+    x = _residual(cfg, x, "pre_mlp_layer_norm", logit_mask, lambda h: _mlp(
+        cfg, self.sparse, causal=True, name="mlp")(h, enable_dropout=enable_dropout),
+                  enable_dropout)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 

@@ -279,3 +279,29 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
   stopped = int(output.split("Stopped by SIGTERM at step ")[1].split(";")[0])
   assert "checkpoint saved. Run the same command to resume." in output
   assert checkpoint.CheckpointStore(workdir).steps() == [stopped]
+
+
+def test_training_starts_from_a_converted_hugging_face_checkpoint(tmp_path):
+  from hf_utils import build_hf_checkpoint
+  build_hf_checkpoint(tmp_path / "hf", vocab_size=640, num_layers=2, num_decoder_layers=2,
+                      num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
+                      expert_capacity=8)
+  converted = tmp_path / "converted"
+  subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_hf.py"),
+                  f"--hf_dir={tmp_path / 'hf'}", f"--output_dir={converted}"], check=True,
+                 cwd=ROOT, capture_output=True)
+  config = load_config(str(converted), [
+      "data.spm_vocab_size=500", "data.inputs_length=32", "data.targets_length=8",
+      "train.batch_size=8", "train.num_train_steps=2", "train.log_every=1",
+      "train.eval_every=0", "train.learning_rate=1e-3", "train.schedule=constant",
+      "mesh.data=1"])
+  assert config.train.init_from == str(converted.resolve())
+  messages = []
+  result = train(config, tmp_path / "finetune", devices=jax.devices()[:1], progress=False,
+                 log=messages.append)
+  assert f"Initialised parameters from {converted.resolve()}." in messages
+  assert result.step == 2 and all(np.isfinite(v) for v in result.losses.values())
+  _, start = checkpoint.load_model(converted)
+  _, end = checkpoint.load_model(tmp_path / "finetune")
+  assert jax.tree.structure(start) == jax.tree.structure(end)
+  assert not checkpoint.params_equal(start, end)  # trained from there
