@@ -31,6 +31,8 @@ setup(
             "transformers>=5.18",
             "torch==2.13.0",
             "safetensors",
+            "matplotlib>=3.8",
+            "nbformat>=5.9",
         ],
     },
 )

@@ -1,0 +1,59 @@
+"""Smoke test of scripts/benchmark.py: every section runs and reports sane figures.
+
+Speed itself is never asserted (timings here are noise); the benchmark reports ratios.
+"""
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BENCHMARK = str(ROOT / "scripts" / "benchmark.py")
+
+
+def numbers(tree, path="results"):
+  """(path, value) of every number in a JSON tree (booleans are not numbers here)."""
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      yield from numbers(v, f"{path}.{k}")
+  elif isinstance(tree, list):
+    for i, v in enumerate(tree):
+      yield from numbers(v, f"{path}[{i}]")
+  elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+    yield path, tree
+
+
+def test_benchmark_quick_reports_every_section(tmp_path):
+  out = tmp_path / "benchmark.json"
+  # conftest's XLA_FLAGS (8 emulated devices) are inherited: the default 2x4x1 mesh runs.
+  proc = subprocess.run([sys.executable, BENCHMARK, "--quick", "--json", str(out)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  for title in ("## MoE layer", "## Train step", "## Greedy generation"):
+    assert title in proc.stdout, proc.stdout
+  results = json.loads(out.read_text())
+
+  assert set(results) == {"env", "moe", "train", "generate"}
+  assert results["env"]["device_count"] >= 8 and results["env"]["jax"]
+  assert len(results["moe"]) >= 2
+  for row in results["moe"]:
+    for router in ("tokens_choose_masked", "tokens_choose_scatter"):
+      assert row[router]["ms"] > 0 and row[router]["memory_bytes"]["temp"] > 0
+    assert row["scatter_over_masked_time"] > 0
+    assert row["scatter_over_masked_total_memory"] > 0
+  runs = results["train"]["runs"]
+  assert set(runs) == {"1 device", "mesh 2x4x1"}
+  assert runs["mesh 2x4x1"]["devices"] == 8
+  for run in runs.values():
+    assert run["tokens_per_s"] > 0 and run["model_tflops_per_s"] > 0 and run["ms_per_step"] > 0
+  assert results["train"]["mesh_over_1_device_time"] > 0
+  for mode in ("cached", "uncached"):
+    assert results["generate"][mode]["tokens_per_s"] > 0
+  assert results["generate"]["cache_speedup"] > 0
+
+  found = list(numbers(results))
+  assert len(found) > 50
+  bad = [(p, v) for p, v in found if not (math.isfinite(v) and v > 0)]
+  assert not bad, bad
