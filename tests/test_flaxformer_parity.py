@@ -64,3 +64,14 @@ def test_moe_layer_matches_flaxformer(path):
   for name in METRICS:
     np.testing.assert_allclose(float(sown[name][0]), meta["metrics"][name], rtol=1e-5,
                                atol=1e-7, err_msg=name)
+
+
+def test_equivalence_report_prints_every_case():
+  import subprocess
+  import sys
+  script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "equivalence_report.py"
+  out = subprocess.run([sys.executable, str(script), "fixtures"], capture_output=True, text=True,
+                       check=True).stdout
+  for path in CASES:
+    line = next(l for l in out.splitlines() if l.strip().startswith(path.stem))
+    assert float(line.split("outputs")[1].split()[0]) <= 1e-5
