@@ -62,7 +62,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from switchjax import sharding
 from switchjax.config import MeshConfig, MoeConfig, load_config
 from switchjax.decoding import generate
-from switchjax.model import SwitchTransformer
+from switchjax.model import SwitchTransformer, init_params
 from switchjax.train import (make_optimizer, make_train_step, opt_state_specs,
                              resolve_microbatches, routing_group_warnings,
                              train_flops_per_example)
@@ -263,9 +263,7 @@ def compile_train_step(config, mesh, params, opt_state, batch):
 
 def init_model(config):
   """Boxed (logically partitioned) parameters of the config's model, seed train.seed."""
-  dummy = jnp.ones((1, 8), jnp.int32)
-  return SwitchTransformer(config.model).init(jax.random.key(config.train.seed), dummy,
-                                              dummy)["params"]
+  return init_params(SwitchTransformer(config.model), jax.random.key(config.train.seed))
 
 
 def bench_train(args, config) -> dict:

@@ -14,6 +14,7 @@ over a newest checkpoint that fails to load, and says so.
 
 from __future__ import annotations
 
+import functools
 import logging
 import pathlib
 import time
@@ -192,8 +193,7 @@ def load_model(directory, step: Optional[int] = None, shardings: Any = None):
   Without `shardings` the parameters land on the default device; with a tree of shardings
   (matching the parameters) they are restored sharded.
   """
-  from switchjax.model import SwitchTransformer  # local: model imports are heavy
-  import jax.numpy as jnp
+  from switchjax.model import SwitchTransformer, init_params  # local: model imports are heavy
 
   config = load_config(directory)
   store = CheckpointStore(directory, async_save=False)
@@ -201,14 +201,12 @@ def load_model(directory, step: Optional[int] = None, shardings: Any = None):
   if not steps:
     raise FileNotFoundError(f"No checkpoint under {pathlib.Path(directory) / CHECKPOINTS}.")
   model = SwitchTransformer(config.model)
-  dummy = jnp.ones((1, 8), jnp.int32)
-  shapes = sharding.unbox(
-      jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, dummy))["params"])
+  shapes = sharding.unbox(jax.eval_shape(functools.partial(init_params, model),
+                                          jax.random.key(0)))
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, shapes)
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          shapes, shardings)
+  abstract = sharding.abstract_tree(shapes, shardings)
   candidates = [step] if step is not None else list(reversed(steps))
   errors = []
   for s in candidates:

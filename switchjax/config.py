@@ -388,10 +388,6 @@ def load_config(name_or_path: str, overrides: tuple[str, ...] | list[str] = ()) 
 # --------------------------------------------------------------------------------------------
 # Dotted overrides.
 
-def _field_names(obj) -> list[str]:
-  return [f.name for f in dataclasses.fields(obj)]
-
-
 def _all_paths(obj, prefix="") -> list[str]:
   out = []
   for f in dataclasses.fields(obj):

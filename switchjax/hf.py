@@ -30,7 +30,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from switchjax.config import Config, ModelConfig, MoeConfig
-from switchjax.model import SwitchTransformer, decoder_sparse_layers, encoder_sparse_layers
+from switchjax.model import (SwitchTransformer, decoder_sparse_layers, encoder_sparse_layers,
+                             hf_sparse_blocks, sparse_layer_indices)
 
 # HF `dense_act_fn` -> switchjax activation. HF's 'gelu' is the exact (erf) form, 'gelu_new'
 # and friends the tanh approximation (switchjax's 'gelu').
@@ -67,10 +68,8 @@ def hf_sparse_layers(num_layers: int, num_sparse: int,
   Note that 0 sparse layers without a stored step still makes block 1 sparse (HF's rule).
   """
   if step is None:
-    step = num_layers // num_sparse if num_sparse > 0 else num_layers
-  if step <= 0:
-    return ()
-  return tuple(i for i in range(num_layers) if i % step == 1 or step == 1)
+    return sparse_layer_indices(num_layers, num_sparse, "hf")
+  return hf_sparse_blocks(num_layers, step)
 
 
 def hf_sparse_count(num_layers: int, layers: tuple[int, ...], stack: str) -> tuple[int, int]:

@@ -43,8 +43,7 @@ def sparse_layer_indices(num_layers: int, num_sparse: int, layout: str) -> tuple
   """
   n, s = num_layers, num_sparse
   if layout == "hf":
-    step = n // s if s > 0 else n
-    return tuple(i for i in range(n) if i % step == 1 or step == 1)
+    return hf_sparse_blocks(n, n // s if s > 0 else n)
   if s == 0:
     return ()
   if layout == "bottom":
@@ -57,6 +56,14 @@ def sparse_layer_indices(num_layers: int, num_sparse: int, layout: str) -> tuple
     step = n // s
     return tuple(i for i in range(n) if i % step == step - 1)
   raise ValueError(f"model.sparse_layout={layout!r}; use mixed, top, bottom, middle or hf.")
+
+
+def hf_sparse_blocks(num_layers: int, step: int) -> tuple[int, ...]:
+  """Hugging Face's rule for a sparse step: block i is sparse when i % step == 1, or every
+  block when step == 1; a step of 0 gives none."""
+  if step <= 0:
+    return ()
+  return tuple(i for i in range(num_layers) if i % step == 1 or step == 1)
 
 
 def encoder_sparse_layers(cfg: ModelConfig) -> tuple[int, ...]:
@@ -320,6 +327,13 @@ class SwitchTransformer(nn.Module):
     """Decoder logits given the encoder's output (see `Decoder` for decode mode)."""
     return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens,
                         decoder_target_tokens, enable_dropout=enable_dropout, decode=decode)
+
+
+def init_params(model: SwitchTransformer, key: Array) -> dict:
+  """Freshly initialised, logically partitioned (boxed) parameters of `model`. Their shapes do
+  not depend on the dummy inputs, so `jax.eval_shape` of this gives the abstract tree."""
+  dummy = jnp.ones((1, 8), jnp.int32)
+  return model.init({"params": key}, dummy, dummy)["params"]
 
 
 class SwitchEncoder(nn.Module):

@@ -108,6 +108,12 @@ def param_shardings(mesh: Mesh, boxed_params) -> Any:
                       is_leaf=lambda x: isinstance(x, P))
 
 
+def abstract_tree(shapes, shardings) -> Any:
+  """`jax.ShapeDtypeStruct`s with shardings: what restoring onto a mesh needs."""
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding of [batch, ...] inputs: the batch over ('data', 'expert')."""
   return logical_sharding(mesh, ("batch",))

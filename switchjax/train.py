@@ -11,8 +11,7 @@ without saving the broken state.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
+import functools
 import pathlib
 import signal
 import time
@@ -28,7 +27,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from switchjax import checkpoint, losses, sharding
 from switchjax.config import Config, TrainConfig, save_config, format_config
 from switchjax.metrics_writer import MetricsWriter
-from switchjax.model import SwitchTransformer, decoder_sparse_layers, encoder_sparse_layers
+from switchjax.model import (SwitchTransformer, decoder_sparse_layers, encoder_sparse_layers,
+                             init_params)
 
 Array = jax.Array
 
@@ -273,11 +273,6 @@ class _StopSignals:
       signal.signal(sig, handler)
 
 
-def _abstract_tree(shapes, shardings):
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                      shapes, shardings)
-
-
 def train(config: Config, workdir, *, devices: Optional[Sequence[jax.Device]] = None,
           progress: bool = True, log: Callable[[str], None] = print) -> RunResult:
   """Trains `config` in `workdir` (resuming from its newest checkpoint) and returns a summary.
@@ -327,13 +322,8 @@ def _train(config: Config, workdir: pathlib.Path, devices, progress: bool, log,
 
   model = SwitchTransformer(cfg.model)
   tx = make_optimizer(tcfg)
-  dummy = jnp.ones((1, 8), jnp.int32)
-
-  def init_params(key):
-    return model.init({"params": key}, dummy, dummy)["params"]
-
   with jax.set_mesh(mesh), sharding.axis_rules():
-    boxed = jax.eval_shape(init_params, jax.random.key(tcfg.seed))
+    boxed = jax.eval_shape(functools.partial(init_params, model), jax.random.key(tcfg.seed))
     param_shapes = sharding.unbox(boxed)
     param_specs = sharding.param_specs(boxed)
     param_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs,
@@ -349,8 +339,9 @@ def _train(config: Config, workdir: pathlib.Path, devices, progress: bool, log,
     say(f"Model: {num_params:,} parameters.")
 
     store = checkpoint.CheckpointStore(workdir, keep=tcfg.keep_checkpoints)
-    restored = store.restore_latest(_abstract_tree(param_shapes, param_shardings),
-                                    _abstract_tree(opt_shapes, opt_shardings), report=say)
+    restored = store.restore_latest(sharding.abstract_tree(param_shapes, param_shardings),
+                                    sharding.abstract_tree(opt_shapes, opt_shardings),
+                                    report=say)
     if is_main:  # after the checks above: an incompatible workdir keeps its own config
       save_config(cfg, workdir / checkpoint.CONFIG_FILE)
     if restored is not None:
@@ -366,8 +357,8 @@ def _train(config: Config, workdir: pathlib.Path, devices, progress: bool, log,
         _, params = checkpoint.load_model(tcfg.init_from, shardings=param_shardings)
         say(f"Initialised parameters from {tcfg.init_from}.")
       else:
-        params = jax.jit(lambda k: nn.unbox(init_params(k)), out_shardings=param_shardings)(
-            jax.random.key(tcfg.seed))
+        params = jax.jit(lambda k: nn.unbox(init_params(model, k)),
+                         out_shardings=param_shardings)(jax.random.key(tcfg.seed))
       opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
       state = {"step": jax.device_put(jnp.int32(0), scalar), "params": params,
                "opt_state": opt_state, "nonfinite": jax.device_put(jnp.int32(0), scalar)}
