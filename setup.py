@@ -3,36 +3,37 @@
 from setuptools import find_packages, setup
 
 setup(
-    name="switchjax",
-    version="0.1.0",
-    description="Switch Transformers in JAX/Flax: routers, expert parallelism, HF conversion, "
-                "pretraining.",
-    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
-    long_description_content_type="text/markdown",
-    packages=find_packages(include=["switchjax", "switchjax.*"]),
-    python_requires=">=3.11",
-    install_requires=[
-        "jax>=0.10.2",
-        "flax>=0.12.8",
-        "optax>=0.2.8",
-        "orbax-checkpoint>=0.12.8",
-        "grain>=0.2.18",
-        "sentencepiece>=0.2.0",
-        "protobuf",
-        "numpy>=2.0",
-        "safetensors>=0.4",
-        "tensorboardX>=2.6",
-        "tqdm",
-        "pyarrow",
+  name="switchjax",
+  version="0.1.0",
+  description="Switch Transformers in JAX/Flax: routers, expert parallelism, HF conversion, "
+  "pretraining.",
+  long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+  long_description_content_type="text/markdown",
+  packages=find_packages(include=["switchjax", "switchjax.*"]),
+  python_requires=">=3.11",
+  install_requires=[
+    "jax>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "grain>=0.2.18",
+    "sentencepiece>=0.2.0",
+    "protobuf",
+    "numpy>=2.0",
+    "safetensors>=0.4",
+    "tensorboardX>=2.6",
+    "tqdm",
+    "pyarrow",
+  ],
+  extras_require={
+    "test": [
+      "pytest>=8",
+      "transformers>=5.18",
+      "torch==2.13.0",
+      "safetensors",
+      "matplotlib>=3.8",
+      "nbformat>=5.9",
+      "ruff>=0.6",
     ],
-    extras_require={
-        "test": [
-            "pytest>=8",
-            "transformers>=5.18",
-            "torch==2.13.0",
-            "safetensors",
-            "matplotlib>=3.8",
-            "nbformat>=5.9",
-        ],
-    },
+  },
 )

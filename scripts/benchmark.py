@@ -57,45 +57,79 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from switchjax import sharding
 from switchjax.config import MeshConfig, MoeConfig, load_config
 from switchjax.decoding import generate
 from switchjax.model import SwitchTransformer, init_params
-from switchjax.train import (make_optimizer, make_train_step, opt_state_specs,
-                             resolve_microbatches, routing_group_warnings,
-                             train_flops_per_example)
 from switchjax.moe import MoeLayer, group_layout
+from switchjax.train import (
+  make_optimizer,
+  make_train_step,
+  opt_state_specs,
+  resolve_microbatches,
+  routing_group_warnings,
+  train_flops_per_example,
+)
 
 SECTIONS = ("moe", "train", "generate")
 # MoE layer settings: (tokens, moe.max_group_size, experts, capacity factor, d_model). There
 # are at least E groups, so tokens per group = min(max_group_size, tokens / E).
-MOE_SETTINGS = [(8192, 256, 8, 1.25, 256), (8192, 1024, 8, 1.25, 256),
-                (8192, 1024, 8, 2.0, 256), (8192, 256, 32, 1.25, 256),
-                (8192, 1024, 8, 1.25, 512), (16384, 2048, 8, 1.25, 256)]
+MOE_SETTINGS = [
+  (8192, 256, 8, 1.25, 256),
+  (8192, 1024, 8, 1.25, 256),
+  (8192, 1024, 8, 2.0, 256),
+  (8192, 256, 32, 1.25, 256),
+  (8192, 1024, 8, 1.25, 512),
+  (16384, 2048, 8, 1.25, 256),
+]
 MOE_SETTINGS_QUICK = [(256, 64, 4, 1.25, 32), (512, 64, 8, 2.0, 32)]
 MiB = 2**20
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog=__doc__.split("\n\n", 2)[2])
-  parser.add_argument("sections", nargs="*", metavar="SECTION",
-                      help=f"any of {', '.join(SECTIONS)} (default: all)")
-  parser.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions "
-                      "(the smoke test; the figures mean little)")
-  parser.add_argument("--config", default=None, help="preset of the train and generate "
-                      "sections (default: small; tiny with --quick)")
-  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                      help="override a config field, as in pretrain.py (repeatable)")
-  parser.add_argument("--mesh", default="2,4,1", help="data,expert,model sizes of the mesh "
-                      "compared with 1 device in the train section, or 'none' (default: 2,4,1)")
-  parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 10; 3 "
-                      "with --quick)")
-  parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing "
-                      "(default 2; 1 with --quick)")
+  parser = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog=__doc__.split("\n\n", 2)[2],
+  )
+  parser.add_argument(
+    "sections", nargs="*", metavar="SECTION", help=f"any of {', '.join(SECTIONS)} (default: all)"
+  )
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="tiny sizes and few repetitions (the smoke test; the figures mean little)",
+  )
+  parser.add_argument(
+    "--config",
+    default=None,
+    help="preset of the train and generate sections (default: small; tiny with --quick)",
+  )
+  parser.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="FIELD=VALUE",
+    help="override a config field, as in pretrain.py (repeatable)",
+  )
+  parser.add_argument(
+    "--mesh",
+    default="2,4,1",
+    help="data,expert,model sizes of the mesh "
+    "compared with 1 device in the train section, or 'none' (default: 2,4,1)",
+  )
+  parser.add_argument(
+    "--reps", type=int, default=None, help="timed repetitions (default 10; 3 with --quick)"
+  )
+  parser.add_argument(
+    "--warmup",
+    type=int,
+    default=None,
+    help="untimed calls before timing (default 2; 1 with --quick)",
+  )
   parser.add_argument("--json", default=None, metavar="PATH", help="also write all figures here")
   args = parser.parse_args(argv)
   bad = [s for s in args.sections if s not in SECTIONS]
@@ -109,8 +143,7 @@ def parse_args(argv=None):
   if text.lower() not in ("none", "", "1,1,1"):
     sizes = text.split(",")
     if len(sizes) != 3 or not all(s.strip().isdigit() and int(s) >= 1 for s in sizes):
-      parser.error(f"--mesh={text}: give three sizes >= 1 (data,expert,model), e.g. 2,4,1, "
-                   "or none")
+      parser.error(f"--mesh={text}: give three sizes >= 1 (data,expert,model), e.g. 2,4,1, or none")
     args.mesh = tuple(map(int, sizes))
   return args
 
@@ -130,12 +163,16 @@ def reexec_with_xla_flags(args, argv) -> None:
   if add:
     flags = " ".join(flags.split() + add)
     print(f"Restarting with XLA_FLAGS={flags}", flush=True)
-    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv],
-              {**os.environ, "XLA_FLAGS": flags})
+    os.execve(
+      sys.executable,
+      [sys.executable, os.path.abspath(__file__), *argv],
+      {**os.environ, "XLA_FLAGS": flags},
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Timing and reporting.
+
 
 def time_interleaved(fns: dict, reps: int, warmup: int) -> dict:
   """Seconds per call of each blocking fn(): {name: (median, [all times])}, calls interleaved."""
@@ -175,18 +212,25 @@ def mib(d, key):
 # --------------------------------------------------------------------------------------------
 # 1. The MoE layer: masked vs scatter dispatch.
 
+
 def bench_moe(args) -> list:
   rows, out = [], []
-  for tokens, group, experts, cf, d_model in (MOE_SETTINGS_QUICK if args.quick else
-                                              MOE_SETTINGS):
+  for tokens, group, experts, cf, d_model in MOE_SETTINGS_QUICK if args.quick else MOE_SETTINGS:
     length = min(tokens, 512)
     x = jax.random.normal(jax.random.key(1), (tokens // length, length, d_model), jnp.float32)
-    result = {"tokens": tokens, "max_group_size": group, "experts": experts,
-              "capacity_factor": cf, "d_model": d_model, "d_ff": 4 * d_model}
+    result = {
+      "tokens": tokens,
+      "max_group_size": group,
+      "experts": experts,
+      "capacity_factor": cf,
+      "d_model": d_model,
+      "d_ff": 4 * d_model,
+    }
     compiled = {}
     for router in ("tokens_choose_masked", "tokens_choose_scatter"):
-      config = MoeConfig(num_experts=experts, router_type=router, max_group_size=group,
-                         train_capacity_factor=cf)
+      config = MoeConfig(
+        num_experts=experts, router_type=router, max_group_size=group, train_capacity_factor=cf
+      )
       layer = MoeLayer(config, d_ff=4 * d_model)
       params = nn.unbox(jax.jit(layer.init)(jax.random.key(0), x))["params"]
 
@@ -195,7 +239,7 @@ def bench_moe(args) -> list:
         return jnp.sum(y * y)
 
       fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
-      compiled[router] = lambda fn=fn, params=params: jax.block_until_ready(fn(params, x))
+      compiled[router] = lambda fn=fn, params=params, x=x: jax.block_until_ready(fn(params, x))
       result[router] = {"memory_bytes": memory(fn)}
     layout = group_layout(x.shape[0], length, config, train=True)
     result.update(tokens_per_group=layout.tokens_per_group, capacity=layout.expert_capacity)
@@ -208,55 +252,100 @@ def bench_moe(args) -> list:
       result["scatter_over_masked_temp_memory"] = sm["temp"] / mm["temp"]
       result["scatter_over_masked_total_memory"] = sm["total"] / mm["total"]
     out.append(result)
-    rows.append([tokens, layout.tokens_per_group, experts, cf, d_model, layout.expert_capacity,
-                 f"{masked['ms']:.1f}", f"{scatter['ms']:.1f}",
-                 f"{result['scatter_over_masked_time']:.2f}",
-                 mib(mm, "temp"), mib(sm, "temp"), mib(mm, "total"), mib(sm, "total"),
-                 f"{result.get('scatter_over_masked_total_memory', float('nan')):.2f}"])
+    rows.append(
+      [
+        tokens,
+        layout.tokens_per_group,
+        experts,
+        cf,
+        d_model,
+        layout.expert_capacity,
+        f"{masked['ms']:.1f}",
+        f"{scatter['ms']:.1f}",
+        f"{result['scatter_over_masked_time']:.2f}",
+        mib(mm, "temp"),
+        mib(sm, "temp"),
+        mib(mm, "total"),
+        mib(sm, "total"),
+        f"{result.get('scatter_over_masked_total_memory', float('nan')):.2f}",
+      ]
+    )
   print("\n## MoE layer forward + backward: masked (one-hot einsum) vs scatter dispatch\n")
-  print(table(["tokens", "per group", "E", "cf", "d_model", "capacity", "masked ms", "scatter ms",
-               "time s/m", "masked temp MiB", "scatter temp MiB", "masked total MiB",
-               "scatter total MiB", "total s/m"], rows))
-  print("(s/m = scatter / masked; per group = tokens per routing group; MiB of the compiled "
-        "program: temp = intermediates, total = arguments + outputs + temp)")
+  print(
+    table(
+      [
+        "tokens",
+        "per group",
+        "E",
+        "cf",
+        "d_model",
+        "capacity",
+        "masked ms",
+        "scatter ms",
+        "time s/m",
+        "masked temp MiB",
+        "scatter temp MiB",
+        "masked total MiB",
+        "scatter total MiB",
+        "total s/m",
+      ],
+      rows,
+    )
+  )
+  print(
+    "(s/m = scatter / masked; per group = tokens per routing group; MiB of the compiled "
+    "program: temp = intermediates, total = arguments + outputs + temp)"
+  )
   return out
 
 
 # --------------------------------------------------------------------------------------------
 # 2. Train-step throughput, 1 device vs a mesh.
 
+
 def synthetic_batch(config, batch_size, rng) -> dict:
   d, vocab = config.data, config.model.vocab_size
   targets = rng.integers(2, vocab, (batch_size, d.targets_length), dtype=np.int32)
   return {
-      "encoder_input_tokens": rng.integers(2, vocab, (batch_size, d.inputs_length),
-                                           dtype=np.int32),
-      "decoder_target_tokens": targets,
-      "decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0))),
-      "decoder_loss_weights": np.ones_like(targets, np.float32),
+    "encoder_input_tokens": rng.integers(2, vocab, (batch_size, d.inputs_length), dtype=np.int32),
+    "decoder_target_tokens": targets,
+    "decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0))),
+    "decoder_loss_weights": np.ones_like(targets, np.float32),
   }
 
 
 def compile_train_step(config, mesh, params, opt_state, batch):
   """pretrain.py's train step compiled for `mesh`, the state and batch placed on it."""
   tcfg = config.train
-  tcfg = dataclasses.replace(tcfg, num_microbatches=resolve_microbatches(
-      tcfg, mesh.shape["data"] * mesh.shape["expert"]))
+  tcfg = dataclasses.replace(
+    tcfg, num_microbatches=resolve_microbatches(tcfg, mesh.shape["data"] * mesh.shape["expert"])
+  )
   model, tx = SwitchTransformer(config.model), make_optimizer(tcfg)
   with jax.set_mesh(mesh), sharding.axis_rules():
     boxed = jax.eval_shape(lambda: init_model(config))
     specs = sharding.param_specs(boxed)
-    named = lambda tree: jax.tree.map(lambda s: NamedSharding(mesh, s), tree,
-                                      is_leaf=lambda x: isinstance(x, P))
+    named = lambda tree: jax.tree.map(
+      lambda s: NamedSharding(mesh, s), tree, is_leaf=lambda x: isinstance(x, P)
+    )
     scalar = sharding.replicated(mesh)
-    shardings = {"step": scalar, "params": named(specs), "nonfinite": scalar,
-                 "opt_state": named(opt_state_specs(tx, sharding.unbox(boxed), specs))}
-    state = jax.device_put({"step": np.int32(0), "params": params, "opt_state": opt_state,
-                            "nonfinite": np.int32(0)}, shardings, may_alias=False)  # donated
+    shardings = {
+      "step": scalar,
+      "params": named(specs),
+      "nonfinite": scalar,
+      "opt_state": named(opt_state_specs(tx, sharding.unbox(boxed), specs)),
+    }
+    state = jax.device_put(
+      {"step": np.int32(0), "params": params, "opt_state": opt_state, "nonfinite": np.int32(0)},
+      shardings,
+      may_alias=False,
+    )  # donated
     batch = jax.device_put(batch, sharding.batch_sharding(mesh))
-    step = jax.jit(make_train_step(model, tx, tcfg),
-                   in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=(shardings, scalar), donate_argnums=(0,))
+    step = jax.jit(
+      make_train_step(model, tx, tcfg),
+      in_shardings=(shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(shardings, scalar),
+      donate_argnums=(0,),
+    )
     step = step.lower(state, batch).compile()
   return step, state, batch, tcfg
 
@@ -279,20 +368,32 @@ def bench_train(args, config) -> dict:
   flops = train_flops_per_example(config) * config.train.batch_size
   params = jax.jit(lambda: nn.unbox(init_model(config)))()
   opt_state = jax.jit(make_optimizer(config.train).init)(params)
-  runs, fns, out = {}, {}, {"config": config.name, "batch_size": config.train.batch_size,
-                            "inputs_length": config.data.inputs_length,
-                            "targets_length": config.data.targets_length,
-                            "tokens_per_step": tokens, "flops_per_step": flops}
+  runs, fns, out = (
+    {},
+    {},
+    {
+      "config": config.name,
+      "batch_size": config.train.batch_size,
+      "inputs_length": config.data.inputs_length,
+      "targets_length": config.data.targets_length,
+      "tokens_per_step": tokens,
+      "flops_per_step": flops,
+    },
+  )
   for name, shape in meshes.items():
-    mesh = sharding.make_mesh(MeshConfig(*shape), config.model.moe.num_experts,
-                              devices[:math.prod(shape)])
-    step, state, dev_batch, tcfg = compile_train_step(config, mesh, params, opt_state,
-                                                       batch)
+    mesh = sharding.make_mesh(
+      MeshConfig(*shape), config.model.moe.num_experts, devices[: math.prod(shape)]
+    )
+    step, state, dev_batch, tcfg = compile_train_step(config, mesh, params, opt_state, batch)
     shards = mesh.shape["data"] * mesh.shape["expert"]
     for warning in routing_group_warnings(dataclasses.replace(config, train=tcfg), shards):
       print(f"Warning ({name}): {warning}")
-    runs[name] = {"mesh": list(shape), "devices": math.prod(shape),
-                  "num_microbatches": tcfg.num_microbatches, "memory_bytes": memory(step)}
+    runs[name] = {
+      "mesh": list(shape),
+      "devices": math.prod(shape),
+      "num_microbatches": tcfg.num_microbatches,
+      "memory_bytes": memory(step),
+    }
     holder = {"state": state}
 
     def run(step=step, holder=holder, dev_batch=dev_batch):
@@ -303,57 +404,90 @@ def bench_train(args, config) -> dict:
   rows = []
   for name, (median, times) in time_interleaved(fns, args.reps, args.warmup).items():
     r = runs[name]
-    r.update(ms_per_step=median * 1e3, tokens_per_s=tokens / median,
-             model_tflops_per_s=flops / median / 1e12,
-             model_tflops_per_s_per_device=flops / median / 1e12 / r["devices"], times_s=times)
-    rows.append([name, r["devices"], r["num_microbatches"], f"{r['ms_per_step']:.1f}",
-                 f"{r['tokens_per_s']:,.0f}", f"{r['model_tflops_per_s']:.4f}",
-                 mib(r["memory_bytes"], "temp")])
+    r.update(
+      ms_per_step=median * 1e3,
+      tokens_per_s=tokens / median,
+      model_tflops_per_s=flops / median / 1e12,
+      model_tflops_per_s_per_device=flops / median / 1e12 / r["devices"],
+      times_s=times,
+    )
+    rows.append(
+      [
+        name,
+        r["devices"],
+        r["num_microbatches"],
+        f"{r['ms_per_step']:.1f}",
+        f"{r['tokens_per_s']:,.0f}",
+        f"{r['model_tflops_per_s']:.4f}",
+        mib(r["memory_bytes"], "temp"),
+      ]
+    )
   out["runs"] = runs
-  print(f"\n## Train step: --config {config.name}, batch {config.train.batch_size} x "
-        f"({config.data.inputs_length} + {config.data.targets_length}) tokens, "
-        f"{flops / 1e9:.2f} model GFLOP per step\n")
-  print(table(["setup", "devices", "microbatches", "ms/step", "tokens/s",
-               "model TFLOP/s", "temp MiB/device"], rows))
+  print(
+    f"\n## Train step: --config {config.name}, batch {config.train.batch_size} x "
+    f"({config.data.inputs_length} + {config.data.targets_length}) tokens, "
+    f"{flops / 1e9:.2f} model GFLOP per step\n"
+  )
+  print(
+    table(
+      [
+        "setup",
+        "devices",
+        "microbatches",
+        "ms/step",
+        "tokens/s",
+        "model TFLOP/s",
+        "temp MiB/device",
+      ],
+      rows,
+    )
+  )
   if args.mesh:
     name = list(meshes)[1]
     out["mesh_over_1_device_time"] = runs[name]["ms_per_step"] / runs["1 device"]["ms_per_step"]
-    print(f"{name} / 1 device step time: {out['mesh_over_1_device_time']:.2f} "
-          "(emulated CPU devices share the cores: this is partitioning overhead, not speed-up)")
+    print(
+      f"{name} / 1 device step time: {out['mesh_over_1_device_time']:.2f} "
+      "(emulated CPU devices share the cores: this is partitioning overhead, not speed-up)"
+    )
   return out
 
 
 # --------------------------------------------------------------------------------------------
 # 3. Generation with and without the KV cache.
 
+
 def bench_generate(args, config) -> dict:
   batch, length, new = (2, 16, 8) if args.quick else (8, config.data.inputs_length, 64)
   model = SwitchTransformer(config.model)
   params = jax.jit(lambda: nn.unbox(init_model(config)))()
-  inputs = np.random.default_rng(0).integers(2, config.model.vocab_size, (batch, length),
-                                             dtype=np.int32)
+  inputs = np.random.default_rng(0).integers(
+    2, config.model.vocab_size, (batch, length), dtype=np.int32
+  )
   fns = {}
   for cached in (True, False):
     # eos_id=-1: no row ever finishes, so every call decodes exactly `new` tokens per row.
     fns["cached" if cached else "uncached"] = lambda cached=cached: jax.block_until_ready(
-        generate(model, params, inputs, new, eos_id=-1, use_cache=cached))
+      generate(model, params, inputs, new, eos_id=-1, use_cache=cached)
+    )
   for fn in fns.values():
     fn()  # compiles
-  out = {"config": config.name, "batch_size": batch, "input_length": length,
-         "new_tokens": new}
+  out = {"config": config.name, "batch_size": batch, "input_length": length, "new_tokens": new}
   rows = []
   for name, (median, times) in time_interleaved(fns, args.reps, args.warmup).items():
     out[name] = {"ms": median * 1e3, "tokens_per_s": batch * new / median, "times_s": times}
     rows.append([name, f"{median * 1e3:.1f}", f"{batch * new / median:,.0f}"])
   out["cache_speedup"] = out["uncached"]["ms"] / out["cached"]["ms"]
-  print(f"\n## Greedy generation: --config {config.name} (random weights), batch {batch}, "
-        f"{length} input tokens, {new} new tokens per row\n")
+  print(
+    f"\n## Greedy generation: --config {config.name} (random weights), batch {batch}, "
+    f"{length} input tokens, {new} new tokens per row\n"
+  )
   print(table(["KV cache", "ms/call", "new tokens/s"], rows))
   print(f"uncached / cached time (the cache's speed-up): {out['cache_speedup']:.2f}")
   return out
 
 
 # --------------------------------------------------------------------------------------------
+
 
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
@@ -364,18 +498,30 @@ def main(argv=None) -> int:
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  env = {"jax": jax.__version__, "jaxlib": importlib.metadata.version("jaxlib"),
-         "flax": flax.__version__, "python": platform.python_version(),
-         "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
-         "device_count": jax.device_count(),
-         "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-         "reps": args.reps, "warmup": args.warmup, "quick": args.quick,
-         "command": " ".join(["scripts/benchmark.py"] + argv)}
-  print(f"switchjax benchmark: jax {env['jax']} (jaxlib {env['jaxlib']}), flax {env['flax']}, "
-        f"{env['device_count']} x {env['device_kind']} ({env['backend']}), "
-        f"{env['cpu_count']} CPU cores, XLA_FLAGS={env['xla_flags']!r}")
-  print(f"Times: median of {args.reps} interleaved repetitions after {args.warmup} warm-up "
-        "calls, compilation excluded. Compare the ratios, not absolute times.")
+  env = {
+    "jax": jax.__version__,
+    "jaxlib": importlib.metadata.version("jaxlib"),
+    "flax": flax.__version__,
+    "python": platform.python_version(),
+    "backend": jax.default_backend(),
+    "device_kind": jax.devices()[0].device_kind,
+    "device_count": jax.device_count(),
+    "cpu_count": os.cpu_count(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "reps": args.reps,
+    "warmup": args.warmup,
+    "quick": args.quick,
+    "command": " ".join(["scripts/benchmark.py"] + argv),
+  }
+  print(
+    f"switchjax benchmark: jax {env['jax']} (jaxlib {env['jaxlib']}), flax {env['flax']}, "
+    f"{env['device_count']} x {env['device_kind']} ({env['backend']}), "
+    f"{env['cpu_count']} CPU cores, XLA_FLAGS={env['xla_flags']!r}"
+  )
+  print(
+    f"Times: median of {args.reps} interleaved repetitions after {args.warmup} warm-up "
+    "calls, compilation excluded. Compare the ratios, not absolute times."
+  )
   results = {"env": env}
   try:
     if "moe" in args.sections:

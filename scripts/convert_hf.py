@@ -20,7 +20,8 @@ import pathlib
 import shutil
 import sys
 
-from switchjax import checkpoint, config as config_lib, hf
+from switchjax import checkpoint, hf
+from switchjax import config as config_lib
 
 SPM = "spiece.model"
 
@@ -34,11 +35,14 @@ def hf_to_switchjax(hf_dir: pathlib.Path, out: pathlib.Path) -> None:
   if (hf_dir / SPM).is_file():
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(hf_dir / SPM, out / SPM)
-    config = dataclasses.replace(config, data=dataclasses.replace(
-        config.data, spm_path=str((out / SPM).resolve())))
+    config = dataclasses.replace(
+      config, data=dataclasses.replace(config.data, spm_path=str((out / SPM).resolve()))
+    )
   checkpoint.save_model(out, config.validate(), params)
-  print(f"Wrote {out} ({config.model.num_layers}+{config.model.decoder_layers} layers, "
-        f"{config.model.moe.num_experts} experts; tokenizer: {config.data.spm_path}).")
+  print(
+    f"Wrote {out} ({config.model.num_layers}+{config.model.decoder_layers} layers, "
+    f"{config.model.moe.num_experts} experts; tokenizer: {config.data.spm_path})."
+  )
 
 
 def switchjax_to_hf(ckpt: pathlib.Path, out: pathlib.Path, overrides: list[str]) -> None:
@@ -46,12 +50,15 @@ def switchjax_to_hf(ckpt: pathlib.Path, out: pathlib.Path, overrides: list[str])
   config, params = checkpoint.load_model(ckpt)
   config = config_lib.apply_overrides(config, overrides)
   hf.to_hf(config, params, out)
-  spm = next((p for p in (config.data.spm_path, ckpt / SPM) if p and pathlib.Path(p).is_file()),
-             None)
+  spm = next(
+    (p for p in (config.data.spm_path, ckpt / SPM) if p and pathlib.Path(p).is_file()), None
+  )
   if spm is not None:
     shutil.copyfile(spm, out / SPM)
-  print(f"Wrote {out} (load it with SwitchTransformersForConditionalGeneration"
-        f".from_pretrained; tokenizer: {spm}).")
+  print(
+    f"Wrote {out} (load it with SwitchTransformersForConditionalGeneration"
+    f".from_pretrained; tokenizer: {spm})."
+  )
 
 
 def main() -> None:
@@ -60,13 +67,22 @@ def main() -> None:
   parser.add_argument("--output_dir", type=pathlib.Path, help="switchjax checkpoint to write.")
   parser.add_argument("--checkpoint", type=pathlib.Path, help="switchjax checkpoint directory.")
   parser.add_argument("--hf_output_dir", type=pathlib.Path, help="HF directory to write.")
-  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                      help="config override before writing HF, e.g. model.moe.expert_capacity=64")
+  parser.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="FIELD=VALUE",
+    help="config override before writing HF, e.g. model.moe.expert_capacity=64",
+  )
   args = parser.parse_args()
-  if bool(args.hf_dir) == bool(args.checkpoint) or bool(args.hf_dir) != bool(args.output_dir) \
-      or bool(args.checkpoint) != bool(args.hf_output_dir):
-    parser.error("use either --hf_dir DIR --output_dir OUT or --checkpoint DIR "
-                 "--hf_output_dir OUT.")
+  if (
+    bool(args.hf_dir) == bool(args.checkpoint)
+    or bool(args.hf_dir) != bool(args.output_dir)
+    or bool(args.checkpoint) != bool(args.hf_output_dir)
+  ):
+    parser.error(
+      "use either --hf_dir DIR --output_dir OUT or --checkpoint DIR --hf_output_dir OUT."
+    )
   try:
     if args.hf_dir:
       hf_to_switchjax(args.hf_dir, args.output_dir)

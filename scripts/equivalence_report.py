@@ -16,8 +16,9 @@ It reuses the test helpers (tests/), so it measures exactly what the tests check
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 
 import json  # noqa: E402
 import pathlib  # noqa: E402
@@ -35,75 +36,112 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 def fixtures():
   from test_flaxformer_parity import CASES, METRICS, load_case
+
   print("MoE layer vs flaxformer golden cases (max abs output diff, max rel metric diff):")
   for path in CASES:
     layer, params, inputs, train, expected, meta = load_case(path)
-    out, state = layer.apply({"params": params}, inputs, enable_dropout=train,
-                             mutable=["intermediates"],
-                             rngs={"dropout": jax.random.key(0), "jitter": jax.random.key(1)})
+    out, state = layer.apply(
+      {"params": params},
+      inputs,
+      enable_dropout=train,
+      mutable=["intermediates"],
+      rngs={"dropout": jax.random.key(0), "jitter": jax.random.key(1)},
+    )
     sown = state["intermediates"]
-    rel = max(abs(float(sown[m][0]) - meta["metrics"][m]) / max(abs(meta["metrics"][m]), 1e-12)
-              for m in METRICS)
-    print(f"  {path.stem:36s} outputs {np.abs(np.asarray(out) - expected).max():.1e}  "
-          f"metrics {rel:.1e}")
+    rel = max(
+      abs(float(sown[m][0]) - meta["metrics"][m]) / max(abs(meta["metrics"][m]), 1e-12)
+      for m in METRICS
+    )
+    print(
+      f"  {path.stem:36s} outputs {np.abs(np.asarray(out) - expected).max():.1e}  metrics {rel:.1e}"
+    )
 
 
 def meshes():
   from test_sharding import MESHES, _run_on_mesh, _setup
+
   print("MoE layer on 8 emulated devices vs one device (max abs diffs):")
   for router in ("tokens_choose_masked", "tokens_choose_scatter", "experts_choose_masked"):
     boxed, params, x, grad_fn = _setup(router)
     ref_grads, ref_y = jax.jit(grad_fn)(params, x)
     for shape in MESHES:
       grads, y, hlo = _run_on_mesh(shape, boxed, params, x, grad_fn)
-      dg = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-               for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)))
-      print(f"  {router:22s} {str(shape):10s} outputs "
-            f"{np.abs(np.asarray(y) - np.asarray(ref_y)).max():.1e}  gradients {dg:.1e}  "
-            f"all-to-all ops {hlo.count('all-to-all(')}  all-gather ops "
-            f"{hlo.count('all-gather(')}")
+      dg = max(
+        float(np.abs(np.asarray(a) - np.asarray(b)).max())
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads))
+      )
+      print(
+        f"  {router:22s} {str(shape):10s} outputs "
+        f"{np.abs(np.asarray(y) - np.asarray(ref_y)).max():.1e}  gradients {dg:.1e}  "
+        f"all-to-all ops {hlo.count('all-to-all(')}  all-gather ops "
+        f"{hlo.count('all-gather(')}"
+      )
 
 
 def training():
   from switchjax import checkpoint
   from switchjax.config import load_config
   from switchjax.train import train
+
   tmp = pathlib.Path(tempfile.mkdtemp())
   common = ["train.log_every=1", "train.eval_every=0"]
 
   def run(workdir, *overrides, devices=None):
-    return train(load_config("tiny", [*common, *overrides]), tmp / workdir, devices=devices,
-                 progress=False, log=lambda _: None)
+    return train(
+      load_config("tiny", [*common, *overrides]),
+      tmp / workdir,
+      devices=devices,
+      progress=False,
+      log=lambda _: None,
+    )
 
   straight = run("straight", "train.num_train_steps=8", "train.checkpoint_every=4")
   run("resumed", "train.num_train_steps=4", "train.checkpoint_every=4")
   resumed = run("resumed", "train.num_train_steps=8", "train.checkpoint_every=4")
-  same_params = checkpoint.params_equal(checkpoint.load_model(tmp / "straight")[1],
-                                        checkpoint.load_model(tmp / "resumed")[1])
-  print(f"Resume: losses bit-identical {resumed.losses.items() <= straight.losses.items()}, "
-        f"parameters bit-identical {same_params}")
+  same_params = checkpoint.params_equal(
+    checkpoint.load_model(tmp / "straight")[1], checkpoint.load_model(tmp / "resumed")[1]
+  )
+  print(
+    f"Resume: losses bit-identical {resumed.losses.items() <= straight.losses.items()}, "
+    f"parameters bit-identical {same_params}"
+  )
   one = run("one", "mesh.data=1", "train.num_train_steps=6", devices=jax.devices()[:1])
   eight = run("eight", "mesh.data=2", "mesh.expert=4", "train.num_train_steps=6")
-  print(f"1 vs 8 devices (2 data x 4 expert): max loss diff "
-        f"{max(abs(one.losses[s] - eight.losses[s]) for s in one.losses):.1e}")
+  print(
+    f"1 vs 8 devices (2 data x 4 expert): max loss diff "
+    f"{max(abs(one.losses[s] - eight.losses[s]) for s in one.losses):.1e}"
+  )
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  args = ["--no_progress", "--config=tiny", f"--workdir={tmp / 'multi'}",
-          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+  args = [
+    "--no_progress",
+    "--config=tiny",
+    f"--workdir={tmp / 'multi'}",
+    f"--coordinator_address=127.0.0.1:{port}",
+    "--num_processes=2",
+  ]
   for item in ("mesh.data=2", "mesh.expert=4", "train.num_train_steps=6", *common):
     args += ["--set", item]
-  procs = [subprocess.Popen([sys.executable, str(ROOT / "scripts" / "pretrain.py"), *args,
-                             f"--process_id={i}"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, str(ROOT / "scripts" / "pretrain.py"), *args, f"--process_id={i}"],
+      env=env,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+    )
+    for i in range(2)
+  ]
   if any(p.wait() for p in procs):
     print("2 processes: the run failed (see scripts/pretrain.py with the same flags)")
     return
   lines = (tmp / "multi" / "metrics.jsonl").read_text().splitlines()
   multi = {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
-  print(f"2 processes x 4 devices vs 1 process x 8: max loss diff "
-        f"{max(abs(multi[s] - eight.losses[s]) for s in eight.losses):.1e}")
+  print(
+    f"2 processes x 4 devices vs 1 process x 8: max loss diff "
+    f"{max(abs(multi[s] - eight.losses[s]) for s in eight.losses):.1e}"
+  )
 
 
 if __name__ == "__main__":

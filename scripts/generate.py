@@ -23,8 +23,12 @@ from switchjax.model import SwitchTransformer
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--checkpoint", required=True, help="switchjax checkpoint directory")
-  parser.add_argument("--input", action="append", required=True,
-                      help="input text (repeat for a batch); <extra_id_N> marks sentinels")
+  parser.add_argument(
+    "--input",
+    action="append",
+    required=True,
+    help="input text (repeat for a batch); <extra_id_N> marks sentinels",
+  )
   parser.add_argument("--max_new_tokens", type=int, default=32)
   parser.add_argument("--method", choices=("greedy", "sample", "beam"), default="greedy")
   parser.add_argument("--temperature", type=float, default=1.0)
@@ -33,8 +37,10 @@ def parse_args(argv):
   parser.add_argument("--num_beams", type=int, default=4)
   parser.add_argument("--length_penalty", type=float, default=1.0)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--spm_path", help="SentencePiece model (default: DIR/spiece.model, "
-                      "then the config's data.spm_path)")
+  parser.add_argument(
+    "--spm_path",
+    help="SentencePiece model (default: DIR/spiece.model, then the config's data.spm_path)",
+  )
   return parser.parse_args(argv)
 
 
@@ -45,30 +51,45 @@ def find_spm(args, config) -> str:
   for path in (pathlib.Path(args.checkpoint) / "spiece.model", config.data.spm_path):
     if path and pathlib.Path(path).is_file():
       return str(path)
-  raise FileNotFoundError(f"No SentencePiece model: pass --spm_path, or put spiece.model in "
-                          f"{args.checkpoint}, or set data.spm_path in its config.json.")
+  raise FileNotFoundError(
+    f"No SentencePiece model: pass --spm_path, or put spiece.model in "
+    f"{args.checkpoint}, or set data.spm_path in its config.json."
+  )
 
 
 def run(args) -> list[str]:
   config, params = checkpoint.load_model(args.checkpoint)
   tokenizer = Tokenizer(find_spm(args, config), extra_ids=100)
   if tokenizer.vocab_size > config.model.vocab_size:
-    raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but the model only "
-                     f"{config.model.vocab_size}: wrong --spm_path?")
+    raise ValueError(
+      f"The tokenizer has {tokenizer.vocab_size} ids but the model only "
+      f"{config.model.vocab_size}: wrong --spm_path?"
+    )
 
   ids = [tokenizer.encode(text, add_eos=True) for text in args.input]
   inputs = np.zeros((len(ids), max(map(len, ids))), np.int32)  # [batch, length], pad 0
   for row, seq in enumerate(ids):
-    inputs[row, :len(seq)] = seq
+    inputs[row, : len(seq)] = seq
 
   model = SwitchTransformer(config.model)
-  outputs = generate(model, params, inputs, args.max_new_tokens, method=args.method,
-                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                     num_beams=args.num_beams, length_penalty=args.length_penalty,
-                     rng=args.seed)
+  outputs = generate(
+    model,
+    params,
+    inputs,
+    args.max_new_tokens,
+    method=args.method,
+    temperature=args.temperature,
+    top_k=args.top_k,
+    top_p=args.top_p,
+    num_beams=args.num_beams,
+    length_penalty=args.length_penalty,
+    rng=args.seed,
+  )
   # The model's vocabulary may be rounded up past the tokenizer's: those ids have no text.
-  return [tokenizer.decode([t for t in row if t < tokenizer.vocab_size])
-          for row in np.asarray(outputs).tolist()]
+  return [
+    tokenizer.decode([t for t in row if t < tokenizer.vocab_size])
+    for row in np.asarray(outputs).tolist()
+  ]
 
 
 def main(argv=None) -> int:

@@ -10,9 +10,16 @@ The public API:
 """
 
 from switchjax.checkpoint import load_model, save_model
+from switchjax.config import (
+  Config,
+  DataConfig,
+  MeshConfig,
+  ModelConfig,
+  MoeConfig,
+  TrainConfig,
+  load_config,
+)
 from switchjax.decoding import generate
-from switchjax.config import (Config, DataConfig, MeshConfig, ModelConfig, MoeConfig,
-                              TrainConfig, load_config)
 from switchjax.hf import from_hf, to_hf
 from switchjax.model import SwitchEncoder, SwitchTransformer
 from switchjax.moe import MoeLayer

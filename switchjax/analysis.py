@@ -32,7 +32,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -41,18 +41,25 @@ from switchjax import losses
 from switchjax.model import SwitchEncoder, decoder_logit_mask
 from switchjax.moe import group_layout
 
-
 # --------------------------------------------------------------------------------------------
 # The forward pass.
+
 
 @functools.partial(jax.jit, static_argnums=0)
 def _apply(model, params, encoder_tokens, decoder_inputs, decoder_targets):
   """Eval-mode logits and the 'intermediates' collection (compiled once per model config)."""
   if isinstance(model, SwitchEncoder):
-    return model.apply({"params": params}, encoder_tokens, enable_dropout=False,
-                       mutable=["intermediates"])
-  return model.apply({"params": params}, encoder_tokens, decoder_inputs, decoder_targets,
-                     enable_dropout=False, mutable=["intermediates"])
+    return model.apply(
+      {"params": params}, encoder_tokens, enable_dropout=False, mutable=["intermediates"]
+    )
+  return model.apply(
+    {"params": params},
+    encoder_tokens,
+    decoder_inputs,
+    decoder_targets,
+    enable_dropout=False,
+    mutable=["intermediates"],
+  )
 
 
 def forward(model, params, batch: dict) -> tuple[np.ndarray, dict[str, dict[str, np.ndarray]]]:
@@ -98,6 +105,7 @@ def layer_tokens(batch: dict, layer: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Per-layer statistics.
 
+
 @dataclasses.dataclass
 class LayerRouting:
   """The routing of one sparse layer on one batch.
@@ -121,6 +129,7 @@ class LayerRouting:
       average. Of the demand (`load_balance(top1_load)`), it is the capacity factor below
       which the busiest expert must drop tokens (at least; capacity is per group).
   """
+
   path: str
   tokens_per_expert: np.ndarray
   expert_usage: float
@@ -167,8 +176,9 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
   return z / z.sum(axis=-1, keepdims=True)
 
 
-def _layer_routing(path: str, metrics: dict[str, np.ndarray], mask: np.ndarray,
-                   layout) -> LayerRouting:
+def _layer_routing(
+  path: str, metrics: dict[str, np.ndarray], mask: np.ndarray, layout
+) -> LayerRouting:
   """A LayerRouting from one layer's sown metrics and its real-token mask [batch, length]."""
   probs = _softmax(metrics["router_logits"])  # [batch, length, experts]
   top1 = np.argmax(probs, axis=-1)  # [batch, length]
@@ -177,21 +187,22 @@ def _layer_routing(path: str, metrics: dict[str, np.ndarray], mask: np.ndarray,
   tokens_per_expert = metrics["tokens_per_expert"].astype(np.int64)
   cv, max_mean = load_balance(tokens_per_expert)
   return LayerRouting(
-      path=path,
-      tokens_per_expert=tokens_per_expert,
-      expert_usage=float(metrics["expert_usage"]),
-      fraction_dropped=float(metrics["fraction_tokens_left_behind"]),
-      router_confidence=float(metrics["router_confidence"]),
-      auxiliary_loss=float(metrics["auxiliary_loss"]),
-      router_z_loss=float(metrics["router_z_loss"]),
-      expert_capacity=layout.expert_capacity,
-      num_groups=layout.num_groups,
-      mask=mask,
-      top1_expert=np.where(mask, top1, -1),
-      top1_prob=np.where(mask, top1_prob, 0.0),
-      entropy=float(entropy[mask].mean()) if mask.any() else float("nan"),
-      load_cv=cv,
-      max_mean_load=max_mean)
+    path=path,
+    tokens_per_expert=tokens_per_expert,
+    expert_usage=float(metrics["expert_usage"]),
+    fraction_dropped=float(metrics["fraction_tokens_left_behind"]),
+    router_confidence=float(metrics["router_confidence"]),
+    auxiliary_loss=float(metrics["auxiliary_loss"]),
+    router_z_loss=float(metrics["router_z_loss"]),
+    expert_capacity=layout.expert_capacity,
+    num_groups=layout.num_groups,
+    mask=mask,
+    top1_expert=np.where(mask, top1, -1),
+    top1_prob=np.where(mask, top1_prob, 0.0),
+    entropy=float(entropy[mask].mean()) if mask.any() else float("nan"),
+    load_cv=cv,
+    max_mean_load=max_mean,
+  )
 
 
 def routing_report(model, params, batch: dict) -> dict[str, LayerRouting]:
@@ -219,19 +230,24 @@ def _layer_order(path: str) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------
 # Which tokens go where.
 
-def _real_ids_and_experts(report: dict[str, LayerRouting], tokens,
-                          layer: str) -> tuple[np.ndarray, np.ndarray]:
+
+def _real_ids_and_experts(
+  report: dict[str, LayerRouting], tokens, layer: str
+) -> tuple[np.ndarray, np.ndarray]:
   """(token ids, top-1 experts), both <int>[real tokens], of one layer of a report."""
   routing = report[layer]
   ids = layer_tokens(tokens, layer) if isinstance(tokens, dict) else np.asarray(tokens)
   if ids.shape != routing.mask.shape:
-    raise ValueError(f"tokens have shape {ids.shape} but {layer} routed a batch of shape "
-                     f"{routing.mask.shape}; pass the batch the report was made from.")
+    raise ValueError(
+      f"tokens have shape {ids.shape} but {layer} routed a batch of shape "
+      f"{routing.mask.shape}; pass the batch the report was made from."
+    )
   return ids[routing.mask], routing.top1_expert[routing.mask]
 
 
-def expert_token_affinity(report: dict[str, LayerRouting], tokens, tokenizer, layer: str,
-                          top: int = 10) -> dict[int, list[tuple[str, int, float]]]:
+def expert_token_affinity(
+  report: dict[str, LayerRouting], tokens, tokenizer, layer: str, top: int = 10
+) -> dict[int, list[tuple[str, int, float]]]:
   """The token pieces each expert of `layer` is the first choice of, most frequent first.
 
   Args:
@@ -256,8 +272,9 @@ def expert_token_affinity(report: dict[str, LayerRouting], tokens, tokenizer, la
   return affinity
 
 
-def routing_purity(report: dict[str, LayerRouting], tokens, layer: str,
-                   min_count: int = 2) -> float:
+def routing_purity(
+  report: dict[str, LayerRouting], tokens, layer: str, min_count: int = 2
+) -> float:
   """How much the token id alone decides the top-1 expert of `layer`.
 
   The share of real tokens that go to the most common expert of their id, over the ids seen at
@@ -287,6 +304,7 @@ def format_affinity(affinity: dict[int, list[tuple[str, int, float]]]) -> str:
 # --------------------------------------------------------------------------------------------
 # Capacity.
 
+
 def replace_moe(model, **changes):
   """The same model class with `model.config.moe` fields replaced (routing, capacity, k, ...);
   the parameters stay valid as long as the number of experts and router bias do not change."""
@@ -303,6 +321,7 @@ class CapacitySweep:
     fraction_dropped, expert_usage: {layer path: <float>[F]}.
     capacity: {layer path: <int>[F]} slots per expert per group at each factor.
   """
+
   factors: np.ndarray
   fraction_dropped: dict[str, np.ndarray]
   expert_usage: dict[str, np.ndarray]
@@ -316,45 +335,59 @@ def capacity_sweep(model, params, batch: dict, factors: Sequence[float]) -> Capa
   factors the floor, not the factor, sets it (see `CapacitySweep.capacity`).
   """
   if model.config.moe.expert_capacity is not None:
-    raise ValueError("moe.expert_capacity is set (Hugging Face mode): capacity factors are "
-                     "unused; sweep moe.expert_capacity with replace_moe instead.")
-  reports = [routing_report(replace_moe(model, eval_capacity_factor=float(f)), params, batch)
-             for f in factors]
+    raise ValueError(
+      "moe.expert_capacity is set (Hugging Face mode): capacity factors are "
+      "unused; sweep moe.expert_capacity with replace_moe instead."
+    )
+  reports = [
+    routing_report(replace_moe(model, eval_capacity_factor=float(f)), params, batch)
+    for f in factors
+  ]
   paths = list(reports[0])
 
   def collect(field):
     return {p: np.array([getattr(r[p], field) for r in reports]) for p in paths}
 
-  return CapacitySweep(np.asarray(factors, np.float64), collect("fraction_dropped"),
-                       collect("expert_usage"), collect("expert_capacity"))
+  return CapacitySweep(
+    np.asarray(factors, np.float64),
+    collect("fraction_dropped"),
+    collect("expert_usage"),
+    collect("expert_capacity"),
+  )
 
 
 # --------------------------------------------------------------------------------------------
 # Text.
+
 
 def format_report(report: dict[str, LayerRouting]) -> str:
   """A text table: one row per sparse layer."""
   loads = {p: " ".join(str(int(n)) for n in r.tokens_per_expert) for p, r in report.items()}
   w_path = max([len("layer"), *map(len, report)])
   w_load = max([len("tokens per expert"), *map(len, loads.values())])
-  header = (f"{'layer':<{w_path}}  {'tokens per expert':<{w_load}} {'cap':>4} {'usage':>6} "
-            f"{'dropped':>8} {'conf':>6} {'top1 p':>7} {'entropy':>8} {'cv':>6} "
-            f"{'max/mean':>8} {'aux':>6} {'z':>7}")
+  header = (
+    f"{'layer':<{w_path}}  {'tokens per expert':<{w_load}} {'cap':>4} {'usage':>6} "
+    f"{'dropped':>8} {'conf':>6} {'top1 p':>7} {'entropy':>8} {'cv':>6} "
+    f"{'max/mean':>8} {'aux':>6} {'z':>7}"
+  )
   rows = [header, "-" * len(header)]
   for path, r in report.items():
     top1_p = float(r.top1_prob[r.mask].mean()) if r.mask.any() else float("nan")
     rows.append(
-        f"{path:<{w_path}}  {loads[path]:<{w_load}} {r.expert_capacity:>4} "
-        f"{r.expert_usage:>6.3f} {r.fraction_dropped:>8.3f} {r.router_confidence:>6.3f} "
-        f"{top1_p:>7.3f} {r.entropy:>8.3f} {r.load_cv:>6.3f} {r.max_mean_load:>8.2f} "
-        f"{r.auxiliary_loss:>6.3f} {r.router_z_loss:>7.3f}")
+      f"{path:<{w_path}}  {loads[path]:<{w_load}} {r.expert_capacity:>4} "
+      f"{r.expert_usage:>6.3f} {r.fraction_dropped:>8.3f} {r.router_confidence:>6.3f} "
+      f"{top1_p:>7.3f} {r.entropy:>8.3f} {r.load_cv:>6.3f} {r.max_mean_load:>8.2f} "
+      f"{r.auxiliary_loss:>6.3f} {r.router_z_loss:>7.3f}"
+    )
   return "\n".join(rows)
 
 
 def format_sweep(sweep: CapacitySweep) -> str:
   """A text table: fraction dropped (and capacity C) per layer and factor."""
-  cells = {p: [f"{d:.3f} (C={c})" for d, c in zip(dropped, sweep.capacity[p])]
-           for p, dropped in sweep.fraction_dropped.items()}
+  cells = {
+    p: [f"{d:.3f} (C={c})" for d, c in zip(dropped, sweep.capacity[p])]
+    for p, dropped in sweep.fraction_dropped.items()
+  }
   names = [f"cf {f:g}" for f in sweep.factors]
   w_path = max([len("layer"), *map(len, cells)])
   w = max(map(len, names + [c for row in cells.values() for c in row]))
@@ -368,17 +401,18 @@ def format_sweep(sweep: CapacitySweep) -> str:
 # --------------------------------------------------------------------------------------------
 # Plots (matplotlib is imported only when plotting).
 
+
 def plot_expert_load(report: dict[str, LayerRouting]):
   """Bars of tokens per expert for each layer, with the mean load and the most an expert can
   take over the whole batch (capacity x groups; drops happen per group, so a layer can drop
   tokens with every bar below it). Returns the matplotlib Figure."""
   import matplotlib.pyplot as plt
+
   fig, axes = plt.subplots(1, len(report), figsize=(3.2 * len(report), 2.8), squeeze=False)
   for ax, r in zip(axes[0], report.values()):
     ax.bar(np.arange(r.num_experts), r.tokens_per_expert, color="tab:blue")
     ax.axhline(r.tokens_per_expert.mean(), color="k", linestyle=":", label="mean")
-    ax.axhline(r.expert_capacity * r.num_groups, color="tab:red", linestyle="--",
-               label="capacity")
+    ax.axhline(r.expert_capacity * r.num_groups, color="tab:red", linestyle="--", label="capacity")
     ax.set_title(f"{r.path}\ndropped {r.fraction_dropped:.1%}", fontsize=9)
     ax.set_xlabel("expert")
     ax.set_xticks(np.arange(r.num_experts))
@@ -392,6 +426,7 @@ def plot_router_confidence(report: dict[str, LayerRouting], bins: int = 30):
   """Histograms of the top-1 router probability of real tokens, one per layer, with the
   uniform router's 1/E marked. Returns the matplotlib Figure."""
   import matplotlib.pyplot as plt
+
   fig, axes = plt.subplots(1, len(report), figsize=(3.2 * len(report), 2.6), squeeze=False)
   for ax, r in zip(axes[0], report.values()):
     ax.hist(r.top1_prob[r.mask], bins=bins, range=(0, 1), color="tab:green")
@@ -408,6 +443,7 @@ def plot_capacity_sweep(sweep: CapacitySweep):
   """Fraction dropped and expert usage against the eval capacity factor, a line per layer.
   Returns the matplotlib Figure."""
   import matplotlib.pyplot as plt
+
   fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
   for path in sweep.fraction_dropped:
     left.plot(sweep.factors, sweep.fraction_dropped[path], marker="o", label=path)
@@ -424,6 +460,7 @@ def plot_capacity_sweep(sweep: CapacitySweep):
 
 # --------------------------------------------------------------------------------------------
 # Quality of a forward pass.
+
 
 def token_cross_entropy(logits: np.ndarray, batch: dict) -> float:
   """Mean cross-entropy (nats) over real target tokens (decoder_target_tokens != 0): compares

@@ -18,7 +18,7 @@ import functools
 import logging
 import pathlib
 import time
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
@@ -52,12 +52,14 @@ def _shapes_by_name(tree) -> dict[str, tuple]:
   return {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _first_difference(saved: dict, expected: dict) -> Optional[str]:
+def _first_difference(saved: dict, expected: dict) -> str | None:
   missing = sorted(set(expected) - set(saved))
   unexpected = sorted(set(saved) - set(expected))
   if missing or unexpected:
-    return (f"arrays this config expects but the checkpoint lacks: {missing[:4]}; arrays the "
-            f"checkpoint has but this config does not: {unexpected[:4]}")
+    return (
+      f"arrays this config expects but the checkpoint lacks: {missing[:4]}; arrays the "
+      f"checkpoint has but this config does not: {unexpected[:4]}"
+    )
   for name in sorted(expected):
     if saved[name] != expected[name]:
       return f"{name} has shape {saved[name]} in the checkpoint but {expected[name]} here"
@@ -71,24 +73,32 @@ class CheckpointStore:
     directory: the workdir; checkpoints go to `directory/checkpoints`.
   """
 
-  def __init__(self, directory, keep: Optional[int] = None, async_save: bool = True):
+  def __init__(self, directory, keep: int | None = None, async_save: bool = True):
     self.directory = pathlib.Path(directory).resolve()
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+    )
     self.manager = ocp.CheckpointManager(
-        self.directory / CHECKPOINTS, options=options,
-        item_handlers={"params": ocp.StandardCheckpointHandler(),
-                       "opt_state": ocp.StandardCheckpointHandler(),
-                       "meta": ocp.JsonCheckpointHandler()})
+      self.directory / CHECKPOINTS,
+      options=options,
+      item_handlers={
+        "params": ocp.StandardCheckpointHandler(),
+        "opt_state": ocp.StandardCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+      },
+    )
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, params, opt_state=None, meta: Optional[dict] = None,
-           force: bool = True) -> None:
+  def save(
+    self, step: int, params, opt_state=None, meta: dict | None = None, force: bool = True
+  ) -> None:
     """Starts saving (asynchronously); `wait()` blocks until it is on disk."""
-    items = {"params": ocp.args.StandardSave(params),
-             "meta": ocp.args.JsonSave({"step": int(step), **(meta or {})})}
+    items = {
+      "params": ocp.args.StandardSave(params),
+      "meta": ocp.args.JsonSave({"step": int(step), **(meta or {})}),
+    }
     if opt_state is not None:
       items["opt_state"] = ocp.args.StandardSave(opt_state)
     self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
@@ -106,15 +116,13 @@ class CheckpointStore:
     `abstract_*` are trees of `jax.ShapeDtypeStruct` with `.sharding` (e.g. from
     `jax.eval_shape` plus the target shardings). Returns {'params', 'opt_state', 'meta'}.
     """
-    items = {"params": ocp.args.StandardRestore(abstract_params),
-             "meta": ocp.args.JsonRestore()}
+    items = {"params": ocp.args.StandardRestore(abstract_params), "meta": ocp.args.JsonRestore()}
     if abstract_opt_state is not None:
       items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
     restored = self.manager.restore(int(step), args=ocp.args.Composite(**items))
     return {name: restored[name] for name in items}
 
-  def restore_latest(self, abstract_params, abstract_opt_state=None,
-                     report=print) -> Optional[dict]:
+  def restore_latest(self, abstract_params, abstract_opt_state=None, report=print) -> dict | None:
     """The newest checkpoint that loads, stepping back over broken ones; None if the directory
     has no checkpoint. Broken steps are reported and moved to `checkpoints_broken/` (kept for
     inspection, out of the way of the steps this run will save again)."""
@@ -127,8 +135,10 @@ class CheckpointStore:
         except IncompatibleCheckpointError:
           raise
         except Exception as e:  # noqa: BLE001  (any read failure: try the previous one)
-          report(f"Checkpoint step {step} in {self.directory / CHECKPOINTS} could not be "
-                 f"restored ({type(e).__name__}: {str(e)[:200]}); trying the previous one.")
+          report(
+            f"Checkpoint step {step} in {self.directory / CHECKPOINTS} could not be "
+            f"restored ({type(e).__name__}: {str(e)[:200]}); trying the previous one."
+          )
           broken.append(step)
       return None
     finally:
@@ -149,9 +159,10 @@ class CheckpointStore:
       difference = _first_difference(_shapes_by_name(saved), _shapes_by_name(abstract))
       if difference:
         raise IncompatibleCheckpointError(
-            f"{self.directory} holds checkpoints of another model or optimizer (step {step}, "
-            f"{item}: {difference}). Use a new --workdir, or start a new run from these "
-            f"parameters with --set train.init_from={self.directory}.")
+          f"{self.directory} holds checkpoints of another model or optimizer (step {step}, "
+          f"{item}: {difference}). Use a new --workdir, or start a new run from these "
+          f"parameters with --set train.init_from={self.directory}."
+        )
 
   def _set_aside(self, step: int, report) -> None:
     if jax.process_index() == 0:
@@ -161,12 +172,14 @@ class CheckpointStore:
       report(f"Moved the broken step {step} to {target}.")
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices(f"set aside broken checkpoint {step}")
     self.manager.reload()
 
 
 # --------------------------------------------------------------------------------------------
 # Model checkpoints (parameters plus config), for conversion, generation and fine-tuning.
+
 
 def save_model(directory, config: config_lib.Config, params, step: int = 0) -> pathlib.Path:
   """Writes config.json and the parameters as checkpoint `step` (synchronously)."""
@@ -182,12 +195,14 @@ def save_model(directory, config: config_lib.Config, params, step: int = 0) -> p
 def load_config(directory) -> config_lib.Config:
   path = pathlib.Path(directory) / CONFIG_FILE
   if not path.exists():
-    raise FileNotFoundError(f"{path} not found: {directory} is not a switchjax checkpoint "
-                            "directory (make one with scripts/convert_hf.py or pretrain.py).")
+    raise FileNotFoundError(
+      f"{path} not found: {directory} is not a switchjax checkpoint "
+      "directory (make one with scripts/convert_hf.py or pretrain.py)."
+    )
   return config_lib.read_config(path)
 
 
-def load_model(directory, step: Optional[int] = None, shardings: Any = None):
+def load_model(directory, step: int | None = None, shardings: Any = None):
   """(Config, params) of a checkpoint directory: the given or newest step, parameters only.
 
   Without `shardings` the parameters land on the default device; with a tree of shardings
@@ -201,8 +216,7 @@ def load_model(directory, step: Optional[int] = None, shardings: Any = None):
   if not steps:
     raise FileNotFoundError(f"No checkpoint under {pathlib.Path(directory) / CHECKPOINTS}.")
   model = SwitchTransformer(config.model)
-  shapes = sharding.unbox(jax.eval_shape(functools.partial(init_params, model),
-                                          jax.random.key(0)))
+  shapes = sharding.unbox(jax.eval_shape(functools.partial(init_params, model), jax.random.key(0)))
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, shapes)
@@ -224,5 +238,7 @@ def params_equal(a, b) -> bool:
   """True when two parameter trees have the same structure and identical values."""
   if jax.tree.structure(a) != jax.tree.structure(b):
     return False
-  return all(np.array_equal(np.asarray(x), np.asarray(y))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return all(
+    np.array_equal(np.asarray(x), np.asarray(y))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )

@@ -17,7 +17,7 @@ import os
 import pathlib
 import types
 import typing
-from typing import Any, Optional
+from typing import Any
 
 ROUTER_TYPES = ("tokens_choose_masked", "tokens_choose_scatter", "experts_choose_masked")
 SPARSE_LAYOUTS = ("mixed", "top", "bottom", "middle", "hf")
@@ -46,6 +46,7 @@ class MoeConfig:
     expert_capacity: Hugging Face mode when set: every sequence is one group and each expert
       takes at most this many tokens of it (switch-base-*: 64); the factors are then unused.
   """
+
   num_experts: int = 8
   router_type: str = "tokens_choose_masked"
   num_selected_experts: int = 1
@@ -57,7 +58,7 @@ class MoeConfig:
   train_capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
   min_expert_capacity: int = 4
-  expert_capacity: Optional[int] = None
+  expert_capacity: int | None = None
 
   def validate(self, prefix: str = "moe") -> None:
     """Raises ValueError naming the field and the fix."""
@@ -65,25 +66,33 @@ class MoeConfig:
     if self.num_experts < 1:
       raise ValueError(f"{p}.num_experts={self.num_experts}: need at least 1 expert.")
     if self.router_type not in ROUTER_TYPES:
-      raise ValueError(f"{p}.router_type={self.router_type!r} is not a router; use one of "
-                       f"{', '.join(ROUTER_TYPES)}.")
+      raise ValueError(
+        f"{p}.router_type={self.router_type!r} is not a router; use one of "
+        f"{', '.join(ROUTER_TYPES)}."
+      )
     if self.router_type != "experts_choose_masked":
       if not 1 <= self.num_selected_experts <= self.num_experts:
         raise ValueError(
-            f"{p}.num_selected_experts={self.num_selected_experts} must be between 1 and "
-            f"{p}.num_experts={self.num_experts}; lower k or add experts.")
+          f"{p}.num_selected_experts={self.num_selected_experts} must be between 1 and "
+          f"{p}.num_experts={self.num_experts}; lower k or add experts."
+        )
     for name in ("train_capacity_factor", "eval_capacity_factor"):
       if getattr(self, name) <= 0:
-        raise ValueError(f"{p}.{name}={getattr(self, name)} must be > 0 (Switch uses 1.25 "
-                         "for training and 2.0 for evaluation).")
+        raise ValueError(
+          f"{p}.{name}={getattr(self, name)} must be > 0 (Switch uses 1.25 "
+          "for training and 2.0 for evaluation)."
+        )
     if self.max_group_size < 1:
-      raise ValueError(f"{p}.max_group_size={self.max_group_size} must be >= 1 token "
-                       "(Switch uses 8192).")
+      raise ValueError(
+        f"{p}.max_group_size={self.max_group_size} must be >= 1 token (Switch uses 8192)."
+      )
     if self.min_expert_capacity < 0:
       raise ValueError(f"{p}.min_expert_capacity={self.min_expert_capacity} must be >= 0.")
     if self.expert_capacity is not None and self.expert_capacity < 1:
-      raise ValueError(f"{p}.expert_capacity={self.expert_capacity} must be >= 1, or None "
-                       "to use the capacity factors.")
+      raise ValueError(
+        f"{p}.expert_capacity={self.expert_capacity} must be >= 1, or None "
+        "to use the capacity factors."
+      )
     if not 0.0 <= self.jitter_noise < 1.0:
       raise ValueError(f"{p}.jitter_noise={self.jitter_noise} must be in [0, 1).")
 
@@ -112,23 +121,24 @@ class ModelConfig:
       padding positions (so padding is routed as all-zero tokens); Hugging Face does not.
     remat: rematerialise each layer in the backward pass ('none' | 'full').
   """
+
   vocab_size: int = 32128
   d_model: int = 768
   d_ff: int = 3072
-  expert_d_ff: Optional[int] = None
+  expert_d_ff: int | None = None
   num_heads: int = 12
   d_kv: int = 64
   num_layers: int = 12
-  num_decoder_layers: Optional[int] = None
+  num_decoder_layers: int | None = None
   num_sparse_encoder_layers: int = 6
   num_sparse_decoder_layers: int = 6
   sparse_layout: str = "mixed"
-  sparse_encoder_layers: Optional[tuple[int, ...]] = None
-  sparse_decoder_layers: Optional[tuple[int, ...]] = None
+  sparse_encoder_layers: tuple[int, ...] | None = None
+  sparse_decoder_layers: tuple[int, ...] | None = None
   mlp_activations: tuple[str, ...] = ("relu",)
-  expert_activations: Optional[tuple[str, ...]] = None
+  expert_activations: tuple[str, ...] | None = None
   dropout_rate: float = 0.1
-  expert_dropout_rate: Optional[float] = None
+  expert_dropout_rate: float | None = None
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
   tie_embeddings: bool = True
@@ -164,26 +174,31 @@ class ModelConfig:
     if self.decoder_layers < 1:
       raise ValueError(f"{p}.num_decoder_layers={self.num_decoder_layers} must be >= 1.")
     if self.sparse_layout not in SPARSE_LAYOUTS:
-      raise ValueError(f"{p}.sparse_layout={self.sparse_layout!r}; use one of "
-                       f"{', '.join(SPARSE_LAYOUTS)}.")
+      raise ValueError(
+        f"{p}.sparse_layout={self.sparse_layout!r}; use one of {', '.join(SPARSE_LAYOUTS)}."
+      )
     for stack, n, s, explicit in (
-        ("encoder", self.num_layers, self.num_sparse_encoder_layers, self.sparse_encoder_layers),
-        ("decoder", self.decoder_layers, self.num_sparse_decoder_layers,
-         self.sparse_decoder_layers)):
+      ("encoder", self.num_layers, self.num_sparse_encoder_layers, self.sparse_encoder_layers),
+      ("decoder", self.decoder_layers, self.num_sparse_decoder_layers, self.sparse_decoder_layers),
+    ):
       if explicit is None and not 0 <= s <= n:
-        raise ValueError(f"{p}.num_sparse_{stack}_layers={s} must be between 0 and the "
-                         f"{n} {stack} layers.")
-    for stack, n, idx in (("encoder", self.num_layers, self.sparse_encoder_layers),
-                          ("decoder", self.decoder_layers, self.sparse_decoder_layers)):
+        raise ValueError(
+          f"{p}.num_sparse_{stack}_layers={s} must be between 0 and the {n} {stack} layers."
+        )
+    for stack, n, idx in (
+      ("encoder", self.num_layers, self.sparse_encoder_layers),
+      ("decoder", self.decoder_layers, self.sparse_decoder_layers),
+    ):
       if idx is not None and any(not 0 <= i < n for i in idx):
-        raise ValueError(f"{p}.sparse_{stack}_layers={idx} has indices outside "
-                         f"0..{n - 1}.")
+        raise ValueError(f"{p}.sparse_{stack}_layers={idx} has indices outside 0..{n - 1}.")
     for name in ("mlp_activations", "expert_acts"):
       acts = getattr(self, name)
       if not 1 <= len(acts) <= 2 or any(a not in ACTIVATIONS for a in acts):
         field = "mlp_activations" if name == "mlp_activations" else "expert_activations"
-        raise ValueError(f"{p}.{field}={acts}: use one activation, e.g. ('relu',), or two "
-                         f"for a gated unit, e.g. ('gelu', 'linear'); known: {ACTIVATIONS}.")
+        raise ValueError(
+          f"{p}.{field}={acts}: use one activation, e.g. ('relu',), or two "
+          f"for a gated unit, e.g. ('gelu', 'linear'); known: {ACTIVATIONS}."
+        )
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"{p}.{name}={getattr(self, name)!r}; use float32 or bfloat16.")
@@ -214,12 +229,13 @@ class DataConfig:
     eval_fraction: share of the corpus's chunks held out for evaluation.
     shuffle_seed: seed of the input order and of the noise.
   """
+
   paths: tuple[str, ...] = ()
   text_field: str = "text"
-  spm_path: Optional[str] = None
+  spm_path: str | None = None
   spm_vocab_size: int = 32000
   extra_ids: int = 100
-  cache_dir: Optional[str] = None
+  cache_dir: str | None = None
   inputs_length: int = 512
   targets_length: int = 114
   noise_density: float = 0.15
@@ -234,8 +250,7 @@ class DataConfig:
     if not 0.0 < self.noise_density < 1.0:
       raise ValueError(f"{p}.noise_density={self.noise_density} must be in (0, 1).")
     if self.mean_noise_span_length < 1.0:
-      raise ValueError(f"{p}.mean_noise_span_length={self.mean_noise_span_length} must be "
-                       ">= 1.")
+      raise ValueError(f"{p}.mean_noise_span_length={self.mean_noise_span_length} must be >= 1.")
     if not 0.0 <= self.eval_fraction < 1.0:
       raise ValueError(f"{p}.eval_fraction={self.eval_fraction} must be in [0, 1).")
     if self.extra_ids < 0:
@@ -268,6 +283,7 @@ class TrainConfig:
       converted Hugging Face model); ignored when the workdir already has a checkpoint.
     peak_tflops_per_device: for the MFU estimate; 0 looks the device kind up (TPU, A100, H100).
   """
+
   batch_size: int = 256
   num_microbatches: int = 1
   device_microbatch_size: int = 8
@@ -291,23 +307,32 @@ class TrainConfig:
   eval_steps: int = 10
   checkpoint_every: int = 1000
   keep_checkpoints: int = 3
-  init_from: Optional[str] = None
+  init_from: str | None = None
   peak_tflops_per_device: float = 0.0
 
   def validate(self, prefix: str = "train") -> None:
     p = prefix
-    for name in ("batch_size", "device_microbatch_size", "num_train_steps", "log_every",
-                 "checkpoint_every", "keep_checkpoints"):
+    for name in (
+      "batch_size",
+      "device_microbatch_size",
+      "num_train_steps",
+      "log_every",
+      "checkpoint_every",
+      "keep_checkpoints",
+    ):
       if getattr(self, name) < 1:
         raise ValueError(f"{p}.{name}={getattr(self, name)} must be >= 1.")
     if self.eval_every < 0 or self.eval_steps < 1:
       raise ValueError(f"{p}.eval_every must be >= 0 and {p}.eval_steps >= 1.")
     if self.num_microbatches < 0:
-      raise ValueError(f"{p}.num_microbatches={self.num_microbatches} must be >= 1, or 0 for "
-                       "an automatic choice.")
+      raise ValueError(
+        f"{p}.num_microbatches={self.num_microbatches} must be >= 1, or 0 for an automatic choice."
+      )
     if self.num_microbatches and self.batch_size % self.num_microbatches:
-      raise ValueError(f"{p}.batch_size={self.batch_size} must be divisible by "
-                       f"{p}.num_microbatches={self.num_microbatches}.")
+      raise ValueError(
+        f"{p}.batch_size={self.batch_size} must be divisible by "
+        f"{p}.num_microbatches={self.num_microbatches}."
+      )
     if self.schedule not in ("rsqrt", "constant"):
       raise ValueError(f"{p}.schedule={self.schedule!r}; use 'rsqrt' or 'constant'.")
     if self.optimizer not in ("adafactor", "adamw"):
@@ -319,6 +344,7 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
   """Device mesh sizes along ('data', 'expert', 'model'); -1 means all remaining devices."""
+
   data: int = -1
   expert: int = 1
   model: int = 1
@@ -327,13 +353,14 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class Config:
   """A whole run."""
+
   name: str = "custom"
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   train: TrainConfig = TrainConfig()
   mesh: MeshConfig = MeshConfig()
 
-  def validate(self) -> "Config":
+  def validate(self) -> Config:
     self.model.validate("model")
     self.data.validate("data")
     self.train.validate("train")
@@ -362,8 +389,9 @@ def load_config(name_or_path: str, overrides: tuple[str, ...] | list[str] = ()) 
   if path.is_dir() and (path / "config.json").is_file():
     config = read_config(path / "config.json")
     if config.train.init_from is None:
-      config = dataclasses.replace(config, train=dataclasses.replace(
-          config.train, init_from=str(path.resolve())))
+      config = dataclasses.replace(
+        config, train=dataclasses.replace(config.train, init_from=str(path.resolve()))
+      )
     return apply_overrides(config, overrides).validate()
   if path.suffix == ".json" and path.is_file():
     return apply_overrides(read_config(path), overrides).validate()
@@ -373,9 +401,11 @@ def load_config(name_or_path: str, overrides: tuple[str, ...] | list[str] = ()) 
     names = available_configs()
     close = difflib.get_close_matches(str(name_or_path), names, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(f"Unknown config {name_or_path!r}.{hint} Available: {', '.join(names)} "
-                     "(or a .py file with get_config(), a config.json, or a checkpoint "
-                     "directory).")
+    raise ValueError(
+      f"Unknown config {name_or_path!r}.{hint} Available: {', '.join(names)} "
+      "(or a .py file with get_config(), a config.json, or a checkpoint "
+      "directory)."
+    )
   spec = importlib.util.spec_from_file_location(f"switchjax_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -387,6 +417,7 @@ def load_config(name_or_path: str, overrides: tuple[str, ...] | list[str] = ()) 
 
 # --------------------------------------------------------------------------------------------
 # Dotted overrides.
+
 
 def _all_paths(obj, prefix="") -> list[str]:
   out = []
@@ -421,8 +452,11 @@ def _parse_value(text: str, annotation, field: str):
       value = ast.literal_eval(lowered)
     except (ValueError, SyntaxError):
       value = None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-        annotation is int and not float(value).is_integer()):
+    if (
+      isinstance(value, bool)
+      or not isinstance(value, (int, float))
+      or (annotation is int and not float(value).is_integer())
+    ):
       raise ValueError(f"--set {field}={text}: expected {annotation.__name__}.")
     return annotation(value)
   if annotation is str:
@@ -445,8 +479,9 @@ def apply_overrides(config, overrides) -> Any:
   """Returns `config` with each `a.b.c=value` applied (type checked)."""
   for item in overrides:
     if "=" not in item:
-      raise ValueError(f"--set {item!r}: expected the form field.path=value, e.g. "
-                       "train.batch_size=32.")
+      raise ValueError(
+        f"--set {item!r}: expected the form field.path=value, e.g. train.batch_size=32."
+      )
     key, text = (s.strip() for s in item.split("=", 1))
     valid = _all_paths(config)
     if key not in valid:
@@ -477,6 +512,7 @@ def _set_path(obj, parts, text, full):
 
 # --------------------------------------------------------------------------------------------
 # Serialisation (the resolved config saved in the workdir and next to converted checkpoints).
+
 
 def to_dict(config) -> dict:
   return dataclasses.asdict(config)

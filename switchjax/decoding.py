@@ -35,7 +35,7 @@ When cached and uncached decoding differ:
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -50,6 +50,7 @@ METHODS = ("greedy", "sample", "beam")
 # --------------------------------------------------------------------------------------------
 # The decoder, one step at a time.
 
+
 class StepDecoder(NamedTuple):
   """What a decoding loop needs to ask for next-token logits.
 
@@ -60,6 +61,7 @@ class StepDecoder(NamedTuple):
     encoder_input_tokens: [rows, input_length], for the cross-attention padding mask.
     use_cache: step with the KV cache, or recompute the whole prefix each step.
   """
+
   model: nn.Module
   params: dict
   encoded: Array
@@ -70,8 +72,7 @@ class StepDecoder(NamedTuple):
     """The decoding state: the model's cache for `max_length` positions, or {} without it."""
     if not self.use_cache:
       return {}
-    return init_cache(self.model, self.params, self.encoded, self.encoder_input_tokens,
-                      max_length)
+    return init_cache(self.model, self.params, self.encoded, self.encoder_input_tokens, max_length)
 
   def next_logits(self, state, tokens: Array, i: Array):
     """Logits [rows, vocab] of the token after position `i`, and the new state.
@@ -82,18 +83,30 @@ class StepDecoder(NamedTuple):
     if self.use_cache:
       token = jax.lax.dynamic_slice_in_dim(tokens, i, 1, axis=1)  # [rows, 1]
       logits, variables = self.model.apply(
-          {"params": self.params, "cache": state}, None, self.encoder_input_tokens, token,
-          decode=True, mutable=["cache"], method=self.model.decode)
+        {"params": self.params, "cache": state},
+        None,
+        self.encoder_input_tokens,
+        token,
+        decode=True,
+        mutable=["cache"],
+        method=self.model.decode,
+      )
       return logits[:, 0], variables["cache"]
     # Whole prefix, zero-padded to max_length; the causal mask hides the padding from
     # position i.
-    logits = self.model.apply({"params": self.params}, self.encoded, self.encoder_input_tokens,
-                              tokens[:, :-1], method=self.model.decode)  # [rows, max_len, V]
+    logits = self.model.apply(
+      {"params": self.params},
+      self.encoded,
+      self.encoder_input_tokens,
+      tokens[:, :-1],
+      method=self.model.decode,
+    )  # [rows, max_len, V]
     return jax.lax.dynamic_index_in_dim(logits, i, axis=1, keepdims=False), state
 
 
-def init_cache(model: nn.Module, params, encoded: Array, encoder_input_tokens: Array,
-               max_length: int):
+def init_cache(
+  model: nn.Module, params, encoded: Array, encoder_input_tokens: Array, max_length: int
+):
   """The model's decoding cache for `max_length` decoder positions.
 
   One decode-mode call on a dummy [rows, max_length] decoder input creates it: zero
@@ -101,17 +114,26 @@ def init_cache(model: nn.Module, params, encoded: Array, encoder_input_tokens: A
   here), the decoder's next 'position' (0) and 'key_positions'.
   """
   dummy = jnp.zeros((encoded.shape[0], max_length), jnp.int32)
-  _, variables = model.apply({"params": params}, encoded, encoder_input_tokens, dummy,
-                             decode=True, mutable=["cache"], method=model.decode)
+  _, variables = model.apply(
+    {"params": params},
+    encoded,
+    encoder_input_tokens,
+    dummy,
+    decode=True,
+    mutable=["cache"],
+    method=model.decode,
+  )
   return variables["cache"]
 
 
 def reorder_cache(cache, rows: Array):
   """Takes cache rows `rows` (beam search follows each kept beam's source). Every leaf has the
   batch as its leading axis except the decoder's scalar 'position' and 'key_positions'."""
+
   def take(path, x):
     name = getattr(path[-1], "key", None)
     return x if name in ("position", "key_positions") else jnp.take(x, rows, axis=0)
+
   return jax.tree_util.tree_map_with_path(take, cache)
 
 
@@ -124,6 +146,7 @@ def length_penalties(max_new_tokens: int, length_penalty: float) -> Array:
 
 # --------------------------------------------------------------------------------------------
 # Greedy and sampling.
+
 
 def filter_logits(logits: Array, temperature: Array, top_k: Array, top_p: Array) -> Array:
   """Hugging Face's warpers in their order: logits / temperature, then top-k (keep the k best;
@@ -143,8 +166,9 @@ def filter_logits(logits: Array, temperature: Array, top_k: Array, top_p: Array)
   return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
-def _sample_loop(decoder: StepDecoder, max_new_tokens: int, choose, rng: Array,
-                 length_penalty: float, eos_id: int):
+def _sample_loop(
+  decoder: StepDecoder, max_new_tokens: int, choose, rng: Array, length_penalty: float, eos_id: int
+):
   """Generates one token per row per step with `choose(logits, rng) -> tokens` until every row
   has produced EOS or max_new_tokens. Returns tokens [batch, max_new_tokens] and scores."""
   batch = decoder.encoded.shape[0]
@@ -166,18 +190,21 @@ def _sample_loop(decoder: StepDecoder, max_new_tokens: int, choose, rng: Array,
     finished = finished | (token == eos_id)
     return i + 1, tokens, finished, log_prob, length, state
 
-  carry = (jnp.int32(0),
-           jnp.zeros((batch, max_new_tokens + 1), jnp.int32),  # [batch, 1 + new tokens]
-           jnp.zeros((batch,), jnp.bool_),
-           jnp.zeros((batch,), jnp.float32),
-           jnp.zeros((batch,), jnp.int32),
-           decoder.init_state(max_new_tokens))
+  carry = (
+    jnp.int32(0),
+    jnp.zeros((batch, max_new_tokens + 1), jnp.int32),  # [batch, 1 + new tokens]
+    jnp.zeros((batch,), jnp.bool_),
+    jnp.zeros((batch,), jnp.float32),
+    jnp.zeros((batch,), jnp.int32),
+    decoder.init_state(max_new_tokens),
+  )
   _, tokens, _, log_prob, length, _ = jax.lax.while_loop(cond, body, carry)
   return tokens[:, 1:], log_prob / penalties[length - 1]
 
 
 # --------------------------------------------------------------------------------------------
 # Beam search (Hugging Face's vectorised algorithm, transformers >= 4.50).
+
 
 def _gather_beams(x: Array, indices: Array) -> Array:
   """x [batch, beams, ...] -> [batch, len(indices[0]), ...] along the beam axis."""
@@ -187,6 +214,7 @@ def _gather_beams(x: Array, indices: Array) -> Array:
 
 class BeamState(NamedTuple):
   """The beam search loop's carry (B rows, K beams, L = max_new_tokens)."""
+
   step: Array  # int32 scalar: tokens generated so far
   running: Array  # [B, K, 1 + L] running hypotheses (start token 0, then tokens, then 0)
   running_scores: Array  # [B, K] their summed log-probabilities
@@ -198,8 +226,14 @@ class BeamState(NamedTuple):
   go: Array  # bool scalar: some row may still change
 
 
-def _beam_search(decoder: StepDecoder, max_new_tokens: int, num_beams: int,
-                 length_penalty: float, early_stopping: Union[bool, str], eos_id: int):
+def _beam_search(
+  decoder: StepDecoder,
+  max_new_tokens: int,
+  num_beams: int,
+  length_penalty: float,
+  early_stopping: bool | str,
+  eos_id: int,
+):
   """Beam search over `num_beams` running hypotheses per row; `decoder` has batch * num_beams
   rows (beam k of row b is row b * num_beams + k).
 
@@ -229,8 +263,7 @@ def _beam_search(decoder: StepDecoder, max_new_tokens: int, num_beams: int,
     topk_scores, topk_index = jax.lax.top_k(log_probs.reshape(batch, K * vocab), 2 * K)
     topk_beam, topk_token = topk_index // vocab, topk_index % vocab  # [B, 2K]
     topk_seqs = _gather_beams(s.running, topk_beam)  # [B, 2K, 1 + L]
-    topk_seqs = jax.lax.dynamic_update_slice_in_dim(topk_seqs, topk_token[..., None], i + 1,
-                                                    axis=2)
+    topk_seqs = jax.lax.dynamic_update_slice_in_dim(topk_seqs, topk_token[..., None], i + 1, axis=2)
     stops = (topk_token == eos_id) | (i + 1 >= L)  # [B, 2K]
 
     # The K best that did not stop keep running; the cache follows their source beams.
@@ -260,22 +293,23 @@ def _beam_search(decoder: StepDecoder, max_new_tokens: int, num_beams: int,
     best_running = running_scores[:, :1] / penalties[length - 1]  # [B, 1]
     worst_finished = jnp.where(is_finished, jnp.min(scores, axis=1, keepdims=True), NEG)
     improvable = s.improvable & jnp.any(best_running > worst_finished, axis=-1)  # [B]
-    go = (jnp.any(improvable) & ~(jnp.all(is_finished) & stop_when_full)
-          & ~jnp.all(stops))
-    return BeamState(i + 1, running, running_scores, finished, scores, is_finished,
-                     improvable, cache, go)
+    go = jnp.any(improvable) & ~(jnp.all(is_finished) & stop_when_full) & ~jnp.all(stops)
+    return BeamState(
+      i + 1, running, running_scores, finished, scores, is_finished, improvable, cache, go
+    )
 
   state = BeamState(
-      step=jnp.int32(0),
-      running=jnp.zeros((batch, K, L + 1), jnp.int32),
-      # Only beam 0 starts alive, so the first step does not pick the same token K times.
-      running_scores=jnp.zeros((batch, K), jnp.float32).at[:, 1:].set(NEG),
-      finished=jnp.zeros((batch, K, L + 1), jnp.int32),
-      scores=jnp.full((batch, K), NEG, jnp.float32),
-      is_finished=jnp.zeros((batch, K), jnp.bool_),
-      improvable=jnp.ones((batch,), jnp.bool_),
-      cache=decoder.init_state(L),
-      go=jnp.bool_(True))
+    step=jnp.int32(0),
+    running=jnp.zeros((batch, K, L + 1), jnp.int32),
+    # Only beam 0 starts alive, so the first step does not pick the same token K times.
+    running_scores=jnp.zeros((batch, K), jnp.float32).at[:, 1:].set(NEG),
+    finished=jnp.zeros((batch, K, L + 1), jnp.int32),
+    scores=jnp.full((batch, K), NEG, jnp.float32),
+    is_finished=jnp.zeros((batch, K), jnp.bool_),
+    improvable=jnp.ones((batch,), jnp.bool_),
+    cache=decoder.init_state(L),
+    go=jnp.bool_(True),
+  )
   state = jax.lax.while_loop(lambda s: (s.step < L) & s.go, step, state)
   return state.finished[:, 0, 1:], state.scores[:, 0]
 
@@ -283,12 +317,37 @@ def _beam_search(decoder: StepDecoder, max_new_tokens: int, num_beams: int,
 # --------------------------------------------------------------------------------------------
 # Entry point.
 
-@functools.partial(jax.jit, static_argnames=(
-    "model", "max_new_tokens", "method", "num_beams", "length_penalty", "early_stopping",
-    "eos_id", "use_cache"))
-def _generate(model, params, encoder_input_tokens, rng, temperature, top_k, top_p, *,
-              max_new_tokens, method, num_beams, length_penalty, early_stopping, eos_id,
-              use_cache):
+
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "model",
+    "max_new_tokens",
+    "method",
+    "num_beams",
+    "length_penalty",
+    "early_stopping",
+    "eos_id",
+    "use_cache",
+  ),
+)
+def _generate(
+  model,
+  params,
+  encoder_input_tokens,
+  rng,
+  temperature,
+  top_k,
+  top_p,
+  *,
+  max_new_tokens,
+  method,
+  num_beams,
+  length_penalty,
+  early_stopping,
+  eos_id,
+  use_cache,
+):
   """The jit-compiled body of `generate` (compiled once per model, shapes and static settings;
   temperature, top_k and top_p are traced)."""
   encoded = model.apply({"params": params}, encoder_input_tokens, method=model.encode)
@@ -298,23 +357,35 @@ def _generate(model, params, encoder_input_tokens, rng, temperature, top_k, top_
     encoded = jnp.repeat(encoded, num_beams, axis=0)  # [batch * beams, length, d_model]
     encoder_input_tokens = jnp.repeat(encoder_input_tokens, num_beams, axis=0)
     decoder = StepDecoder(model, params, encoded, encoder_input_tokens, use_cache)
-    return _beam_search(decoder, max_new_tokens, num_beams, length_penalty, early_stopping,
-                        eos_id)
+    return _beam_search(decoder, max_new_tokens, num_beams, length_penalty, early_stopping, eos_id)
   decoder = StepDecoder(model, params, encoded, encoder_input_tokens, use_cache)
   if method == "greedy":
     choose = lambda logits, _: jnp.argmax(logits, axis=-1)
   else:
     choose = lambda logits, key: jax.random.categorical(
-        key, filter_logits(logits, temperature, top_k, top_p), axis=-1)
+      key, filter_logits(logits, temperature, top_k, top_p), axis=-1
+    )
   return _sample_loop(decoder, max_new_tokens, choose, rng, length_penalty, eos_id)
 
 
-def generate(model: nn.Module, params, encoder_input_tokens, max_new_tokens: int = 32, *,
-             method: str = "greedy", temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, num_beams: int = 4, length_penalty: float = 1.0,
-             early_stopping: Union[bool, str] = True, eos_id: int = 1,
-             rng: Optional[Union[int, Array]] = 0, use_cache: bool = True,
-             return_scores: bool = False):
+def generate(
+  model: nn.Module,
+  params,
+  encoder_input_tokens,
+  max_new_tokens: int = 32,
+  *,
+  method: str = "greedy",
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  num_beams: int = 4,
+  length_penalty: float = 1.0,
+  early_stopping: bool | str = True,
+  eos_id: int = 1,
+  rng: int | Array | None = 0,
+  use_cache: bool = True,
+  return_scores: bool = False,
+):
   """Generates up to `max_new_tokens` tokens per input sequence.
 
   Args:
@@ -346,8 +417,9 @@ def generate(model: nn.Module, params, encoder_input_tokens, max_new_tokens: int
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
   if method == "sample":
     if not temperature > 0:
-      raise ValueError(f"temperature={temperature} must be > 0 (use method='greedy' for the "
-                       "temperature-0 limit).")
+      raise ValueError(
+        f"temperature={temperature} must be > 0 (use method='greedy' for the temperature-0 limit)."
+      )
     if not 0 < top_p <= 1:
       raise ValueError(f"top_p={top_p} must be in (0, 1]; 1.0 turns nucleus filtering off.")
     if top_k < 0:
@@ -361,8 +433,19 @@ def generate(model: nn.Module, params, encoder_input_tokens, max_new_tokens: int
   if rng is None or isinstance(rng, (int, np.integer)):
     rng = jax.random.key(0 if rng is None else int(rng))
   out, scores = _generate(
-      model, params, tokens, rng, jnp.float32(temperature), jnp.int32(top_k),
-      jnp.float32(top_p), max_new_tokens=int(max_new_tokens), method=method,
-      num_beams=int(num_beams), length_penalty=float(length_penalty),
-      early_stopping=early_stopping, eos_id=int(eos_id), use_cache=bool(use_cache))
+    model,
+    params,
+    tokens,
+    rng,
+    jnp.float32(temperature),
+    jnp.int32(top_k),
+    jnp.float32(top_p),
+    max_new_tokens=int(max_new_tokens),
+    method=method,
+    num_beams=int(num_beams),
+    length_penalty=float(length_penalty),
+    early_stopping=early_stopping,
+    eos_id=int(eos_id),
+    use_cache=bool(use_cache),
+  )
   return (out, scores) if return_scores else out

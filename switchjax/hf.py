@@ -25,31 +25,69 @@ import dataclasses
 import json
 import pathlib
 import re
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from switchjax.config import Config, ModelConfig, MoeConfig
-from switchjax.model import (SwitchTransformer, decoder_sparse_layers, encoder_sparse_layers,
-                             hf_sparse_blocks, sparse_layer_indices)
+from switchjax.model import (
+  SwitchTransformer,
+  decoder_sparse_layers,
+  encoder_sparse_layers,
+  hf_sparse_blocks,
+  sparse_layer_indices,
+)
 
 # HF `dense_act_fn` -> switchjax activation. HF's 'gelu' is the exact (erf) form, 'gelu_new'
 # and friends the tanh approximation (switchjax's 'gelu').
-HF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu_exact", "gelu_new": "gelu",
-                  "gelu_pytorch_tanh": "gelu", "gelu_fast": "gelu", "silu": "silu",
-                  "swish": "silu", "linear": "linear"}
+HF_ACTIVATIONS = {
+  "relu": "relu",
+  "gelu": "gelu_exact",
+  "gelu_new": "gelu",
+  "gelu_pytorch_tanh": "gelu",
+  "gelu_fast": "gelu",
+  "silu": "silu",
+  "swish": "silu",
+  "linear": "linear",
+}
 # switchjax activation -> HF `dense_act_fn`.
-TO_HF_ACTIVATIONS = {"relu": "relu", "gelu_exact": "gelu", "gelu": "gelu_new",
-                     "gelu_new": "gelu_new", "silu": "silu", "linear": "linear"}
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+TO_HF_ACTIVATIONS = {
+  "relu": "relu",
+  "gelu_exact": "gelu",
+  "gelu": "gelu_new",
+  "gelu_new": "gelu_new",
+  "silu": "silu",
+  "linear": "linear",
+}
+WEIGHT_FILES = (
+  "model.safetensors",
+  "model.safetensors.index.json",
+  "pytorch_model.bin",
+  "pytorch_model.bin.index.json",
+)
 TIED_EMBEDDINGS = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
-HF_DEFAULTS = {"vocab_size": 32128, "d_model": 768, "d_kv": 64, "d_ff": 2048, "num_layers": 12,
-               "num_decoder_layers": 12, "num_heads": 12, "num_sparse_encoder_layers": 3,
-               "num_sparse_decoder_layers": 3, "num_experts": 8, "expert_capacity": 64,
-               "router_bias": False, "router_jitter_noise": 0.01, "dropout_rate": 0.1,
-               "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
-               "layer_norm_epsilon": 1e-6, "tie_word_embeddings": True, "dense_act_fn": "relu"}
+HF_DEFAULTS = {
+  "vocab_size": 32128,
+  "d_model": 768,
+  "d_kv": 64,
+  "d_ff": 2048,
+  "num_layers": 12,
+  "num_decoder_layers": 12,
+  "num_heads": 12,
+  "num_sparse_encoder_layers": 3,
+  "num_sparse_decoder_layers": 3,
+  "num_experts": 8,
+  "expert_capacity": 64,
+  "router_bias": False,
+  "router_jitter_noise": 0.01,
+  "dropout_rate": 0.1,
+  "relative_attention_num_buckets": 32,
+  "relative_attention_max_distance": 128,
+  "layer_norm_epsilon": 1e-6,
+  "tie_word_embeddings": True,
+  "dense_act_fn": "relu",
+}
 
 
 class CheckpointError(ValueError):
@@ -59,8 +97,8 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------------------------
 # Sparse layer placement.
 
-def hf_sparse_layers(num_layers: int, num_sparse: int,
-                     step: Optional[int] = None) -> tuple[int, ...]:
+
+def hf_sparse_layers(num_layers: int, num_sparse: int, step: int | None = None) -> tuple[int, ...]:
   """The sparse blocks transformers builds: step = the stored `*_sparse_step` if the config
   has one, else num_layers // num_sparse (num_layers when 0); block i is sparse when
   i % step == 1, or every block when step == 1; a step of 0 gives none.
@@ -86,71 +124,82 @@ def hf_sparse_count(num_layers: int, layers: tuple[int, ...], stack: str) -> tup
       return count, num_layers // count
   options = sorted({hf_sparse_layers(num_layers, s) for s in range(1, num_layers + 1)})
   raise ValueError(
-      f"The {stack}'s sparse layers {layers} cannot be expressed in Hugging Face: with "
-      f"{num_layers} layers its rule (step = layers // sparse count, block i sparse when "
-      f"i % step == 1) only produces {', '.join(map(str, options))}. The placement is part "
-      f"of the weights: configure new models with model.sparse_layout='hf' (or "
-      f"model.sparse_{stack}_layers set to one of these) to be able to export them.")
+    f"The {stack}'s sparse layers {layers} cannot be expressed in Hugging Face: with "
+    f"{num_layers} layers its rule (step = layers // sparse count, block i sparse when "
+    f"i % step == 1) only produces {', '.join(map(str, options))}. The placement is part "
+    f"of the weights: configure new models with model.sparse_layout='hf' (or "
+    f"model.sparse_{stack}_layers set to one of these) to be able to export them."
+  )
 
 
 # --------------------------------------------------------------------------------------------
 # Config.
 
+
 def config_from_hf(hf: dict) -> ModelConfig:
   """ModelConfig equivalent to a Hugging Face SwitchTransformersConfig dict (4.x or 5.x)."""
   if hf.get("model_type") != "switch_transformers":
     raise CheckpointError(
-        f"config.json has model_type={hf.get('model_type')!r}, not 'switch_transformers': this "
-        "is another kind of model. from_hf converts Switch Transformers checkpoints "
-        "(SwitchTransformersForConditionalGeneration, e.g. google/switch-base-8) only.")
+      f"config.json has model_type={hf.get('model_type')!r}, not 'switch_transformers': this "
+      "is another kind of model. from_hf converts Switch Transformers checkpoints "
+      "(SwitchTransformersForConditionalGeneration, e.g. google/switch-base-8) only."
+    )
   hf = {**HF_DEFAULTS, **hf}  # transformers' defaults for absent keys
   act = hf["dense_act_fn"]
-  if str(act).startswith("gated-") or hf.get("is_gated_act") or str(
-      hf.get("feed_forward_proj", "")).startswith("gated-"):
+  if (
+    str(act).startswith("gated-")
+    or hf.get("is_gated_act")
+    or str(hf.get("feed_forward_proj", "")).startswith("gated-")
+  ):
     raise CheckpointError(
-        f"config.json asks for a gated feed-forward (dense_act_fn={act!r}, "
-        f"is_gated_act={hf.get('is_gated_act')}, feed_forward_proj={hf.get('feed_forward_proj')!r})"
-        ": transformers' SwitchTransformers has no gated MLP (it raises for 'gated-gelu'), so "
-        "there is no reference to convert against; use a checkpoint with dense_act_fn 'relu'.")
+      f"config.json asks for a gated feed-forward (dense_act_fn={act!r}, "
+      f"is_gated_act={hf.get('is_gated_act')}, feed_forward_proj={hf.get('feed_forward_proj')!r})"
+      ": transformers' SwitchTransformers has no gated MLP (it raises for 'gated-gelu'), so "
+      "there is no reference to convert against; use a checkpoint with dense_act_fn 'relu'."
+    )
   if act not in HF_ACTIVATIONS:
-    raise CheckpointError(f"config.json has dense_act_fn={act!r}, which switchjax does not "
-                          f"implement; supported: {', '.join(HF_ACTIVATIONS)}.")
+    raise CheckpointError(
+      f"config.json has dense_act_fn={act!r}, which switchjax does not "
+      f"implement; supported: {', '.join(HF_ACTIVATIONS)}."
+    )
   num_layers = hf["num_layers"]
   num_decoder_layers = hf["num_decoder_layers"] or num_layers
-  enc = hf_sparse_layers(num_layers, hf["num_sparse_encoder_layers"],
-                         hf.get("encoder_sparse_step"))
-  dec = hf_sparse_layers(num_decoder_layers, hf["num_sparse_decoder_layers"],
-                         hf.get("decoder_sparse_step"))
+  enc = hf_sparse_layers(num_layers, hf["num_sparse_encoder_layers"], hf.get("encoder_sparse_step"))
+  dec = hf_sparse_layers(
+    num_decoder_layers, hf["num_sparse_decoder_layers"], hf.get("decoder_sparse_step")
+  )
   return ModelConfig(
-      vocab_size=hf["vocab_size"],
-      d_model=hf["d_model"],
-      d_ff=hf["d_ff"],
-      num_heads=hf["num_heads"],
-      d_kv=hf["d_kv"],
-      num_layers=num_layers,
-      num_decoder_layers=num_decoder_layers,
-      num_sparse_encoder_layers=len(enc),
-      num_sparse_decoder_layers=len(dec),
-      sparse_layout="hf",
-      sparse_encoder_layers=enc,
-      sparse_decoder_layers=dec,
-      mlp_activations=(HF_ACTIVATIONS[act],),
-      dropout_rate=hf["dropout_rate"],
-      relative_attention_num_buckets=hf["relative_attention_num_buckets"],
-      relative_attention_max_distance=hf["relative_attention_max_distance"],
-      tie_embeddings=hf["tie_word_embeddings"],
-      layer_norm_epsilon=hf["layer_norm_epsilon"],
-      dtype="float32",
-      param_dtype="float32",
-      init_scale=1.0,
-      mask_padding_activations=False,
-      moe=MoeConfig(
-          num_experts=hf["num_experts"],
-          router_type="tokens_choose_masked",
-          num_selected_experts=1,
-          jitter_noise=hf["router_jitter_noise"],
-          router_bias=hf["router_bias"],
-          expert_capacity=hf["expert_capacity"]))
+    vocab_size=hf["vocab_size"],
+    d_model=hf["d_model"],
+    d_ff=hf["d_ff"],
+    num_heads=hf["num_heads"],
+    d_kv=hf["d_kv"],
+    num_layers=num_layers,
+    num_decoder_layers=num_decoder_layers,
+    num_sparse_encoder_layers=len(enc),
+    num_sparse_decoder_layers=len(dec),
+    sparse_layout="hf",
+    sparse_encoder_layers=enc,
+    sparse_decoder_layers=dec,
+    mlp_activations=(HF_ACTIVATIONS[act],),
+    dropout_rate=hf["dropout_rate"],
+    relative_attention_num_buckets=hf["relative_attention_num_buckets"],
+    relative_attention_max_distance=hf["relative_attention_max_distance"],
+    tie_embeddings=hf["tie_word_embeddings"],
+    layer_norm_epsilon=hf["layer_norm_epsilon"],
+    dtype="float32",
+    param_dtype="float32",
+    init_scale=1.0,
+    mask_padding_activations=False,
+    moe=MoeConfig(
+      num_experts=hf["num_experts"],
+      router_type="tokens_choose_masked",
+      num_selected_experts=1,
+      jitter_noise=hf["router_jitter_noise"],
+      router_bias=hf["router_bias"],
+      expert_capacity=hf["expert_capacity"],
+    ),
+  )
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -167,84 +216,104 @@ def config_to_hf(cfg: ModelConfig) -> dict:
   refusals = []
   if len(cfg.mlp_activations) != 1 or len(cfg.expert_acts) != 1:
     refusals.append(
-        f"gated MLPs (mlp_activations={cfg.mlp_activations}, expert_activations="
-        f"{cfg.expert_acts}): HF's SwitchTransformers has only act(x @ wi) @ wo; use one "
-        "activation, e.g. ('relu',)")
+      f"gated MLPs (mlp_activations={cfg.mlp_activations}, expert_activations="
+      f"{cfg.expert_acts}): HF's SwitchTransformers has only act(x @ wi) @ wo; use one "
+      "activation, e.g. ('relu',)"
+    )
   elif cfg.mlp_activations != cfg.expert_acts:
-    refusals.append(f"expert_activations={cfg.expert_acts} differ from mlp_activations="
-                    f"{cfg.mlp_activations}: HF has one dense_act_fn for both")
+    refusals.append(
+      f"expert_activations={cfg.expert_acts} differ from mlp_activations="
+      f"{cfg.mlp_activations}: HF has one dense_act_fn for both"
+    )
   elif cfg.mlp_activations[0] not in TO_HF_ACTIVATIONS:
-    refusals.append(f"activation {cfg.mlp_activations[0]!r} has no HF dense_act_fn; use one "
-                    f"of {', '.join(TO_HF_ACTIVATIONS)}")
+    refusals.append(
+      f"activation {cfg.mlp_activations[0]!r} has no HF dense_act_fn; use one "
+      f"of {', '.join(TO_HF_ACTIVATIONS)}"
+    )
   if cfg.expert_mlp_dim != cfg.d_ff:
-    refusals.append(f"expert_d_ff={cfg.expert_d_ff} differs from d_ff={cfg.d_ff}: HF's experts "
-                    "have the dense width; set model.expert_d_ff=None")
+    refusals.append(
+      f"expert_d_ff={cfg.expert_d_ff} differs from d_ff={cfg.d_ff}: HF's experts "
+      "have the dense width; set model.expert_d_ff=None"
+    )
   if moe.expert_capacity is None:
-    refusals.append("capacity-factor routing (moe.expert_capacity=None): HF routes each "
-                    "sequence with a fixed number of slots per expert; set "
-                    "model.moe.expert_capacity (switch-base-*: 64)")
+    refusals.append(
+      "capacity-factor routing (moe.expert_capacity=None): HF routes each "
+      "sequence with a fixed number of slots per expert; set "
+      "model.moe.expert_capacity (switch-base-*: 64)"
+    )
   if moe.router_type == "experts_choose_masked":
-    refusals.append("experts-choose routing: HF has only the tokens-choose top-1 router; set "
-                    "model.moe.router_type='tokens_choose_masked'")
+    refusals.append(
+      "experts-choose routing: HF has only the tokens-choose top-1 router; set "
+      "model.moe.router_type='tokens_choose_masked'"
+    )
   elif moe.num_selected_experts != 1:
-    refusals.append(f"top-{moe.num_selected_experts} routing: HF routes each token to one "
-                    "expert; set model.moe.num_selected_experts=1")
+    refusals.append(
+      f"top-{moe.num_selected_experts} routing: HF routes each token to one "
+      "expert; set model.moe.num_selected_experts=1"
+    )
   if moe.batch_prioritized_routing:
-    refusals.append("batch-prioritized routing: HF fills the experts in position order; set "
-                    "model.moe.batch_prioritized_routing=False")
+    refusals.append(
+      "batch-prioritized routing: HF fills the experts in position order; set "
+      "model.moe.batch_prioritized_routing=False"
+    )
   if moe.ignore_padding_tokens:
-    refusals.append("moe.ignore_padding_tokens=True: HF routes padding like any token; set "
-                    "it to False")
+    refusals.append(
+      "moe.ignore_padding_tokens=True: HF routes padding like any token; set it to False"
+    )
   layouts = {}
-  for stack, n, layers in (("encoder", cfg.num_layers, encoder_sparse_layers(cfg)),
-                           ("decoder", cfg.decoder_layers, decoder_sparse_layers(cfg))):
+  for stack, n, layers in (
+    ("encoder", cfg.num_layers, encoder_sparse_layers(cfg)),
+    ("decoder", cfg.decoder_layers, decoder_sparse_layers(cfg)),
+  ):
     try:
       layouts[stack] = hf_sparse_count(n, layers, stack)
     except ValueError as e:
       refusals.append(str(e).rstrip("."))
   if refusals:
-    raise ValueError("Cannot write this model as a Hugging Face checkpoint: " +
-                     "; ".join(refusals) + ".")
+    raise ValueError(
+      "Cannot write this model as a Hugging Face checkpoint: " + "; ".join(refusals) + "."
+    )
   return {
-      "architectures": ["SwitchTransformersForConditionalGeneration"],
-      "model_type": "switch_transformers",
-      "vocab_size": cfg.vocab_size,
-      "d_model": cfg.d_model,
-      "d_kv": cfg.d_kv,
-      "d_ff": cfg.d_ff,
-      "num_heads": cfg.num_heads,
-      "num_layers": cfg.num_layers,
-      "num_decoder_layers": cfg.decoder_layers,
-      "num_sparse_encoder_layers": layouts["encoder"][0],
-      "num_sparse_decoder_layers": layouts["decoder"][0],
-      "encoder_sparse_step": layouts["encoder"][1],
-      "decoder_sparse_step": layouts["decoder"][1],
-      "num_experts": moe.num_experts,
-      "expert_capacity": moe.expert_capacity,
-      "router_bias": moe.router_bias,
-      "router_jitter_noise": moe.jitter_noise,
-      "router_dtype": "float32",
-      "router_ignore_padding_tokens": False,
-      "router_z_loss_coef": 0.001,
-      "router_aux_loss_coef": 0.001,
-      "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
-      "relative_attention_max_distance": cfg.relative_attention_max_distance,
-      "dropout_rate": cfg.dropout_rate,
-      "layer_norm_epsilon": cfg.layer_norm_epsilon,
-      "initializer_factor": 1.0,
-      "dense_act_fn": TO_HF_ACTIVATIONS[cfg.mlp_activations[0]],
-      "tie_word_embeddings": cfg.tie_embeddings,
-      "is_encoder_decoder": True,
-      "use_cache": True,
-      "pad_token_id": 0,
-      "eos_token_id": 1,
-      "decoder_start_token_id": 0,
-      "dtype": "float32",
+    "architectures": ["SwitchTransformersForConditionalGeneration"],
+    "model_type": "switch_transformers",
+    "vocab_size": cfg.vocab_size,
+    "d_model": cfg.d_model,
+    "d_kv": cfg.d_kv,
+    "d_ff": cfg.d_ff,
+    "num_heads": cfg.num_heads,
+    "num_layers": cfg.num_layers,
+    "num_decoder_layers": cfg.decoder_layers,
+    "num_sparse_encoder_layers": layouts["encoder"][0],
+    "num_sparse_decoder_layers": layouts["decoder"][0],
+    "encoder_sparse_step": layouts["encoder"][1],
+    "decoder_sparse_step": layouts["decoder"][1],
+    "num_experts": moe.num_experts,
+    "expert_capacity": moe.expert_capacity,
+    "router_bias": moe.router_bias,
+    "router_jitter_noise": moe.jitter_noise,
+    "router_dtype": "float32",
+    "router_ignore_padding_tokens": False,
+    "router_z_loss_coef": 0.001,
+    "router_aux_loss_coef": 0.001,
+    "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
+    "relative_attention_max_distance": cfg.relative_attention_max_distance,
+    "dropout_rate": cfg.dropout_rate,
+    "layer_norm_epsilon": cfg.layer_norm_epsilon,
+    "initializer_factor": 1.0,
+    "dense_act_fn": TO_HF_ACTIVATIONS[cfg.mlp_activations[0]],
+    "tie_word_embeddings": cfg.tie_embeddings,
+    "is_encoder_decoder": True,
+    "use_cache": True,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "decoder_start_token_id": 0,
+    "dtype": "float32",
   }
 
 
 # --------------------------------------------------------------------------------------------
 # The tensor map: one entry per HF tensor.
+
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
@@ -258,9 +327,10 @@ class TensorSpec:
     jax_shape: the shape of params[path] (of one expert's slice for experts).
     transpose: torch keeps Linear weights (out, in): switchjax = hf.T.reshape(jax_shape).
   """
+
   name: str
   path: tuple[str, ...]
-  expert: Optional[int]
+  expert: int | None
   hf_shape: tuple[int, ...]
   jax_shape: tuple[int, ...]
   transpose: bool
@@ -273,8 +343,9 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
 
   def add(name, path, hf_shape, jax_shape=None, transpose=True, expert=None):
     jax_shape = jax_shape or (hf_shape[::-1] if transpose else hf_shape)
-    specs.append(TensorSpec(name, tuple(path), expert, tuple(hf_shape), tuple(jax_shape),
-                            transpose))
+    specs.append(
+      TensorSpec(name, tuple(path), expert, tuple(hf_shape), tuple(jax_shape), transpose)
+    )
 
   def norm(name, path):
     add(name, path + ["scale"], (d,), transpose=False)
@@ -299,8 +370,11 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
   add("shared.weight", ["token_embedder", "embedding"], (cfg.vocab_size, d), transpose=False)
   buckets = cfg.relative_attention_num_buckets
   enc_sparse, dec_sparse = set(encoder_sparse_layers(cfg)), set(decoder_sparse_layers(cfg))
-  add("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-      ["encoder", "relpos_bias", "rel_embedding"], (buckets, h))
+  add(
+    "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+    ["encoder", "relpos_bias", "rel_embedding"],
+    (buckets, h),
+  )
   for i in range(cfg.num_layers):
     b, p = f"encoder.block.{i}.layer", ["encoder", f"layers_{i}"]
     norm(f"{b}.0.layer_norm.weight", p + ["pre_attention_layer_norm"])
@@ -308,8 +382,11 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
     norm(f"{b}.1.layer_norm.weight", p + ["pre_mlp_layer_norm"])
     mlp(f"{b}.1.mlp", p + ["mlp"], i in enc_sparse)
   norm("encoder.final_layer_norm.weight", ["encoder", "encoder_norm"])
-  add("decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-      ["decoder", "relpos_bias", "rel_embedding"], (buckets, h))
+  add(
+    "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+    ["decoder", "relpos_bias", "rel_embedding"],
+    (buckets, h),
+  )
   for i in range(cfg.decoder_layers):
     b, p = f"decoder.block.{i}.layer", ["decoder", f"layers_{i}"]
     norm(f"{b}.0.layer_norm.weight", p + ["pre_self_attention_layer_norm"])
@@ -327,18 +404,25 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
 # --------------------------------------------------------------------------------------------
 # Reading weight files.
 
+
 @dataclasses.dataclass
 class Tensors:
   """The tensors of a checkpoint: their shapes, and a reader returning float32 numpy arrays
   (so that nothing is loaded before the names and shapes are checked)."""
+
   shapes: dict[str, tuple[int, ...]]
   read: Callable[[str], np.ndarray]
 
 
 def _safetensors_dtypes() -> dict:
   import ml_dtypes  # comes with jax; numpy itself has no bfloat16
-  return {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-          "BF16": np.dtype(ml_dtypes.bfloat16)}
+
+  return {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+  }
 
 
 def _safetensors_header(file: pathlib.Path) -> tuple[dict, int]:
@@ -361,16 +445,21 @@ def _safetensors_header(file: pathlib.Path) -> tuple[dict, int]:
     data_size = size - 8 - length
     for name, entry in header.items():
       if entry.get("dtype") not in dtypes:
-        raise ValueError(f"tensor {name!r} has dtype {entry.get('dtype')!r}; expected one of "
-                         f"{', '.join(dtypes)}")
+        raise ValueError(
+          f"tensor {name!r} has dtype {entry.get('dtype')!r}; expected one of {', '.join(dtypes)}"
+        )
       begin, end = entry["data_offsets"]
       nbytes = int(np.prod(entry["shape"], dtype=np.int64)) * dtypes[entry["dtype"]].itemsize
       if not 0 <= begin <= end <= data_size or end - begin != nbytes:
-        raise ValueError(f"tensor {name!r} has byte range {begin}..{end}, which does not fit "
-                         f"its shape {entry['shape']} or the file")
+        raise ValueError(
+          f"tensor {name!r} has byte range {begin}..{end}, which does not fit "
+          f"its shape {entry['shape']} or the file"
+        )
   except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-    raise CheckpointError(f"{file} is not a readable safetensors file ({e}); the file is "
-                          "corrupt or truncated: download or save it again.") from None
+    raise CheckpointError(
+      f"{file} is not a readable safetensors file ({e}); the file is "
+      "corrupt or truncated: download or save it again."
+    ) from None
   return header, 8 + length
 
 
@@ -386,8 +475,11 @@ def _read_safetensors(files: list[pathlib.Path]) -> Tensors:
   def read(name: str) -> np.ndarray:
     file, entry, start = where[name]
     begin, end = entry["data_offsets"]
-    raw = np.memmap(file, dtype=np.uint8, mode="r", offset=start + begin, shape=(end - begin,)) \
-        if end > begin else np.zeros((0,), np.uint8)
+    raw = (
+      np.memmap(file, dtype=np.uint8, mode="r", offset=start + begin, shape=(end - begin,))
+      if end > begin
+      else np.zeros((0,), np.uint8)
+    )
     return np.array(raw.view(dtypes[entry["dtype"]]).reshape(entry["shape"]), np.float32)
 
   return Tensors({name: tuple(e["shape"]) for name, (_, e, _) in where.items()}, read)
@@ -402,13 +494,17 @@ def _read_torch(files: list[pathlib.Path]) -> Tensors:
     try:
       part = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (torch raises many kinds for a bad file)
-      raise CheckpointError(f"{file} could not be read by torch.load ({type(e).__name__}: "
-                            f"{str(e)[:200]}); the file is corrupt or not a state dict.") from None
+      raise CheckpointError(
+        f"{file} could not be read by torch.load ({type(e).__name__}: "
+        f"{str(e)[:200]}); the file is corrupt or not a state dict."
+      ) from None
     if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
       raise CheckpointError(f"{file} does not hold a state dict of tensors.")
     state.update(part)
-  return Tensors({name: tuple(t.shape) for name, t in state.items()},
-                 lambda name: state[name].detach().to(torch.float32).numpy().copy())
+  return Tensors(
+    {name: tuple(t.shape) for name, t in state.items()},
+    lambda name: state[name].detach().to(torch.float32).numpy().copy(),
+  )
 
 
 def _shard_files(index_file: pathlib.Path) -> list[pathlib.Path]:
@@ -420,8 +516,7 @@ def _shard_files(index_file: pathlib.Path) -> list[pathlib.Path]:
     raise CheckpointError(f"{index_file} is not a readable shard index ({e}).") from None
   missing = [n for n in names if not (index_file.parent / n).is_file()]
   if missing:
-    raise CheckpointError(f"{index_file} names shard files that are missing: "
-                          f"{', '.join(missing)}.")
+    raise CheckpointError(f"{index_file} names shard files that are missing: {', '.join(missing)}.")
   return [index_file.parent / n for n in names]
 
 
@@ -436,12 +531,15 @@ def read_tensors(path: pathlib.Path) -> Tensors:
     return _read_torch([torch_single])
   if torch_sharded.is_file():
     return _read_torch(_shard_files(torch_sharded))
-  raise CheckpointError(f"{path} has no weights: expected one of {', '.join(WEIGHT_FILES)} "
-                        f"(found {', '.join(sorted(p.name for p in path.iterdir()))}).")
+  raise CheckpointError(
+    f"{path} has no weights: expected one of {', '.join(WEIGHT_FILES)} "
+    f"(found {', '.join(sorted(p.name for p in path.iterdir()))})."
+  )
 
 
 # --------------------------------------------------------------------------------------------
 # Checks.
+
 
 def _names(names, limit: int = 20) -> str:
   names = sorted(names)
@@ -451,24 +549,31 @@ def _names(names, limit: int = 20) -> str:
 
 def _check_sparse_layers(cfg: ModelConfig, shapes: dict) -> None:
   """The sparse blocks of the config must be the blocks holding a router in the file."""
-  pattern = re.compile(r"^(encoder|decoder)\.block\.(\d+)\.layer\.\d+\.mlp\.router\."
-                       r"classifier\.weight$")
+  pattern = re.compile(
+    r"^(encoder|decoder)\.block\.(\d+)\.layer\.\d+\.mlp\.router\."
+    r"classifier\.weight$"
+  )
   found = {"encoder": set(), "decoder": set()}
   for name in shapes:
     if m := pattern.match(name):
       found[m.group(1)].add(int(m.group(2)))
   problems = []
-  for stack, expected in (("encoder", encoder_sparse_layers(cfg)),
-                          ("decoder", decoder_sparse_layers(cfg))):
+  for stack, expected in (
+    ("encoder", encoder_sparse_layers(cfg)),
+    ("decoder", decoder_sparse_layers(cfg)),
+  ):
     if set(expected) != found[stack]:
-      problems.append(f"the config makes {stack} blocks {tuple(expected)} sparse but the "
-                      f"weights have routers in {stack} blocks {tuple(sorted(found[stack]))}")
+      problems.append(
+        f"the config makes {stack} blocks {tuple(expected)} sparse but the "
+        f"weights have routers in {stack} blocks {tuple(sorted(found[stack]))}"
+      )
   if problems:
     raise CheckpointError(
-        "Sparse layers do not match: " + "; ".join(problems) + ". (HF's rule: step = "
-        "*_sparse_step or num_layers // num_sparse_*_layers, block i sparse when i % step == "
-        "1.) Fix num_sparse_encoder_layers / num_sparse_decoder_layers (or the *_sparse_step "
-        "entries) in config.json.")
+      "Sparse layers do not match: " + "; ".join(problems) + ". (HF's rule: step = "
+      "*_sparse_step or num_layers // num_sparse_*_layers, block i sparse when i % step == "
+      "1.) Fix num_sparse_encoder_layers / num_sparse_decoder_layers (or the *_sparse_step "
+      "entries) in config.json."
+    )
 
 
 def _resolve_tied(cfg: ModelConfig, tensors: Tensors) -> set[str]:
@@ -485,14 +590,16 @@ def _resolve_tied(cfg: ModelConfig, tensors: Tensors) -> set[str]:
   if not copies or "shared.weight" not in shapes:
     return set(copies)
   shared = tensors.read("shared.weight")
-  differ = [n for n in copies if shapes[n] != shared.shape or
-            not np.array_equal(tensors.read(n), shared)]
+  differ = [
+    n for n in copies if shapes[n] != shared.shape or not np.array_equal(tensors.read(n), shared)
+  ]
   if differ:
     raise CheckpointError(
-        f"{_names(differ)} differ from shared.weight: switchjax has one token embedding "
-        "shared by the encoder, the decoder and (when tied) the logits. (transformers 5.x "
-        "does not tie encoder/decoder.embed_tokens when tie_word_embeddings=False; copy "
-        "shared.weight into them before saving.)")
+      f"{_names(differ)} differ from shared.weight: switchjax has one token embedding "
+      "shared by the encoder, the decoder and (when tied) the logits. (transformers 5.x "
+      "does not tie encoder/decoder.embed_tokens when tie_word_embeddings=False; copy "
+      "shared.weight into them before saving.)"
+    )
   return set(copies)
 
 
@@ -501,8 +608,11 @@ def _check_names_and_shapes(specs: list[TensorSpec], shapes: dict, ignored: set[
   expected = {s.name: s.hf_shape for s in specs}
   missing = set(expected) - set(shapes)
   unexpected = set(shapes) - set(expected) - ignored
-  wrong = [f"{n} expected {expected[n]}, found {tuple(shapes[n])}"
-           for n in sorted(set(expected) & set(shapes)) if tuple(shapes[n]) != expected[n]]
+  wrong = [
+    f"{n} expected {expected[n]}, found {tuple(shapes[n])}"
+    for n in sorted(set(expected) & set(shapes))
+    if tuple(shapes[n]) != expected[n]
+  ]
   problems = []
   if missing:
     problems.append(f"missing tensors: {_names(missing)}")
@@ -511,12 +621,12 @@ def _check_names_and_shapes(specs: list[TensorSpec], shapes: dict, ignored: set[
   if wrong:
     problems.append(f"shape mismatch: {'; '.join(wrong[:20])}")
   if problems:
-    raise CheckpointError("The weights do not match config.json: " + ". ".join(problems) +
-                          ".")
+    raise CheckpointError("The weights do not match config.json: " + ". ".join(problems) + ".")
 
 
 # --------------------------------------------------------------------------------------------
 # Conversion.
+
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
   for key in path[:-1]:
@@ -527,8 +637,9 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 def _get(tree, path: tuple[str, ...]):
   for key in path:
     if not hasattr(tree, "__getitem__") or key not in tree:
-      raise ValueError(f"params have no entry {'/'.join(path)}: they do not belong to this "
-                       "model config.")
+      raise ValueError(
+        f"params have no entry {'/'.join(path)}: they do not belong to this model config."
+      )
     tree = tree[key]
   return tree
 
@@ -557,10 +668,13 @@ def state_dict_from_params(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
     if spec.expert is not None:
       x = x[spec.expert]
     if x.shape != spec.jax_shape:
-      raise ValueError(f"params {'/'.join(spec.path)} has shape {x.shape}, expected "
-                       f"{spec.jax_shape} for this model config.")
-    state[spec.name] = np.ascontiguousarray(x.reshape(spec.hf_shape[::-1]).T
-                                            if spec.transpose else x)
+      raise ValueError(
+        f"params {'/'.join(spec.path)} has shape {x.shape}, expected "
+        f"{spec.jax_shape} for this model config."
+      )
+    state[spec.name] = np.ascontiguousarray(
+      x.reshape(spec.hf_shape[::-1]).T if spec.transpose else x
+    )
   if not cfg.tie_embeddings:  # transformers 5.x ties nothing then: write the copies
     for name in TIED_EMBEDDINGS:
       state[name] = state["shared.weight"].copy()
@@ -571,18 +685,24 @@ def _checkpoint_dir(path) -> pathlib.Path:
   """The directory, with clear errors for a missing, non-directory or empty path."""
   path = pathlib.Path(path)
   if not path.exists():
-    raise CheckpointError(f"{path} does not exist: give a Hugging Face checkpoint directory "
-                          "(config.json plus weights).")
+    raise CheckpointError(
+      f"{path} does not exist: give a Hugging Face checkpoint directory (config.json plus weights)."
+    )
   if not path.is_dir():
-    raise CheckpointError(f"{path} is not a directory: give the Hugging Face checkpoint "
-                          "directory holding config.json and the weights.")
+    raise CheckpointError(
+      f"{path} is not a directory: give the Hugging Face checkpoint "
+      "directory holding config.json and the weights."
+    )
   files = sorted(p.name for p in path.iterdir())
   if not files:
-    raise CheckpointError(f"{path} is empty: expected config.json and model.safetensors (or "
-                          "pytorch_model.bin).")
+    raise CheckpointError(
+      f"{path} is empty: expected config.json and model.safetensors (or pytorch_model.bin)."
+    )
   if "config.json" not in files:
-    raise CheckpointError(f"{path} has no config.json (found {', '.join(files[:10])}); a "
-                          "Hugging Face checkpoint directory needs it.")
+    raise CheckpointError(
+      f"{path} has no config.json (found {', '.join(files[:10])}); a "
+      "Hugging Face checkpoint directory needs it."
+    )
   return path
 
 
@@ -618,15 +738,17 @@ def _model_config(model_or_config) -> ModelConfig:
   if isinstance(model_or_config, ModelConfig):
     return model_or_config
   if isinstance(model_or_config, (Config, SwitchTransformer)):
-    return model_or_config.model if isinstance(model_or_config, Config) \
-        else model_or_config.config
-  raise TypeError(f"to_hf takes a SwitchTransformer, a ModelConfig or a Config, not "
-                  f"{type(model_or_config).__name__}.")
+    return model_or_config.model if isinstance(model_or_config, Config) else model_or_config.config
+  raise TypeError(
+    f"to_hf takes a SwitchTransformer, a ModelConfig or a Config, not "
+    f"{type(model_or_config).__name__}."
+  )
 
 
 def _plain_params(params) -> dict:
   """Unboxes logical-partitioning metadata and a {'params': ...} wrapper."""
   import flax.linen as nn
+
   params = nn.meta.unbox(params)
   if "params" in params and "token_embedder" not in params:
     params = params["params"]
@@ -653,7 +775,8 @@ def to_hf(model_or_config, params, out_dir) -> pathlib.Path:
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-  (out / "generation_config.json").write_text(json.dumps(
-      {"decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}, indent=2) + "\n")
+  (out / "generation_config.json").write_text(
+    json.dumps({"decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}, indent=2) + "\n"
+  )
   save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
   return out

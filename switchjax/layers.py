@@ -9,7 +9,7 @@ norm without mean subtraction computed in float32, attention logits not scaled b
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -24,21 +24,27 @@ NEG_INF = -1e10  # added to masked attention logits
 
 class RMSNorm(nn.Module):
   """T5 layer norm: x / sqrt(mean(x^2) + eps) * scale, in float32, no bias, no centring."""
+
   epsilon: float = 1e-6
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                       (x.shape[-1],), self.param_dtype)
+    scale = self.param(
+      "scale",
+      nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+      (x.shape[-1],),
+      self.param_dtype,
+    )
     x = x.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.epsilon)
     return (x * jnp.asarray(scale, jnp.float32)).astype(self.dtype)
 
 
-def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,
-                             num_buckets: int = 32, max_distance: int = 128) -> np.ndarray:
+def relative_position_bucket(
+  relative_position: np.ndarray, bidirectional: bool, num_buckets: int = 32, max_distance: int = 128
+) -> np.ndarray:
   """T5's bucketing of (key position - query position), computed statically in NumPy.
 
   Half of the buckets hold exact small distances, the other half logarithmically wider ranges
@@ -56,9 +62,11 @@ def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,
   max_exact = num_buckets // 2
   is_small = n < max_exact
   with np.errstate(divide="ignore"):
-    large = max_exact + (np.log(n.astype(np.float32) / max_exact + np.finfo(np.float32).eps) /
-                         math.log(max_distance / max_exact) *
-                         (num_buckets - max_exact)).astype(np.int64)
+    large = max_exact + (
+      np.log(n.astype(np.float32) / max_exact + np.finfo(np.float32).eps)
+      / math.log(max_distance / max_exact)
+      * (num_buckets - max_exact)
+    ).astype(np.int64)
   large = np.minimum(large, num_buckets - 1)
   return ret + np.where(is_small, n, large)
 
@@ -70,6 +78,7 @@ class RelativePositionBias(nn.Module):
     num_heads, num_buckets, max_distance: T5 uses 32 buckets up to distance 128.
     bidirectional: True in the encoder, False (causal buckets) in the decoder.
   """
+
   num_heads: int
   num_buckets: int = 32
   max_distance: int = 128
@@ -79,8 +88,12 @@ class RelativePositionBias(nn.Module):
 
   def setup(self):
     init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
-    self.rel_embedding = self.param("rel_embedding", nn.with_logical_partitioning(
-        init, ("heads", "relpos_buckets")), (self.num_heads, self.num_buckets), self.param_dtype)
+    self.rel_embedding = self.param(
+      "rel_embedding",
+      nn.with_logical_partitioning(init, ("heads", "relpos_buckets")),
+      (self.num_heads, self.num_buckets),
+      self.param_dtype,
+    )
 
   def _bias(self, buckets) -> Array:
     # [heads, *buckets.shape]
@@ -89,16 +102,18 @@ class RelativePositionBias(nn.Module):
   def __call__(self, q_len: int, k_len: int) -> Array:
     """Bias <float>[1, heads, q_len, k_len] for queries and keys at positions 0, 1, ..."""
     relative = np.arange(k_len)[None, :] - np.arange(q_len)[:, None]
-    buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets,
-                                       self.max_distance)  # [q_len, k_len]
+    buckets = relative_position_bucket(
+      relative, self.bidirectional, self.num_buckets, self.max_distance
+    )  # [q_len, k_len]
     return self._bias(buckets)[None]
 
   def decode_step(self, position: Array, k_len: int) -> Array:
     """Bias <float>[1, heads, 1, k_len] of one decoder query at a traced `position` over keys
     0..k_len-1 (keys after `position` get the bucket of distance 0; they are masked anyway)."""
     # Static table: bucket of each distance query - key = 0 .. k_len-1.
-    table = relative_position_bucket(-np.arange(k_len), self.bidirectional, self.num_buckets,
-                                     self.max_distance)
+    table = relative_position_bucket(
+      -np.arange(k_len), self.bidirectional, self.num_buckets, self.max_distance
+    )
     distance = jnp.clip(position - jnp.arange(k_len), 0, k_len - 1)
     return self._bias(jnp.asarray(table)[distance])[None, :, None, :]
 
@@ -114,6 +129,7 @@ class MultiHeadAttention(nn.Module):
     kernel_init: initialiser of the projections; the query's is divided by sqrt(d_kv), which
       is equivalent to scaling the logits under Adafactor (T5's convention).
   """
+
   num_heads: int
   d_kv: int
   dropout_rate: float = 0.0
@@ -121,18 +137,30 @@ class MultiHeadAttention(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   kernel_init: nn.initializers.Initializer = nn.initializers.variance_scaling(
-      1.0, "fan_in", "normal")
+    1.0, "fan_in", "normal"
+  )
 
   def _project(self, name, x, init):
-    kernel = self.param(name, nn.with_logical_partitioning(init, ("embed", "heads", "kv")),
-                        (x.shape[-1], self.num_heads, self.d_kv), self.param_dtype)
+    kernel = self.param(
+      name,
+      nn.with_logical_partitioning(init, ("embed", "heads", "kv")),
+      (x.shape[-1], self.num_heads, self.d_kv),
+      self.param_dtype,
+    )
     # [batch, length, heads, d_kv]
     return jnp.einsum("bld,dhk->blhk", x, jnp.asarray(kernel, self.dtype))
 
   @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Optional[Array], bias: Optional[Array], *,
-               enable_dropout: bool = False, decode: bool = False,
-               decode_position: Optional[Array] = None) -> Array:
+  def __call__(
+    self,
+    inputs_q: Array,
+    inputs_kv: Array | None,
+    bias: Array | None,
+    *,
+    enable_dropout: bool = False,
+    decode: bool = False,
+    decode_position: Array | None = None,
+  ) -> Array:
     """Attends from inputs_q [batch, q_len, d] to inputs_kv [batch, kv_len, d].
 
     Args:
@@ -164,11 +192,15 @@ class MultiHeadAttention(nn.Module):
       logits = logits + bias.astype(jnp.float32)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout_rate, broadcast_dims=(0, 1))(
-        weights, deterministic=not enable_dropout)
+      weights, deterministic=not enable_dropout
+    )
     out = jnp.einsum("bhqv,bvhk->bqhk", weights, v)
-    out_kernel = self.param("out", nn.with_logical_partitioning(
-        self.kernel_init, ("heads", "kv", "embed")), (self.num_heads, self.d_kv, d_model),
-                            self.param_dtype)
+    out_kernel = self.param(
+      "out",
+      nn.with_logical_partitioning(self.kernel_init, ("heads", "kv", "embed")),
+      (self.num_heads, self.d_kv, d_model),
+      self.param_dtype,
+    )
     out = jnp.einsum("bqhk,hkd->bqd", out, jnp.asarray(out_kernel, self.dtype))
     return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
@@ -194,10 +226,12 @@ class MultiHeadAttention(nn.Module):
     k = self._project("key", inputs_q, self.kernel_init)
     v = self._project("value", inputs_q, self.kernel_init)
     index = (0, decode_position, 0, 0)
-    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k.astype(
-        cached_key.value.dtype), index)
-    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v.astype(
-        cached_value.value.dtype), index)
+    cached_key.value = jax.lax.dynamic_update_slice(
+      cached_key.value, k.astype(cached_key.value.dtype), index
+    )
+    cached_value.value = jax.lax.dynamic_update_slice(
+      cached_value.value, v.astype(cached_value.value.dtype), index
+    )
     return cached_key.value, cached_value.value
 
 
@@ -209,28 +243,36 @@ class MlpBlock(nn.Module):
     activations: one name, or two for a gated unit.
     dropout_rate: dropout on the hidden activations (broadcast along the length, as T5X).
   """
+
   d_ff: int
   activations: Sequence[str] = ("relu",)
   dropout_rate: float = 0.0
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   kernel_init: nn.initializers.Initializer = nn.initializers.variance_scaling(
-      1.0, "fan_in", "truncated_normal")
+    1.0, "fan_in", "truncated_normal"
+  )
 
   @nn.compact
   def __call__(self, x: Array, *, enable_dropout: bool = False) -> Array:
     d_model = x.shape[-1]
 
     def kernel(name, shape, axes):
-      return jnp.asarray(self.param(name, nn.with_logical_partitioning(self.kernel_init, axes),
-                                    shape, self.param_dtype), self.dtype)
+      return jnp.asarray(
+        self.param(
+          name, nn.with_logical_partitioning(self.kernel_init, axes), shape, self.param_dtype
+        ),
+        self.dtype,
+      )
 
-    names = ["wi"] if len(self.activations) == 1 else [f"wi_{i}" for i in
-                                                         range(len(self.activations))]
+    names = (
+      ["wi"] if len(self.activations) == 1 else [f"wi_{i}" for i in range(len(self.activations))]
+    )
     h = 1.0
     for name, act in zip(names, self.activations):
-      h = h * activation_fn(act)(jnp.einsum("bld,df->blf", x,
-                                            kernel(name, (d_model, self.d_ff), ("embed", "mlp"))))
+      h = h * activation_fn(act)(
+        jnp.einsum("bld,df->blf", x, kernel(name, (d_model, self.d_ff), ("embed", "mlp")))
+      )
     # [batch, length, d_ff]
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     h = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(h, deterministic=not enable_dropout)
@@ -239,6 +281,7 @@ class MlpBlock(nn.Module):
 
 class Embed(nn.Module):
   """Token embedding; `attend` computes logits against it in float32 (tied output layer)."""
+
   num_embeddings: int
   features: int
   dtype: jnp.dtype = jnp.float32
@@ -246,9 +289,12 @@ class Embed(nn.Module):
   embedding_init: nn.initializers.Initializer = nn.initializers.normal(stddev=1.0)
 
   def setup(self):
-    self.embedding = self.param("embedding", nn.with_logical_partitioning(
-        self.embedding_init, ("vocab", "embed")), (self.num_embeddings, self.features),
-                                self.param_dtype)
+    self.embedding = self.param(
+      "embedding",
+      nn.with_logical_partitioning(self.embedding_init, ("vocab", "embed")),
+      (self.num_embeddings, self.features),
+      self.param_dtype,
+    )
 
   def __call__(self, tokens: Array) -> Array:
     """tokens <int>[batch, length] -> <dtype>[batch, length, features]."""
@@ -256,5 +302,6 @@ class Embed(nn.Module):
 
   def attend(self, x: Array) -> Array:
     """x [batch, length, features] -> float32 logits [batch, length, vocab]."""
-    return jnp.einsum("bld,vd->blv", x.astype(jnp.float32),
-                      jnp.asarray(self.embedding, jnp.float32))
+    return jnp.einsum(
+      "bld,vd->blv", x.astype(jnp.float32), jnp.asarray(self.embedding, jnp.float32)
+    )

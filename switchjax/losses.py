@@ -16,13 +16,18 @@ import jax.numpy as jnp
 from switchjax import routing
 
 Array = jax.Array
-ROUTING_METRICS = ("auxiliary_loss", "router_z_loss", "fraction_tokens_left_behind",
-                   "expert_usage", "router_confidence")
+ROUTING_METRICS = (
+  "auxiliary_loss",
+  "router_z_loss",
+  "fraction_tokens_left_behind",
+  "expert_usage",
+  "router_confidence",
+)
 
 
-def cross_entropy_with_z_loss(logits: Array, targets: Array, weights: Array,
-                              z_loss: float = 0.0,
-                              label_smoothing: float = 0.0) -> tuple[Array, Array, Array]:
+def cross_entropy_with_z_loss(
+  logits: Array, targets: Array, weights: Array, z_loss: float = 0.0, label_smoothing: float = 0.0
+) -> tuple[Array, Array, Array]:
   """T5X's weighted cross-entropy.
 
   Args:
@@ -40,15 +45,22 @@ def cross_entropy_with_z_loss(logits: Array, targets: Array, weights: Array,
   confidence = 1.0 - label_smoothing
   low_confidence = label_smoothing / (vocab - 1)
   # Entropy of the smoothed target distribution: the CE of a perfect prediction.
-  normalizing_constant = -(confidence * math.log(confidence) +
-                           (vocab - 1) * low_confidence * math.log(low_confidence + 1e-20)) \
-      if label_smoothing > 0 else 0.0
+  normalizing_constant = (
+    -(
+      confidence * math.log(confidence)
+      + (vocab - 1) * low_confidence * math.log(low_confidence + 1e-20)
+    )
+    if label_smoothing > 0
+    else 0.0
+  )
   log_z = jax.nn.logsumexp(logits, axis=-1)  # [batch, length]
   log_probs = logits - log_z[..., None]
   target_log_prob = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
   if label_smoothing > 0:
-    ce = -(confidence * target_log_prob +
-           low_confidence * (jnp.sum(log_probs, axis=-1) - target_log_prob))
+    ce = -(
+      confidence * target_log_prob
+      + low_confidence * (jnp.sum(log_probs, axis=-1) - target_log_prob)
+    )
   else:
     ce = -target_log_prob
   ce = ce - normalizing_constant
@@ -60,6 +72,7 @@ def cross_entropy_with_z_loss(logits: Array, targets: Array, weights: Array,
 # --------------------------------------------------------------------------------------------
 # Routing metrics sown by the MoE layers.
 
+
 def moe_layer_metrics(intermediates: Any) -> dict[str, dict[str, Array]]:
   """{layer path: {metric: value}} for every MoE layer found in the 'intermediates'
   collection (paths like 'encoder/layers_1/mlp')."""
@@ -68,8 +81,9 @@ def moe_layer_metrics(intermediates: Any) -> dict[str, dict[str, Array]]:
   def visit(node, path):
     if isinstance(node, dict) or hasattr(node, "items"):
       if "auxiliary_loss" in node:
-        found["/".join(path)] = {name: value[0] if isinstance(value, tuple) else value
-                                 for name, value in node.items()}
+        found["/".join(path)] = {
+          name: value[0] if isinstance(value, tuple) else value for name, value in node.items()
+        }
         return
       for key, child in node.items():
         visit(child, path + [key])
@@ -78,26 +92,36 @@ def moe_layer_metrics(intermediates: Any) -> dict[str, dict[str, Array]]:
   return found
 
 
-def moe_losses_and_metrics(intermediates: Any, aux_loss_factor: float,
-                           router_z_loss_factor: float) -> tuple[Array, dict[str, Array]]:
+def moe_losses_and_metrics(
+  intermediates: Any, aux_loss_factor: float, router_z_loss_factor: float
+) -> tuple[Array, dict[str, Array]]:
   """(weighted MoE loss terms, metrics averaged over layers plus per-layer values)."""
   layers = moe_layer_metrics(intermediates)
   if not layers:
     return jnp.float32(0.0), {}
-  metrics = {name: jnp.mean(jnp.stack([m[name] for m in layers.values()])).astype(jnp.float32)
-             for name in ROUTING_METRICS}
+  metrics = {
+    name: jnp.mean(jnp.stack([m[name] for m in layers.values()])).astype(jnp.float32)
+    for name in ROUTING_METRICS
+  }
   for path, m in layers.items():
     for name in ("expert_usage", "fraction_tokens_left_behind", "router_confidence"):
       metrics[f"layers/{path}/{name}"] = m[name].astype(jnp.float32)
-  loss = (aux_loss_factor * metrics["auxiliary_loss"] +
-          router_z_loss_factor * metrics["router_z_loss"])
+  loss = (
+    aux_loss_factor * metrics["auxiliary_loss"] + router_z_loss_factor * metrics["router_z_loss"]
+  )
   return loss, metrics
 
 
-def loss_and_metrics(logits: Array, batch: dict[str, Array], intermediates: Any, *,
-                     z_loss: float = 1e-4, label_smoothing: float = 0.0,
-                     aux_loss_factor: float = 0.01,
-                     router_z_loss_factor: float = 0.0) -> tuple[Array, dict[str, Array]]:
+def loss_and_metrics(
+  logits: Array,
+  batch: dict[str, Array],
+  intermediates: Any,
+  *,
+  z_loss: float = 1e-4,
+  label_smoothing: float = 0.0,
+  aux_loss_factor: float = 0.01,
+  router_z_loss_factor: float = 0.0,
+) -> tuple[Array, dict[str, Array]]:
   """The T5X MoE training loss for one batch and its metrics.
 
   `batch` holds decoder_target_tokens and, optionally, decoder_loss_weights (default:
@@ -107,25 +131,28 @@ def loss_and_metrics(logits: Array, batch: dict[str, Array], intermediates: Any,
   weights = batch.get("decoder_loss_weights")
   if weights is None:
     weights = (targets > 0).astype(jnp.float32)
-  total, total_z, num_tokens = cross_entropy_with_z_loss(logits, targets, weights, z_loss,
-                                                         label_smoothing)
+  total, total_z, num_tokens = cross_entropy_with_z_loss(
+    logits, targets, weights, z_loss, label_smoothing
+  )
   denominator = jnp.maximum(num_tokens, 1.0)
-  moe_loss, metrics = moe_losses_and_metrics(intermediates, aux_loss_factor,
-                                             router_z_loss_factor)
+  moe_loss, metrics = moe_losses_and_metrics(intermediates, aux_loss_factor, router_z_loss_factor)
   loss = total / denominator + moe_loss
-  metrics.update({
+  metrics.update(
+    {
       "loss": loss,
       "cross_entropy": (total - total_z) / denominator,
       "z_loss": total_z / denominator,
       "moe_loss": moe_loss,
       "num_target_tokens": num_tokens,
       "accuracy": jnp.sum((jnp.argmax(logits, -1) == targets) * weights) / denominator,
-  })
+    }
+  )
   return loss, metrics
 
 
 # --------------------------------------------------------------------------------------------
 # Hugging Face's pooled router losses.
+
 
 def hf_router_losses(intermediates: Any, stack: str) -> tuple[Array, Array]:
   """(z-loss, load-balancing loss) as Hugging Face computes them with
@@ -137,14 +164,17 @@ def hf_router_losses(intermediates: Any, stack: str) -> tuple[Array, Array]:
     intermediates: the 'intermediates' collection of a forward pass.
     stack: 'encoder' or 'decoder'.
   """
-  logits = [m["router_logits"] for path, m in sorted(
-      moe_layer_metrics(intermediates).items(), key=lambda kv: _layer_index(kv[0]))
-            if path.startswith(stack)]
+  logits = [
+    m["router_logits"]
+    for path, m in sorted(
+      moe_layer_metrics(intermediates).items(), key=lambda kv: _layer_index(kv[0])
+    )
+    if path.startswith(stack)
+  ]
   # [batch, sum of lengths, experts]
   logits = jnp.concatenate(logits, axis=1).astype(jnp.float32)
   z = routing.router_z_loss(logits)
-  aux = routing.load_balancing_loss(jax.nn.softmax(logits, -1),
-                                    jnp.argmax(logits, -1)[..., None])
+  aux = routing.load_balancing_loss(jax.nn.softmax(logits, -1), jnp.argmax(logits, -1)[..., None])
   return z, aux
 
 

@@ -17,6 +17,7 @@ class MetricsWriter:
     workdir = pathlib.Path(workdir)
     self._jsonl = open(workdir / "metrics.jsonl", "a")
     from tensorboardX import SummaryWriter
+
     self._tb = SummaryWriter(str(workdir / "tensorboard"))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:

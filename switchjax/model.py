@@ -17,8 +17,6 @@ every sublayer are zeroed at padding positions, so padding is routed as all-zero
 
 from __future__ import annotations
 
-from typing import Optional
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -32,6 +30,7 @@ Array = jax.Array
 
 # --------------------------------------------------------------------------------------------
 # Sparse layer placement.
+
 
 def sparse_layer_indices(num_layers: int, num_sparse: int, layout: str) -> tuple[int, ...]:
   """Indices of the MoE layers of a stack.
@@ -75,12 +74,12 @@ def encoder_sparse_layers(cfg: ModelConfig) -> tuple[int, ...]:
 def decoder_sparse_layers(cfg: ModelConfig) -> tuple[int, ...]:
   if cfg.sparse_decoder_layers is not None:
     return tuple(cfg.sparse_decoder_layers)
-  return sparse_layer_indices(cfg.decoder_layers, cfg.num_sparse_decoder_layers,
-                              cfg.sparse_layout)
+  return sparse_layer_indices(cfg.decoder_layers, cfg.num_sparse_decoder_layers, cfg.sparse_layout)
 
 
 # --------------------------------------------------------------------------------------------
 # Masks.
+
 
 def padding_bias(key_tokens: Array, dtype=jnp.float32) -> Array:
   """[batch, 1, 1, keys]: 0 for real keys, NEG_INF for padding (token 0)."""
@@ -105,37 +104,66 @@ def decoder_logit_mask(decoder_input_tokens: Array) -> Array:
 # --------------------------------------------------------------------------------------------
 # Layers.
 
+
 def _mlp(cfg: ModelConfig, sparse: bool, causal: bool, name: str) -> nn.Module:
   dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
   if sparse:
-    return MoeLayer(cfg.moe, d_ff=cfg.expert_mlp_dim, activations=cfg.expert_acts,
-                    dropout_rate=cfg.expert_dropout, causal=causal, dtype=dtype,
-                    param_dtype=param_dtype, kernel_init=expert_kernel_init(cfg.init_scale),
-                    name=name)
-  return layers.MlpBlock(cfg.d_ff, cfg.mlp_activations, cfg.dropout_rate, dtype=dtype,
-                         param_dtype=param_dtype, kernel_init=nn.initializers.variance_scaling(
-                             cfg.init_scale, "fan_in", "truncated_normal"), name=name)
+    return MoeLayer(
+      cfg.moe,
+      d_ff=cfg.expert_mlp_dim,
+      activations=cfg.expert_acts,
+      dropout_rate=cfg.expert_dropout,
+      causal=causal,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=expert_kernel_init(cfg.init_scale),
+      name=name,
+    )
+  return layers.MlpBlock(
+    cfg.d_ff,
+    cfg.mlp_activations,
+    cfg.dropout_rate,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    kernel_init=nn.initializers.variance_scaling(cfg.init_scale, "fan_in", "truncated_normal"),
+    name=name,
+  )
 
 
 def _attention(cfg: ModelConfig, name: str, cross: bool = False) -> layers.MultiHeadAttention:
   return layers.MultiHeadAttention(
-      cfg.num_heads, cfg.d_kv, cfg.dropout_rate, cross_attention=cross,
-      dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-      kernel_init=nn.initializers.variance_scaling(cfg.init_scale, "fan_in", "normal"),
-      name=name)
+    cfg.num_heads,
+    cfg.d_kv,
+    cfg.dropout_rate,
+    cross_attention=cross,
+    dtype=jnp.dtype(cfg.dtype),
+    param_dtype=jnp.dtype(cfg.param_dtype),
+    kernel_init=nn.initializers.variance_scaling(cfg.init_scale, "fan_in", "normal"),
+    name=name,
+  )
 
 
 def _norm(cfg: ModelConfig, name: str) -> layers.RMSNorm:
-  return layers.RMSNorm(cfg.layer_norm_epsilon, dtype=jnp.dtype(cfg.dtype),
-                        param_dtype=jnp.dtype(cfg.param_dtype), name=name)
+  return layers.RMSNorm(
+    cfg.layer_norm_epsilon,
+    dtype=jnp.dtype(cfg.dtype),
+    param_dtype=jnp.dtype(cfg.param_dtype),
+    name=name,
+  )
 
 
 def _dropout(cfg: ModelConfig) -> nn.Dropout:
   return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))  # broadcast along length, as T5X
 
 
-def _residual(cfg: ModelConfig, x: Array, norm_name: str, logit_mask: Optional[Array],
-              sublayer, enable_dropout: bool) -> Array:
+def _residual(
+  cfg: ModelConfig,
+  x: Array,
+  norm_name: str,
+  logit_mask: Array | None,
+  sublayer,
+  enable_dropout: bool,
+) -> Array:
   """A pre-norm residual block: x + Dropout(sublayer(Norm(x) * logit_mask))."""
   h = _norm(cfg, norm_name)(x)
   if logit_mask is not None:
@@ -145,41 +173,86 @@ def _residual(cfg: ModelConfig, x: Array, norm_name: str, logit_mask: Optional[A
 
 class EncoderLayer(nn.Module):
   """Self-attention then a dense or sparse MLP, each pre-normed with a residual."""
+
   config: ModelConfig
   sparse: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, bias: Array, logit_mask: Optional[Array],
-               enable_dropout: bool = False) -> Array:
+  def __call__(
+    self, x: Array, bias: Array, logit_mask: Array | None, enable_dropout: bool = False
+  ) -> Array:
     cfg = self.config
-    x = _residual(cfg, x, "pre_attention_layer_norm", logit_mask, lambda h: _attention(
-        cfg, "attention")(h, h, bias, enable_dropout=enable_dropout), enable_dropout)
-    x = _residual(cfg, x, "pre_mlp_layer_norm", logit_mask, lambda h: _mlp(
-        cfg, self.sparse, causal=False, name="mlp")(h, enable_dropout=enable_dropout),
-                  enable_dropout)
+    x = _residual(
+      cfg,
+      x,
+      "pre_attention_layer_norm",
+      logit_mask,
+      lambda h: _attention(cfg, "attention")(h, h, bias, enable_dropout=enable_dropout),
+      enable_dropout,
+    )
+    x = _residual(
+      cfg,
+      x,
+      "pre_mlp_layer_norm",
+      logit_mask,
+      lambda h: _mlp(cfg, self.sparse, causal=False, name="mlp")(h, enable_dropout=enable_dropout),
+      enable_dropout,
+    )
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
 class DecoderLayer(nn.Module):
   """Causal self-attention, cross-attention to the encoder, then a dense or sparse MLP."""
+
   config: ModelConfig
   sparse: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, encoded: Optional[Array], self_bias: Array, cross_bias: Array,
-               logit_mask: Optional[Array], enable_dropout: bool = False, decode: bool = False,
-               decode_position: Optional[Array] = None) -> Array:
+  def __call__(
+    self,
+    x: Array,
+    encoded: Array | None,
+    self_bias: Array,
+    cross_bias: Array,
+    logit_mask: Array | None,
+    enable_dropout: bool = False,
+    decode: bool = False,
+    decode_position: Array | None = None,
+  ) -> Array:
     cfg = self.config
-    x = _residual(cfg, x, "pre_self_attention_layer_norm", logit_mask, lambda h: _attention(
-        cfg, "self_attention")(h, h, self_bias, enable_dropout=enable_dropout, decode=decode,
-                               decode_position=decode_position), enable_dropout)
-    x = _residual(cfg, x, "pre_cross_attention_layer_norm", logit_mask, lambda h: _attention(
-        cfg, "encoder_decoder_attention", cross=True)(
-            h, encoded, cross_bias, enable_dropout=enable_dropout, decode=decode),
-                  enable_dropout)
-    x = _residual(cfg, x, "pre_mlp_layer_norm", logit_mask, lambda h: _mlp(
-        cfg, self.sparse, causal=True, name="mlp")(h, enable_dropout=enable_dropout),
-                  enable_dropout)
+    x = _residual(
+      cfg,
+      x,
+      "pre_self_attention_layer_norm",
+      logit_mask,
+      lambda h: _attention(cfg, "self_attention")(
+        h,
+        h,
+        self_bias,
+        enable_dropout=enable_dropout,
+        decode=decode,
+        decode_position=decode_position,
+      ),
+      enable_dropout,
+    )
+    x = _residual(
+      cfg,
+      x,
+      "pre_cross_attention_layer_norm",
+      logit_mask,
+      lambda h: _attention(cfg, "encoder_decoder_attention", cross=True)(
+        h, encoded, cross_bias, enable_dropout=enable_dropout, decode=decode
+      ),
+      enable_dropout,
+    )
+    x = _residual(
+      cfg,
+      x,
+      "pre_mlp_layer_norm",
+      logit_mask,
+      lambda h: _mlp(cfg, self.sparse, causal=True, name="mlp")(h, enable_dropout=enable_dropout),
+      enable_dropout,
+    )
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
@@ -191,8 +264,10 @@ def _maybe_remat(cls, cfg: ModelConfig, static_argnums):
 # --------------------------------------------------------------------------------------------
 # Stacks.
 
+
 class Encoder(nn.Module):
   """Token embedding (shared), relative position bias, the encoder layers, final norm."""
+
   config: ModelConfig
   embedder: layers.Embed
 
@@ -205,30 +280,42 @@ class Encoder(nn.Module):
     x = _dropout(cfg)(x, deterministic=not enable_dropout)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     relpos = layers.RelativePositionBias(
-        cfg.num_heads, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
-        bidirectional=True, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-        name="relpos_bias")
+      cfg.num_heads,
+      cfg.relative_attention_num_buckets,
+      cfg.relative_attention_max_distance,
+      bidirectional=True,
+      dtype=jnp.dtype(cfg.dtype),
+      param_dtype=jnp.dtype(cfg.param_dtype),
+      name="relpos_bias",
+    )
     bias = relpos(length, length) + padding_bias(tokens, jnp.dtype(cfg.dtype))
-    logit_mask = (tokens > 0)[..., None].astype(x.dtype) if cfg.mask_padding_activations \
-        else None
+    logit_mask = (tokens > 0)[..., None].astype(x.dtype) if cfg.mask_padding_activations else None
     sparse = set(encoder_sparse_layers(cfg))
     layer_cls = _maybe_remat(EncoderLayer, cfg, static_argnums=(4,))
     for i in range(cfg.num_layers):
-      x = layer_cls(cfg, sparse=i in sparse, name=f"layers_{i}")(x, bias, logit_mask,
-                                                                 enable_dropout)
+      x = layer_cls(cfg, sparse=i in sparse, name=f"layers_{i}")(
+        x, bias, logit_mask, enable_dropout
+      )
     x = _norm(cfg, "encoder_norm")(x)
     return _dropout(cfg)(x, deterministic=not enable_dropout)
 
 
 class Decoder(nn.Module):
   """Token embedding (shared), causal relative bias, decoder layers, final norm, logits."""
+
   config: ModelConfig
   embedder: layers.Embed
 
   @nn.compact
-  def __call__(self, encoded: Optional[Array], encoder_input_tokens: Array,
-               decoder_input_tokens: Array, decoder_target_tokens: Optional[Array] = None,
-               enable_dropout: bool = False, decode: bool = False) -> Array:
+  def __call__(
+    self,
+    encoded: Array | None,
+    encoder_input_tokens: Array,
+    decoder_input_tokens: Array,
+    decoder_target_tokens: Array | None = None,
+    enable_dropout: bool = False,
+    decode: bool = False,
+  ) -> Array:
     """Returns float32 logits [batch, length, vocab].
 
     In decode mode the 'cache' collection must be mutable. The first such call (on a dummy
@@ -239,9 +326,14 @@ class Decoder(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     length = decoder_input_tokens.shape[1]
     relpos = layers.RelativePositionBias(
-        cfg.num_heads, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
-        bidirectional=False, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
-        name="relpos_bias")
+      cfg.num_heads,
+      cfg.relative_attention_num_buckets,
+      cfg.relative_attention_max_distance,
+      bidirectional=False,
+      dtype=dtype,
+      param_dtype=jnp.dtype(cfg.param_dtype),
+      name="relpos_bias",
+    )
     cross_bias = padding_bias(encoder_input_tokens, dtype)
 
     position = None
@@ -262,8 +354,11 @@ class Decoder(nn.Module):
       self_bias = relpos(length, length) + causal_bias(length, dtype)
       if decoder_target_tokens is not None:  # T5X: padding targets are masked as keys too
         self_bias = self_bias + padding_bias(decoder_target_tokens, dtype)
-      logit_mask = decoder_logit_mask(decoder_input_tokens).astype(dtype) \
-          if cfg.mask_padding_activations else None
+      logit_mask = (
+        decoder_logit_mask(decoder_input_tokens).astype(dtype)
+        if cfg.mask_padding_activations
+        else None
+      )
 
     x = self.embedder(decoder_input_tokens)
     x = _dropout(cfg)(x, deterministic=not enable_dropout)
@@ -272,15 +367,22 @@ class Decoder(nn.Module):
     layer_cls = _maybe_remat(DecoderLayer, cfg, static_argnums=(6, 7))
     for i in range(cfg.decoder_layers):
       x = layer_cls(cfg, sparse=i in sparse, name=f"layers_{i}")(
-          x, encoded, self_bias, cross_bias, logit_mask, enable_dropout, decode, position)
+        x, encoded, self_bias, cross_bias, logit_mask, enable_dropout, decode, position
+      )
     x = _norm(cfg, "decoder_norm")(x)
     x = _dropout(cfg)(x, deterministic=not enable_dropout)
     if cfg.tie_embeddings:
       logits = self.embedder.attend(x * cfg.d_model**-0.5)
     else:
-      kernel = self.param("logits_dense", nn.with_logical_partitioning(
+      kernel = self.param(
+        "logits_dense",
+        nn.with_logical_partitioning(
           nn.initializers.variance_scaling(cfg.init_scale, "fan_in", "truncated_normal"),
-          ("embed", "vocab")), (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
+          ("embed", "vocab"),
+        ),
+        (cfg.d_model, cfg.vocab_size),
+        jnp.dtype(cfg.param_dtype),
+      )
       logits = jnp.einsum("bld,dv->blv", x.astype(jnp.float32), jnp.asarray(kernel, jnp.float32))
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
@@ -288,9 +390,11 @@ class Decoder(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Models.
 
+
 def _embedder(cfg: ModelConfig) -> layers.Embed:
-  return layers.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype),
-                      param_dtype=jnp.dtype(cfg.param_dtype))
+  return layers.Embed(
+    cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype)
+  )
 
 
 class SwitchTransformer(nn.Module):
@@ -302,6 +406,7 @@ class SwitchTransformer(nn.Module):
   layer's router logits and metrics; training needs rngs 'dropout' (and 'jitter' if the router
   jitters).
   """
+
   config: ModelConfig
 
   def setup(self):
@@ -310,23 +415,44 @@ class SwitchTransformer(nn.Module):
     self.encoder = Encoder(self.config, self.token_embedder)
     self.decoder = Decoder(self.config, self.token_embedder)
 
-  def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
-               decoder_target_tokens: Optional[Array] = None,
-               enable_dropout: bool = False) -> Array:
+  def __call__(
+    self,
+    encoder_input_tokens: Array,
+    decoder_input_tokens: Array,
+    decoder_target_tokens: Array | None = None,
+    enable_dropout: bool = False,
+  ) -> Array:
     encoded = self.encode(encoder_input_tokens, enable_dropout=enable_dropout)
-    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
-                       decoder_target_tokens, enable_dropout=enable_dropout)
+    return self.decode(
+      encoded,
+      encoder_input_tokens,
+      decoder_input_tokens,
+      decoder_target_tokens,
+      enable_dropout=enable_dropout,
+    )
 
   def encode(self, encoder_input_tokens: Array, enable_dropout: bool = False) -> Array:
     """[batch, input_length] tokens -> [batch, input_length, d_model]."""
     return self.encoder(encoder_input_tokens, enable_dropout=enable_dropout)
 
-  def decode(self, encoded: Optional[Array], encoder_input_tokens: Array,
-             decoder_input_tokens: Array, decoder_target_tokens: Optional[Array] = None,
-             enable_dropout: bool = False, decode: bool = False) -> Array:
+  def decode(
+    self,
+    encoded: Array | None,
+    encoder_input_tokens: Array,
+    decoder_input_tokens: Array,
+    decoder_target_tokens: Array | None = None,
+    enable_dropout: bool = False,
+    decode: bool = False,
+  ) -> Array:
     """Decoder logits given the encoder's output (see `Decoder` for decode mode)."""
-    return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens,
-                        decoder_target_tokens, enable_dropout=enable_dropout, decode=decode)
+    return self.decoder(
+      encoded,
+      encoder_input_tokens,
+      decoder_input_tokens,
+      decoder_target_tokens,
+      enable_dropout=enable_dropout,
+      decode=decode,
+    )
 
 
 def init_params(model: SwitchTransformer, key: Array) -> dict:
@@ -338,6 +464,7 @@ def init_params(model: SwitchTransformer, key: Array) -> dict:
 
 class SwitchEncoder(nn.Module):
   """Encoder-only Switch model: tokens -> contextual embeddings [batch, length, d_model]."""
+
   config: ModelConfig
 
   def setup(self):

@@ -19,7 +19,7 @@ Expert parallelism: buffers are laid out [groups, experts, capacity, d] with gro
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -34,6 +34,7 @@ Array = jax.Array
 # --------------------------------------------------------------------------------------------
 # Grouping and capacity (static shape arithmetic).
 
+
 @dataclasses.dataclass(frozen=True)
 class GroupLayout:
   """How a [batch, length] block of tokens is routed.
@@ -44,6 +45,7 @@ class GroupLayout:
     num_groups, tokens_per_group: the routing groups (contiguous runs of flattened tokens).
     expert_capacity: slots per expert per group.
   """
+
   padded_batch: int
   padded_length: int
   num_groups: int
@@ -64,9 +66,11 @@ def num_groups(num_tokens: int, max_group_size: int, num_experts: int) -> int:
   while n < num_tokens and not (num_tokens % n == 0 and n % num_experts == 0):
     n += 1
   if num_tokens % n:
-    raise ValueError(f"Cannot split {num_tokens} tokens into groups for {num_experts} experts; "
-                     "use a batch size or sequence length whose product is a multiple of "
-                     "moe.num_experts.")
+    raise ValueError(
+      f"Cannot split {num_tokens} tokens into groups for {num_experts} experts; "
+      "use a batch size or sequence length whose product is a multiple of "
+      "moe.num_experts."
+    )
   return n
 
 
@@ -89,24 +93,26 @@ def group_layout(batch: int, length: int, config: MoeConfig, train: bool) -> Gro
   groups = num_groups(tokens, config.max_group_size, config.num_experts)
   tokens_per_group = tokens // groups
   factor = config.train_capacity_factor if train else config.eval_capacity_factor
-  capacity = max(int(round(factor * tokens_per_group / config.num_experts)),
-                 config.min_expert_capacity)
+  capacity = max(
+    int(round(factor * tokens_per_group / config.num_experts)), config.min_expert_capacity
+  )
   return GroupLayout(batch + pad_b, length + pad_l, groups, tokens_per_group, capacity)
 
 
 # --------------------------------------------------------------------------------------------
 # Activations shared with the dense MLP.
 
+
 def activation_fn(name: str):
   """Activation names -> functions. 'gelu' is the tanh approximation (flaxformer; HF's
   'gelu_new'); 'gelu_exact' is the erf form (HF's 'gelu')."""
   return {
-      "relu": jax.nn.relu,
-      "gelu": lambda x: jax.nn.gelu(x, approximate=True),
-      "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-      "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
-      "silu": jax.nn.silu,
-      "linear": lambda x: x,
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
+    "linear": lambda x: x,
   }[name]
 
 
@@ -118,6 +124,7 @@ def expert_kernel_init(scale: float):
 
 # --------------------------------------------------------------------------------------------
 # The layer.
+
 
 class MoeLayer(nn.Module):
   """Sparse MoE MLP: router, capacity-limited dispatch, stacked experts, combine, metrics.
@@ -133,6 +140,7 @@ class MoeLayer(nn.Module):
     param_dtype: dtype of the expert kernels.
     kernel_init: initialiser of the [E, in, out] expert kernels.
   """
+
   config: MoeConfig
   d_ff: int
   activations: Sequence[str] = ("relu",)
@@ -156,27 +164,28 @@ class MoeLayer(nn.Module):
     cfg = self.config
     cfg.validate()
     if inputs.ndim != 3:
-      raise ValueError(f"MoeLayer expects inputs [batch, length, d_model]; got shape "
-                       f"{inputs.shape}.")
+      raise ValueError(
+        f"MoeLayer expects inputs [batch, length, d_model]; got shape {inputs.shape}."
+      )
     batch, length, d_model = inputs.shape
     layout = group_layout(batch, length, cfg, train=enable_dropout)
     x = inputs
     if (layout.padded_batch, layout.padded_length) != (batch, length):
-      x = jnp.pad(x, ((0, layout.padded_batch - batch), (0, layout.padded_length - length),
-                      (0, 0)))
+      x = jnp.pad(x, ((0, layout.padded_batch - batch), (0, layout.padded_length - length), (0, 0)))
     # [groups, tokens, d_model]
     x = x.reshape(layout.num_groups, layout.tokens_per_group, d_model)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     router = routing.Router(
-        num_experts=cfg.num_experts,
-        router_type=cfg.router_type,
-        num_selected_experts=cfg.num_selected_experts,
-        batch_prioritized_routing=cfg.batch_prioritized_routing and not self.causal,
-        jitter_noise=cfg.jitter_noise,
-        use_bias=cfg.router_bias,
-        ignore_padding_tokens=cfg.ignore_padding_tokens,
-        name="router")
+      num_experts=cfg.num_experts,
+      router_type=cfg.router_type,
+      num_selected_experts=cfg.num_selected_experts,
+      batch_prioritized_routing=cfg.batch_prioritized_routing and not self.causal,
+      jitter_noise=cfg.jitter_noise,
+      use_bias=cfg.router_bias,
+      ignore_padding_tokens=cfg.ignore_padding_tokens,
+      name="router",
+    )
     route, router_logits = router(x, layout.expert_capacity, apply_jitter=enable_dropout)
 
     if isinstance(route, routing.RouterIndices):
@@ -203,8 +212,7 @@ class MoeLayer(nn.Module):
     routed = jnp.sum(route.dispatch_mask, axis=(2, 3))
     return y, routed
 
-  def _scatter_dispatch_and_combine(self, x, route: routing.RouterIndices, layout,
-                                    enable_dropout):
+  def _scatter_dispatch_and_combine(self, x, route: routing.RouterIndices, layout, enable_dropout):
     """Scatter dispatch and gather combine (cheaper than one-hot einsums on CPU/GPU)."""
     groups, tokens, d_model = x.shape
     k = route.dispatch_indices.shape[2]
@@ -215,8 +223,9 @@ class MoeLayer(nn.Module):
     # Dropped choices point past the buffer, so the scatter drops them.
     slot = jnp.where(is_routed, slot, capacity)
     # [groups, tokens, k, d_model]
-    token_copies = jnp.broadcast_to(x.astype(self.dtype)[:, :, None, :],
-                                    (groups, tokens, k, d_model))
+    token_copies = jnp.broadcast_to(
+      x.astype(self.dtype)[:, :, None, :], (groups, tokens, k, d_model)
+    )
 
     def scatter(e, s, v):  # one group: [tokens, k] indices, [tokens, k, d] values
       buffer = jnp.zeros((self.config.num_experts, capacity, d_model), self.dtype)
@@ -249,12 +258,17 @@ class MoeLayer(nn.Module):
     x = nn.with_logical_constraint(expert_inputs, ("batch", "unmodeled", "length", "embed"))
     # All-to-all: experts move onto the 'expert' mesh axis, groups keep only 'data'.
     # [experts, groups, capacity, d_model]
-    x = nn.with_logical_constraint(jnp.swapaxes(x, 0, 1),
-                                   ("expert", "expert_replicas", "length", "embed"))
+    x = nn.with_logical_constraint(
+      jnp.swapaxes(x, 0, 1), ("expert", "expert_replicas", "length", "embed")
+    )
 
     def kernel(name, shape, axes):
-      return jnp.asarray(self.param(name, nn.with_logical_partitioning(self.kernel_init, axes),
-                                    shape, self.param_dtype), self.dtype)
+      return jnp.asarray(
+        self.param(
+          name, nn.with_logical_partitioning(self.kernel_init, axes), shape, self.param_dtype
+        ),
+        self.dtype,
+      )
 
     in_axes, out_axes = ("expert", "embed", "expert_mlp"), ("expert", "expert_mlp", "embed")
     if len(self.activations) == 1:
@@ -272,8 +286,9 @@ class MoeLayer(nn.Module):
     y = jnp.einsum("egcf,efd->egcd", h, wo)
     y = nn.with_logical_constraint(y, ("expert", "expert_replicas", "length", "embed"))
     # All-to-all back: [groups, experts, capacity, d_model]
-    return nn.with_logical_constraint(jnp.swapaxes(y, 0, 1),
-                                      ("batch", "unmodeled", "length", "embed"))
+    return nn.with_logical_constraint(
+      jnp.swapaxes(y, 0, 1), ("batch", "unmodeled", "length", "embed")
+    )
 
   def _sow_metrics(self, x, route, routed, router_logits, layout, batch, length):
     """Sows flaxformer's five routing metrics plus per-expert token counts and the logits.
@@ -290,10 +305,12 @@ class MoeLayer(nn.Module):
 
     if isinstance(route, routing.RouterIndices):
       combine_total = jnp.sum(route.combine_weights)
-      chosen = jnp.where(route.dispatch_indices[..., 1] < layout.expert_capacity,
-                         route.dispatch_indices[..., 0], -1)
-      tokens_per_expert = jnp.sum(jax.nn.one_hot(chosen, cfg.num_experts, dtype=jnp.int32),
-                                  axis=(0, 1, 2))
+      chosen = jnp.where(
+        route.dispatch_indices[..., 1] < layout.expert_capacity, route.dispatch_indices[..., 0], -1
+      )
+      tokens_per_expert = jnp.sum(
+        jax.nn.one_hot(chosen, cfg.num_experts, dtype=jnp.int32), axis=(0, 1, 2)
+      )
     else:
       combine_total = jnp.sum(route.combine_array)
       tokens_per_expert = jnp.sum(route.dispatch_mask, axis=(0, 1, 3), dtype=jnp.int32)
@@ -301,15 +318,14 @@ class MoeLayer(nn.Module):
     if cfg.router_type == "experts_choose_masked":
       expert_usage = jnp.float32(1.0)  # experts always fill their buffers
     else:
-      expert_usage = num_dispatched / (cfg.num_experts * layout.expert_capacity *
-                                       layout.num_groups)
+      expert_usage = num_dispatched / (cfg.num_experts * layout.expert_capacity * layout.num_groups)
     metrics = {
-        "auxiliary_loss": route.auxiliary_loss,
-        "router_z_loss": route.router_z_loss,
-        "fraction_tokens_left_behind": fraction_left_behind,
-        "expert_usage": expert_usage,
-        "router_confidence": combine_total / num_dispatched,
-        "tokens_per_expert": tokens_per_expert,
+      "auxiliary_loss": route.auxiliary_loss,
+      "router_z_loss": route.router_z_loss,
+      "fraction_tokens_left_behind": fraction_left_behind,
+      "expert_usage": expert_usage,
+      "router_confidence": combine_total / num_dispatched,
+      "tokens_per_expert": tokens_per_expert,
     }
     for name, value in metrics.items():
       self.sow("intermediates", name, jnp.asarray(value))

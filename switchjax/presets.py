@@ -8,11 +8,22 @@ from __future__ import annotations
 from switchjax.config import Config, DataConfig, MeshConfig, ModelConfig, MoeConfig, TrainConfig
 
 
-def switch(name: str, *, num_experts: int, d_model: int, d_ff: int, num_heads: int,
-           num_layers: int, num_sparse_layers: int, group_size: int,
-           train_capacity_factor: float = 1.25, eval_capacity_factor: float = 2.0,
-           min_expert_capacity: int = 4, activations: tuple[str, ...] = ("relu",),
-           tie_embeddings: bool = True) -> Config:
+def switch(
+  name: str,
+  *,
+  num_experts: int,
+  d_model: int,
+  d_ff: int,
+  num_heads: int,
+  num_layers: int,
+  num_sparse_layers: int,
+  group_size: int,
+  train_capacity_factor: float = 1.25,
+  eval_capacity_factor: float = 2.0,
+  min_expert_capacity: int = 4,
+  activations: tuple[str, ...] = ("relu",),
+  tie_embeddings: bool = True,
+) -> Config:
   """A Switch model with the switch_base.gin training recipe.
 
   Recipe: top-1 routing without jitter or BPR, aux loss 0.01, router z-loss 0, init scale 0.1,
@@ -23,48 +34,111 @@ def switch(name: str, *, num_experts: int, d_model: int, d_ff: int, num_heads: i
   sequences (e.g. 32 devices), more on smaller machines.
   """
   model = ModelConfig(
-      vocab_size=32128, d_model=d_model, d_ff=d_ff, num_heads=num_heads, d_kv=64,
-      num_layers=num_layers, num_decoder_layers=num_layers,
-      num_sparse_encoder_layers=num_sparse_layers, num_sparse_decoder_layers=num_sparse_layers,
-      sparse_layout="mixed", mlp_activations=activations, dropout_rate=0.0,
-      tie_embeddings=tie_embeddings, dtype="bfloat16", param_dtype="float32", init_scale=0.1,
-      moe=MoeConfig(num_experts=num_experts, router_type="tokens_choose_masked",
-                    num_selected_experts=1, batch_prioritized_routing=False, jitter_noise=0.0,
-                    max_group_size=group_size, train_capacity_factor=train_capacity_factor,
-                    eval_capacity_factor=eval_capacity_factor,
-                    min_expert_capacity=min_expert_capacity))
-  train = TrainConfig(batch_size=256, num_microbatches=0, num_train_steps=500_000,
-                      learning_rate=1.0,
-                      schedule="rsqrt", warmup_steps=10_000, optimizer="adafactor",
-                      z_loss=1e-4, aux_loss_factor=0.01, router_z_loss_factor=0.0)
+    vocab_size=32128,
+    d_model=d_model,
+    d_ff=d_ff,
+    num_heads=num_heads,
+    d_kv=64,
+    num_layers=num_layers,
+    num_decoder_layers=num_layers,
+    num_sparse_encoder_layers=num_sparse_layers,
+    num_sparse_decoder_layers=num_sparse_layers,
+    sparse_layout="mixed",
+    mlp_activations=activations,
+    dropout_rate=0.0,
+    tie_embeddings=tie_embeddings,
+    dtype="bfloat16",
+    param_dtype="float32",
+    init_scale=0.1,
+    moe=MoeConfig(
+      num_experts=num_experts,
+      router_type="tokens_choose_masked",
+      num_selected_experts=1,
+      batch_prioritized_routing=False,
+      jitter_noise=0.0,
+      max_group_size=group_size,
+      train_capacity_factor=train_capacity_factor,
+      eval_capacity_factor=eval_capacity_factor,
+      min_expert_capacity=min_expert_capacity,
+    ),
+  )
+  train = TrainConfig(
+    batch_size=256,
+    num_microbatches=0,
+    num_train_steps=500_000,
+    learning_rate=1.0,
+    schedule="rsqrt",
+    warmup_steps=10_000,
+    optimizer="adafactor",
+    z_loss=1e-4,
+    aux_loss_factor=0.01,
+    router_z_loss_factor=0.0,
+  )
   data = DataConfig(inputs_length=512, targets_length=114)
-  return Config(name=name, model=model, data=data, train=train,
-                mesh=MeshConfig(data=-1, expert=1, model=1))
+  return Config(
+    name=name, model=model, data=data, train=train, mesh=MeshConfig(data=-1, expert=1, model=1)
+  )
 
 
 def switch_base(num_experts: int) -> Config:
   """switch-base-E: T5-Base (768 wide, 12 + 12 layers) with every other MLP sparse."""
-  return switch(f"base{num_experts}", num_experts=num_experts, d_model=768, d_ff=3072,
-                num_heads=12, num_layers=12, num_sparse_layers=6, group_size=8192)
+  return switch(
+    f"base{num_experts}",
+    num_experts=num_experts,
+    d_model=768,
+    d_ff=3072,
+    num_heads=12,
+    num_layers=12,
+    num_sparse_layers=6,
+    group_size=8192,
+  )
 
 
 def switch_large_128() -> Config:
   """switch-large-128: T5-Large (1024 wide, 24 + 24 layers), 128 experts every other MLP."""
-  return switch("large128", num_experts=128, d_model=1024, d_ff=4096, num_heads=16,
-                num_layers=24, num_sparse_layers=12, group_size=4096)
+  return switch(
+    "large128",
+    num_experts=128,
+    d_model=1024,
+    d_ff=4096,
+    num_heads=16,
+    num_layers=24,
+    num_sparse_layers=12,
+    group_size=4096,
+  )
 
 
 def switch_xxl_128() -> Config:
   """switch-xxl-128: 4096 wide, 24 + 24 layers, GEGLU, untied logits, 128 experts."""
-  return switch("xxl128", num_experts=128, d_model=4096, d_ff=10240, num_heads=64,
-                num_layers=24, num_sparse_layers=12, group_size=4096,
-                eval_capacity_factor=4.0, min_expert_capacity=2,
-                activations=("gelu", "linear"), tie_embeddings=False)
+  return switch(
+    "xxl128",
+    num_experts=128,
+    d_model=4096,
+    d_ff=10240,
+    num_heads=64,
+    num_layers=24,
+    num_sparse_layers=12,
+    group_size=4096,
+    eval_capacity_factor=4.0,
+    min_expert_capacity=2,
+    activations=("gelu", "linear"),
+    tie_embeddings=False,
+  )
 
 
 def switch_c_2048() -> Config:
   """switch-c-2048: 2080 wide, 15 + 15 layers, every MLP sparse with 2048 experts."""
-  return switch("c2048", num_experts=2048, d_model=2080, d_ff=6144, num_heads=30,
-                num_layers=15, num_sparse_layers=15, group_size=2048,
-                train_capacity_factor=1.0, eval_capacity_factor=2.0, min_expert_capacity=2,
-                tie_embeddings=False)
+  return switch(
+    "c2048",
+    num_experts=2048,
+    d_model=2080,
+    d_ff=6144,
+    num_heads=30,
+    num_layers=15,
+    num_sparse_layers=15,
+    group_size=2048,
+    train_capacity_factor=1.0,
+    eval_capacity_factor=2.0,
+    min_expert_capacity=2,
+    tie_embeddings=False,
+  )

@@ -15,8 +15,6 @@ The routing algorithms are pure functions of the router probabilities (easy to t
 
 from __future__ import annotations
 
-from typing import Optional
-
 import flax
 import flax.linen as nn
 import jax
@@ -40,6 +38,7 @@ class RouterMask:
     auxiliary_loss: load-balancing loss (0 for experts-choose routing).
     router_z_loss: mean squared log-partition of the router logits.
   """
+
   dispatch_mask: Array
   combine_array: Array
   auxiliary_loss: Array
@@ -56,6 +55,7 @@ class RouterIndices:
     combine_weights: <float32>[groups, tokens, k]: router probability, 0 for dropped choices.
     auxiliary_loss, router_z_loss: as in RouterMask.
   """
+
   dispatch_indices: Array
   combine_weights: Array
   auxiliary_loss: Array
@@ -64,6 +64,7 @@ class RouterIndices:
 
 # --------------------------------------------------------------------------------------------
 # Losses.
+
 
 def load_balancing_loss(router_probs: Array, expert_indices: Array) -> Array:
   """Switch Transformer's auxiliary load-balancing loss (eqs. 4-6 of the paper).
@@ -81,8 +82,10 @@ def load_balancing_loss(router_probs: Array, expert_indices: Array) -> Array:
   expert_mask = jnp.max(expert_mask, axis=-2)
   tokens_per_group_and_expert = jnp.mean(expert_mask, dtype=jnp.float32, axis=-2)
   router_prob_per_group_and_expert = jnp.mean(router_probs, dtype=jnp.float32, axis=-2)
-  return jnp.mean(tokens_per_group_and_expert * router_prob_per_group_and_expert,
-                  dtype=jnp.float32) * num_experts**2
+  return (
+    jnp.mean(tokens_per_group_and_expert * router_prob_per_group_and_expert, dtype=jnp.float32)
+    * num_experts**2
+  )
 
 
 def router_z_loss(router_logits: Array) -> Array:
@@ -97,6 +100,7 @@ def router_z_loss(router_logits: Array) -> Array:
 
 # --------------------------------------------------------------------------------------------
 # Routing algorithms (pure functions of the router probabilities).
+
 
 def top_k(x: Array, k: int) -> tuple[Array, Array]:
   """`jax.lax.top_k` over the last axis (ties go to the lower index), from k argmax passes.
@@ -134,9 +138,13 @@ def _priority_of_choices(expert_index: Array, num_experts: int) -> Array:
   return jnp.swapaxes(priority.reshape(num_groups, k, tokens, num_experts), 1, 2)
 
 
-def tokens_choose_masked(router_probs: Array, padding_mask: Optional[Array],
-                         expert_capacity: int, num_selected_experts: int = 1,
-                         batch_prioritized_routing: bool = False) -> RouterMask:
+def tokens_choose_masked(
+  router_probs: Array,
+  padding_mask: Array | None,
+  expert_capacity: int,
+  num_selected_experts: int = 1,
+  batch_prioritized_routing: bool = False,
+) -> RouterMask:
   """Each token picks its top-k experts; experts take tokens in priority order up to capacity.
 
   Args:
@@ -179,9 +187,13 @@ def tokens_choose_masked(router_probs: Array, padding_mask: Optional[Array],
   return RouterMask(dispatch_mask, combine_array, auxiliary_loss)
 
 
-def tokens_choose_scatter(router_probs: Array, padding_mask: Optional[Array],
-                          expert_capacity: int, num_selected_experts: int = 1,
-                          batch_prioritized_routing: bool = False) -> RouterIndices:
+def tokens_choose_scatter(
+  router_probs: Array,
+  padding_mask: Array | None,
+  expert_capacity: int,
+  num_selected_experts: int = 1,
+  batch_prioritized_routing: bool = False,
+) -> RouterIndices:
   """The same choices and priorities as `tokens_choose_masked`, kept as (expert, slot) indices.
 
   As in flaxformer, padding tokens are down-weighted (probability 0), not excluded: they may
@@ -214,8 +226,9 @@ def tokens_choose_scatter(router_probs: Array, padding_mask: Optional[Array],
   return RouterIndices(dispatch_indices, combine_weights, auxiliary_loss)
 
 
-def experts_choose_masked(router_probs: Array, padding_mask: Optional[Array],
-                          expert_capacity: int) -> RouterMask:
+def experts_choose_masked(
+  router_probs: Array, padding_mask: Array | None, expert_capacity: int
+) -> RouterMask:
   """Each expert takes its top-`capacity` tokens of the group (Zhou et al., 2022).
 
   A token may go to several experts or none. Encoder only: choosing by the whole group lets a
@@ -241,6 +254,7 @@ def experts_choose_masked(router_probs: Array, padding_mask: Optional[Array],
 # --------------------------------------------------------------------------------------------
 # The router module.
 
+
 class Router(nn.Module):
   """Router weights plus one of the routing algorithms above.
 
@@ -255,6 +269,7 @@ class Router(nn.Module):
       the sublayer inputs at padding positions).
     kernel_init: initialiser of the [d_model, experts] kernel (normal(0.02)).
   """
+
   num_experts: int
   router_type: str = "tokens_choose_masked"
   num_selected_experts: int = 1
@@ -265,8 +280,9 @@ class Router(nn.Module):
   kernel_init: nn.initializers.Initializer = default_router_init
 
   @nn.compact
-  def __call__(self, token_inputs: Array, expert_capacity: int,
-               apply_jitter: bool = False) -> tuple[RouterMask | RouterIndices, Array]:
+  def __call__(
+    self, token_inputs: Array, expert_capacity: int, apply_jitter: bool = False
+  ) -> tuple[RouterMask | RouterIndices, Array]:
     """Routes a batch of token groups.
 
     Args:
@@ -282,20 +298,35 @@ class Router(nn.Module):
     # Selective precision: the router always computes in float32.
     x = token_inputs.astype(jnp.float32)
     if apply_jitter and self.jitter_noise > 0:
-      x = x * jax.random.uniform(self.make_rng("jitter"), x.shape, jnp.float32,
-                                 minval=1.0 - self.jitter_noise, maxval=1.0 + self.jitter_noise)
-    kernel = self.param("kernel", nn.with_logical_partitioning(
-        self.kernel_init, ("embed", "unmodeled")), (d_model, self.num_experts), jnp.float32)
+      x = x * jax.random.uniform(
+        self.make_rng("jitter"),
+        x.shape,
+        jnp.float32,
+        minval=1.0 - self.jitter_noise,
+        maxval=1.0 + self.jitter_noise,
+      )
+    kernel = self.param(
+      "kernel",
+      nn.with_logical_partitioning(self.kernel_init, ("embed", "unmodeled")),
+      (d_model, self.num_experts),
+      jnp.float32,
+    )
     # [groups, tokens, experts]
-    router_logits = jnp.einsum("gtd,de->gte", x, jnp.asarray(kernel, jnp.float32),
-                               precision=jax.lax.Precision.HIGHEST)
+    router_logits = jnp.einsum(
+      "gtd,de->gte", x, jnp.asarray(kernel, jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
     if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(
-          nn.initializers.zeros, ("unmodeled",)), (self.num_experts,), jnp.float32)
+      bias = self.param(
+        "bias",
+        nn.with_logical_partitioning(nn.initializers.zeros, ("unmodeled",)),
+        (self.num_experts,),
+        jnp.float32,
+      )
       router_logits = router_logits + jnp.asarray(bias, jnp.float32)
     router_logits = nn.with_logical_constraint(router_logits, ("batch", "length", "unmodeled"))
-    router_probs = nn.with_logical_constraint(jax.nn.softmax(router_logits, axis=-1),
-                                              ("batch", "length", "unmodeled"))
+    router_probs = nn.with_logical_constraint(
+      jax.nn.softmax(router_logits, axis=-1), ("batch", "length", "unmodeled")
+    )
 
     padding_mask = None
     if self.ignore_padding_tokens:
@@ -304,14 +335,26 @@ class Router(nn.Module):
       router_logits = router_logits * padding_mask[..., None]  # as flaxformer, for the z-loss
 
     if self.router_type == "tokens_choose_masked":
-      out = tokens_choose_masked(router_probs, padding_mask, expert_capacity,
-                                 self.num_selected_experts, self.batch_prioritized_routing)
+      out = tokens_choose_masked(
+        router_probs,
+        padding_mask,
+        expert_capacity,
+        self.num_selected_experts,
+        self.batch_prioritized_routing,
+      )
     elif self.router_type == "tokens_choose_scatter":
-      out = tokens_choose_scatter(router_probs, padding_mask, expert_capacity,
-                                  self.num_selected_experts, self.batch_prioritized_routing)
+      out = tokens_choose_scatter(
+        router_probs,
+        padding_mask,
+        expert_capacity,
+        self.num_selected_experts,
+        self.batch_prioritized_routing,
+      )
     elif self.router_type == "experts_choose_masked":
       out = experts_choose_masked(router_probs, padding_mask, expert_capacity)
     else:
-      raise ValueError(f"moe.router_type={self.router_type!r} is not a router; use "
-                       "tokens_choose_masked, tokens_choose_scatter or experts_choose_masked.")
+      raise ValueError(
+        f"moe.router_type={self.router_type!r} is not a router; use "
+        "tokens_choose_masked, tokens_choose_scatter or experts_choose_masked."
+      )
     return out.replace(router_z_loss=router_z_loss(router_logits)), router_logits

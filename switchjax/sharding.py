@@ -15,31 +15,33 @@ mesh with axes ('data', 'expert', 'model'), as T5X's MoE partitioner does:
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from switchjax.config import MeshConfig
 
 MESH_AXES = ("data", "expert", "model")
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "expert")),
-    ("expert", "expert"),
-    ("expert_replicas", "data"),
-    ("expert_mlp", "model"),
-    ("mlp", "model"),
-    ("heads", "model"),
-    ("joined_kv", "model"),
-    ("vocab", "model"),
-    ("embed", None),
-    ("kv", None),
-    ("length", None),
-    ("relpos_buckets", None),
-    ("unmodeled", None),
+  ("batch", ("data", "expert")),
+  ("expert", "expert"),
+  ("expert_replicas", "data"),
+  ("expert_mlp", "model"),
+  ("mlp", "model"),
+  ("heads", "model"),
+  ("joined_kv", "model"),
+  ("vocab", "model"),
+  ("embed", None),
+  ("kv", None),
+  ("length", None),
+  ("relpos_buckets", None),
+  ("unmodeled", None),
 )
 
 
@@ -48,52 +50,65 @@ def resolve_mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int
   sizes = [mesh_cfg.data, mesh_cfg.expert, mesh_cfg.model]
   for name, size in zip(MESH_AXES, sizes):
     if size == 0 or size < -1:
-      raise ValueError(f"mesh.{name}={size}: sizes must be >= 1, or -1 for all remaining "
-                       "devices.")
+      raise ValueError(f"mesh.{name}={size}: sizes must be >= 1, or -1 for all remaining devices.")
   if sizes.count(-1) > 1:
-    raise ValueError(f"mesh sizes {tuple(sizes)}: at most one of mesh.data, mesh.expert, "
-                     "mesh.model may be -1.")
+    raise ValueError(
+      f"mesh sizes {tuple(sizes)}: at most one of mesh.data, mesh.expert, mesh.model may be -1."
+    )
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if num_devices % known:
       named = ", ".join(f"mesh.{n}={s}" for n, s in zip(MESH_AXES, sizes))
-      raise ValueError(f"{named} do not fit {num_devices} devices: the fixed sizes multiply to "
-                       f"{known}, which does not divide {num_devices}.")
+      raise ValueError(
+        f"{named} do not fit {num_devices} devices: the fixed sizes multiply to "
+        f"{known}, which does not divide {num_devices}."
+      )
     sizes[sizes.index(-1)] = num_devices // known
   if int(np.prod(sizes)) != num_devices:
-    raise ValueError(f"mesh data x expert x model = {sizes[0]} x {sizes[1]} x {sizes[2]} = "
-                     f"{int(np.prod(sizes))} devices, but {num_devices} are available; make the "
-                     "product equal the device count (or set one size to -1).")
+    raise ValueError(
+      f"mesh data x expert x model = {sizes[0]} x {sizes[1]} x {sizes[2]} = "
+      f"{int(np.prod(sizes))} devices, but {num_devices} are available; make the "
+      "product equal the device count (or set one size to -1)."
+    )
   return tuple(sizes)
 
 
-def make_mesh(mesh_cfg: MeshConfig = MeshConfig(), num_experts: Optional[int] = None,
-              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def make_mesh(
+  mesh_cfg: MeshConfig | None = None,
+  num_experts: int | None = None,
+  devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
   """Builds the ('data', 'expert', 'model') mesh with Auto axis types (which Linen's logical
   constraints need) and checks it against the devices and the expert count."""
   devices = list(jax.devices() if devices is None else devices)
-  shape = resolve_mesh_shape(mesh_cfg, len(devices))
+  shape = resolve_mesh_shape(mesh_cfg or MeshConfig(), len(devices))
   if num_experts is not None and num_experts % shape[1]:
-    raise ValueError(f"mesh.expert={shape[1]} does not divide moe.num_experts={num_experts}; "
-                     f"choose an expert axis size that divides {num_experts}.")
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                       devices=devices)
+    raise ValueError(
+      f"mesh.expert={shape[1]} does not divide moe.num_experts={num_experts}; "
+      f"choose an expert axis size that divides {num_experts}."
+    )
+  return jax.make_mesh(
+    shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices
+  )
 
 
-def logical_to_spec(logical_axes: Sequence[Optional[str]]) -> P:
+def logical_to_spec(logical_axes: Sequence[str | None]) -> P:
   """PartitionSpec of a tensor with the given logical axis names."""
   return nn.logical_to_mesh_axes(logical_axes, LOGICAL_AXIS_RULES)
 
 
-def logical_sharding(mesh: Mesh, logical_axes: Sequence[Optional[str]]) -> NamedSharding:
+def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None]) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(logical_axes))
 
 
 def unbox(boxed) -> Any:
   """The values of a tree of `nn.Partitioned` boxes, without applying sharding constraints
   (so it also works on the abstract shapes of `jax.eval_shape`)."""
-  return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed,
-                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  return jax.tree.map(
+    lambda x: x.value if isinstance(x, nn.Partitioned) else x,
+    boxed,
+    is_leaf=lambda x: isinstance(x, nn.Partitioned),
+  )
 
 
 def param_specs(boxed_params) -> Any:
@@ -104,14 +119,18 @@ def param_specs(boxed_params) -> Any:
 
 
 def param_shardings(mesh: Mesh, boxed_params) -> Any:
-  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(boxed_params),
-                      is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(
+    lambda spec: NamedSharding(mesh, spec),
+    param_specs(boxed_params),
+    is_leaf=lambda x: isinstance(x, P),
+  )
 
 
 def abstract_tree(shapes, shardings) -> Any:
   """`jax.ShapeDtypeStruct`s with shardings: what restoring onto a mesh needs."""
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                      shapes, shardings)
+  return jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+  )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -131,9 +150,12 @@ def axis_rules():
 # --------------------------------------------------------------------------------------------
 # Multi-host.
 
-def initialize_distributed(coordinator_address: Optional[str] = None,
-                           num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None) -> None:
+
+def initialize_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> None:
   """Starts `jax.distributed` when the run spans several processes.
 
   With explicit flags they are used; otherwise JAX reads the usual environment (TPU pods and
@@ -141,22 +163,28 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
   alone.
   """
   if coordinator_address is None and num_processes is None and process_id is None:
-    cluster_env = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE",
-                   "JAX_COORDINATOR_ADDRESS")
+    cluster_env = (
+      "TPU_WORKER_HOSTNAMES",
+      "SLURM_JOB_ID",
+      "OMPI_COMM_WORLD_SIZE",
+      "JAX_COORDINATOR_ADDRESS",
+    )
     if not any(v in os.environ for v in cluster_env):
       return
     jax.distributed.initialize()
     return
   if None in (coordinator_address, num_processes, process_id):
-    raise ValueError("Multi-host runs need all of --coordinator_address, --num_processes and "
-                     "--process_id (or none of them, to read the cluster environment).")
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+    raise ValueError(
+      "Multi-host runs need all of --coordinator_address, --num_processes and "
+      "--process_id (or none of them, to read the cluster environment)."
+    )
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )
 
 
 def host_local_to_global(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
   """Assembles each host's rows of the global batch into global arrays sharded over the
   batch axes (host p holds rows [p*B/P, (p+1)*B/P))."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, v)
-          for k, v in local_batch.items()}
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

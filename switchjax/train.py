@@ -15,20 +15,26 @@ import functools
 import pathlib
 import signal
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from switchjax import checkpoint, losses, sharding
-from switchjax.config import Config, TrainConfig, save_config, format_config
+from switchjax.config import Config, TrainConfig, format_config, save_config
 from switchjax.metrics_writer import MetricsWriter
-from switchjax.model import (SwitchTransformer, decoder_sparse_layers, encoder_sparse_layers,
-                             init_params)
+from switchjax.model import (
+  SwitchTransformer,
+  decoder_sparse_layers,
+  encoder_sparse_layers,
+  init_params,
+)
 
 Array = jax.Array
 
@@ -40,12 +46,14 @@ class NonFiniteLossError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 # Optimizer.
 
+
 def learning_rate_schedule(cfg: TrainConfig) -> Callable[[Array], Array]:
   """T5X's rsqrt schedule: learning_rate / sqrt(max(step, warmup_steps)), or a constant."""
   if cfg.schedule == "constant":
     return lambda step: jnp.float32(cfg.learning_rate)
-  return lambda step: cfg.learning_rate / jnp.sqrt(
-      jnp.maximum(step.astype(jnp.float32), cfg.warmup_steps))
+  return lambda step: (
+    cfg.learning_rate / jnp.sqrt(jnp.maximum(step.astype(jnp.float32), cfg.warmup_steps))
+  )
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -58,10 +66,14 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   """
   schedule = learning_rate_schedule(cfg)
   if cfg.optimizer == "adafactor":
-    return optax.adafactor(learning_rate=schedule, decay_rate=cfg.adafactor_decay_rate,
-                           clipping_threshold=cfg.clipping_threshold, factored=cfg.factored,
-                           multiply_by_parameter_scale=cfg.multiply_by_parameter_scale,
-                           min_dim_size_to_factor=128)
+    return optax.adafactor(
+      learning_rate=schedule,
+      decay_rate=cfg.adafactor_decay_rate,
+      clipping_threshold=cfg.clipping_threshold,
+      factored=cfg.factored,
+      multiply_by_parameter_scale=cfg.multiply_by_parameter_scale,
+      min_dim_size_to_factor=128,
+    )
   return optax.adamw(schedule, weight_decay=cfg.weight_decay)
 
 
@@ -81,29 +93,43 @@ def opt_state_specs(tx: optax.GradientTransformation, param_shapes, param_specs)
     if tuple(leaf.shape) == tuple(param.shape):
       return P(*spec)
     if len(leaf.shape) == len(param.shape) - 1:
-      candidates = {tuple(np.delete(np.array(spec, dtype=object), i))
-                    for i in range(len(param.shape))
-                    if tuple(np.delete(param.shape, i)) == tuple(leaf.shape)}
+      candidates = {
+        tuple(np.delete(np.array(spec, dtype=object), i))
+        for i in range(len(param.shape))
+        if tuple(np.delete(param.shape, i)) == tuple(leaf.shape)
+      }
       if len(candidates) == 1:
         return P(*candidates.pop())
     return P()
 
-  return optax.tree_map_params(tx, spec_for, state_shapes, param_shapes, param_specs,
-                               transform_non_params=lambda _: P(),
-                               is_leaf=lambda x: isinstance(x, P))
+  return optax.tree_map_params(
+    tx,
+    spec_for,
+    state_shapes,
+    param_shapes,
+    param_specs,
+    transform_non_params=lambda _: P(),
+    is_leaf=lambda x: isinstance(x, P),
+  )
 
 
 # --------------------------------------------------------------------------------------------
 # FLOPs (for the MFU estimate).
 
 PEAK_TFLOPS = {  # dense bfloat16 peak per device
-    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
-    "TPU v6 lite": 918.0, "TPU v6e": 918.0, "NVIDIA A100": 312.0, "NVIDIA H100": 989.0,
-    "NVIDIA H200": 989.0,
+  "TPU v4": 275.0,
+  "TPU v5 lite": 197.0,
+  "TPU v5e": 197.0,
+  "TPU v5p": 459.0,
+  "TPU v6 lite": 918.0,
+  "TPU v6e": 918.0,
+  "NVIDIA A100": 312.0,
+  "NVIDIA H100": 989.0,
+  "NVIDIA H200": 989.0,
 }
 
 
-def peak_tflops(device: jax.Device, configured: float) -> Optional[float]:
+def peak_tflops(device: jax.Device, configured: float) -> float | None:
   """Per-device peak TFLOP/s: the configured value, else a known device kind, else None."""
   if configured > 0:
     return configured
@@ -121,33 +147,43 @@ def train_flops_per_example(config: Config) -> float:
   s, t = d.inputs_length, d.targets_length
   attn_proj = 4 * m.d_model * m.num_heads * m.d_kv
   mlp = (len(m.mlp_activations) + 1) * m.d_model * m.d_ff
-  k = m.moe.num_selected_experts if m.moe.router_type != "experts_choose_masked" else \
-      m.moe.eval_capacity_factor
-  expert = k * (len(m.expert_acts) + 1) * m.d_model * m.expert_mlp_dim + m.d_model * \
-      m.moe.num_experts
+  k = (
+    m.moe.num_selected_experts
+    if m.moe.router_type != "experts_choose_masked"
+    else m.moe.eval_capacity_factor
+  )
+  expert = (
+    k * (len(m.expert_acts) + 1) * m.d_model * m.expert_mlp_dim + m.d_model * m.moe.num_experts
+  )
 
   def stack(num_layers, sparse, length, cross):
-    per_layer = [(attn_proj * (2 if cross else 1)) + (expert if i in sparse else mlp)
-                 for i in range(num_layers)]
+    per_layer = [
+      (attn_proj * (2 if cross else 1)) + (expert if i in sparse else mlp)
+      for i in range(num_layers)
+    ]
     attention = num_layers * 2 * m.num_heads * m.d_kv * (length + (s if cross else 0))
     return length * (sum(per_layer) + attention)
 
-  forward_macs = (stack(m.num_layers, set(encoder_sparse_layers(m)), s, False) +
-                  stack(m.decoder_layers, set(decoder_sparse_layers(m)), t, True) +
-                  t * m.d_model * m.vocab_size)
+  forward_macs = (
+    stack(m.num_layers, set(encoder_sparse_layers(m)), s, False)
+    + stack(m.decoder_layers, set(decoder_sparse_layers(m)), t, True)
+    + t * m.d_model * m.vocab_size
+  )
   return 3 * 2 * forward_macs
 
 
 # --------------------------------------------------------------------------------------------
 # Steps.
 
+
 def _split_microbatches(batch: dict[str, Array], n: int) -> dict[str, Array]:
   """[batch, ...] -> [n, batch / n, ...]."""
   return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
 
 
-def make_train_step(model: SwitchTransformer, tx: optax.GradientTransformation,
-                    cfg: TrainConfig) -> Callable:
+def make_train_step(
+  model: SwitchTransformer, tx: optax.GradientTransformation, cfg: TrainConfig
+) -> Callable:
   """train_step(state, batch) -> (state, metrics), with state = {step, params, opt_state,
   nonfinite}. The dropout/jitter key of step s is fold_in(key(seed), s); with microbatches the
   gradients are summed over losses normalised by the whole batch's target tokens, so the
@@ -157,18 +193,30 @@ def make_train_step(model: SwitchTransformer, tx: optax.GradientTransformation,
 
   def microbatch_loss(params, mb, num_tokens, key):
     logits, state = model.apply(
-        {"params": params}, mb["encoder_input_tokens"], mb["decoder_input_tokens"],
-        mb["decoder_target_tokens"], enable_dropout=True, mutable=["intermediates"],
-        rngs={"dropout": jax.random.fold_in(key, 0), "jitter": jax.random.fold_in(key, 1)})
+      {"params": params},
+      mb["encoder_input_tokens"],
+      mb["decoder_input_tokens"],
+      mb["decoder_target_tokens"],
+      enable_dropout=True,
+      mutable=["intermediates"],
+      rngs={"dropout": jax.random.fold_in(key, 0), "jitter": jax.random.fold_in(key, 1)},
+    )
     weights = mb["decoder_loss_weights"]
     total, total_z, tokens = losses.cross_entropy_with_z_loss(
-        logits, mb["decoder_target_tokens"], weights, cfg.z_loss, cfg.label_smoothing)
+      logits, mb["decoder_target_tokens"], weights, cfg.z_loss, cfg.label_smoothing
+    )
     moe_loss, moe_metrics = losses.moe_losses_and_metrics(
-        state["intermediates"], cfg.aux_loss_factor, cfg.router_z_loss_factor)
+      state["intermediates"], cfg.aux_loss_factor, cfg.router_z_loss_factor
+    )
     loss = total / num_tokens + moe_loss / cfg.num_microbatches
     correct = jnp.sum((jnp.argmax(logits, -1) == mb["decoder_target_tokens"]) * weights)
-    sums = {"ce_sum": total - total_z, "z_sum": total_z, "correct": correct,
-            "moe_loss": moe_loss, **moe_metrics}
+    sums = {
+      "ce_sum": total - total_z,
+      "z_sum": total_z,
+      "correct": correct,
+      "moe_loss": moe_loss,
+      **moe_metrics,
+    }
     return loss, sums
 
   grad_fn = jax.value_and_grad(microbatch_loss, has_aux=True)
@@ -184,25 +232,39 @@ def make_train_step(model: SwitchTransformer, tx: optax.GradientTransformation,
 
       def accumulate(carry, xs):
         index, mb = xs
-        (loss_i, sums_i), grads_i = grad_fn(state["params"], mb, num_tokens,
-                                            jax.random.fold_in(key, index))
+        (loss_i, sums_i), grads_i = grad_fn(
+          state["params"], mb, num_tokens, jax.random.fold_in(key, index)
+        )
         loss_acc, sums_acc, grads_acc = carry
-        return (loss_acc + loss_i, jax.tree.map(jnp.add, sums_acc, sums_i),
-                jax.tree.map(jnp.add, grads_acc, grads_i)), None
+        return (
+          loss_acc + loss_i,
+          jax.tree.map(jnp.add, sums_acc, sums_i),
+          jax.tree.map(jnp.add, grads_acc, grads_i),
+        ), None
 
-      zero_sums = jax.eval_shape(lambda: grad_fn(state["params"], jax.tree.map(
-          lambda x: x[0], microbatches), num_tokens, key)[0][1])
-      init = (jnp.float32(0.0), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_sums),
-              jax.tree.map(jnp.zeros_like, state["params"]))
+      zero_sums = jax.eval_shape(
+        lambda: grad_fn(
+          state["params"], jax.tree.map(lambda x: x[0], microbatches), num_tokens, key
+        )[0][1]
+      )
+      init = (
+        jnp.float32(0.0),
+        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_sums),
+        jax.tree.map(jnp.zeros_like, state["params"]),
+      )
       (loss, sums, grads), _ = jax.lax.scan(
-          accumulate, init, (jnp.arange(cfg.num_microbatches), microbatches))
+        accumulate, init, (jnp.arange(cfg.num_microbatches), microbatches)
+      )
       # Sums stay sums; MoE metrics (per-microbatch means) become means over microbatches.
-      sums = {k: v if k in ("ce_sum", "z_sum", "correct") else v / cfg.num_microbatches
-              for k, v in sums.items()}
+      sums = {
+        k: v if k in ("ce_sum", "z_sum", "correct") else v / cfg.num_microbatches
+        for k, v in sums.items()
+      }
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {k: v for k, v in sums.items() if k not in ("ce_sum", "z_sum", "correct")}
-    metrics.update({
+    metrics.update(
+      {
         "loss": loss,
         "cross_entropy": sums["ce_sum"] / num_tokens,
         "z_loss": sums["z_sum"] / num_tokens,
@@ -210,10 +272,15 @@ def make_train_step(model: SwitchTransformer, tx: optax.GradientTransformation,
         "learning_rate": schedule(step),
         "grad_norm": optax.tree.norm(grads),
         "num_target_tokens": num_tokens,
-    })
+      }
+    )
     finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
-    new_state = {"step": step + 1, "params": params, "opt_state": opt_state,
-                 "nonfinite": jnp.where(finite, state["nonfinite"], step + 1)}
+    new_state = {
+      "step": step + 1,
+      "params": params,
+      "opt_state": opt_state,
+      "nonfinite": jnp.where(finite, state["nonfinite"], step + 1),
+    }
     return new_state, metrics
 
   return train_step
@@ -224,12 +291,22 @@ def make_eval_step(model: SwitchTransformer, cfg: TrainConfig) -> Callable:
 
   def eval_step(params, batch):
     logits, state = model.apply(
-        {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-        batch["decoder_target_tokens"], enable_dropout=False, mutable=["intermediates"])
+      {"params": params},
+      batch["encoder_input_tokens"],
+      batch["decoder_input_tokens"],
+      batch["decoder_target_tokens"],
+      enable_dropout=False,
+      mutable=["intermediates"],
+    )
     _, metrics = losses.loss_and_metrics(
-        logits, batch, state["intermediates"], z_loss=cfg.z_loss,
-        label_smoothing=cfg.label_smoothing, aux_loss_factor=cfg.aux_loss_factor,
-        router_z_loss_factor=cfg.router_z_loss_factor)
+      logits,
+      batch,
+      state["intermediates"],
+      z_loss=cfg.z_loss,
+      label_smoothing=cfg.label_smoothing,
+      aux_loss_factor=cfg.aux_loss_factor,
+      router_z_loss_factor=cfg.router_z_loss_factor,
+    )
     return metrics
 
   return eval_step
@@ -238,20 +315,22 @@ def make_eval_step(model: SwitchTransformer, cfg: TrainConfig) -> Callable:
 # --------------------------------------------------------------------------------------------
 # The loop.
 
+
 @dataclasses.dataclass
 class RunResult:
   """What a run did: the step reached, the logged training losses by step, the last eval."""
+
   step: int
   losses: dict[int, float]
   eval_metrics: dict[str, float]
-  stopped_by: Optional[str] = None
+  stopped_by: str | None = None
 
 
 class _StopSignals:
   """Records SIGTERM / SIGINT so the loop can save a checkpoint before exiting."""
 
   def __init__(self):
-    self.received: Optional[str] = None
+    self.received: str | None = None
     self._previous = {}
 
   def __enter__(self):
@@ -273,8 +352,14 @@ class _StopSignals:
       signal.signal(sig, handler)
 
 
-def train(config: Config, workdir, *, devices: Optional[Sequence[jax.Device]] = None,
-          progress: bool = True, log: Callable[[str], None] = print) -> RunResult:
+def train(
+  config: Config,
+  workdir,
+  *,
+  devices: Sequence[jax.Device] | None = None,
+  progress: bool = True,
+  log: Callable[[str], None] = print,
+) -> RunResult:
   """Trains `config` in `workdir` (resuming from its newest checkpoint) and returns a summary.
 
   Args:
@@ -289,8 +374,9 @@ def train(config: Config, workdir, *, devices: Optional[Sequence[jax.Device]] = 
     return _train(config, pathlib.Path(workdir), devices, progress, log, signals)
 
 
-def _train(config: Config, workdir: pathlib.Path, devices, progress: bool, log,
-           signals: "_StopSignals") -> RunResult:
+def _train(
+  config: Config, workdir: pathlib.Path, devices, progress: bool, log, signals: _StopSignals
+) -> RunResult:
   """The body of `train`, with the stop signals already watched."""
   from switchjax.data import make_pretraining_data  # local: keeps `import switchjax` light
 
@@ -303,19 +389,27 @@ def _train(config: Config, workdir: pathlib.Path, devices, progress: bool, log,
 
   mesh = sharding.make_mesh(cfg.mesh, cfg.model.moe.num_experts, devices)
   batch_shards = mesh.shape["data"] * mesh.shape["expert"]
-  say(f"Mesh {dict(mesh.shape)} over {mesh.devices.size} devices "
-      f"({jax.process_count()} processes, {mesh.devices.flat[0].device_kind}).")
+  say(
+    f"Mesh {dict(mesh.shape)} over {mesh.devices.size} devices "
+    f"({jax.process_count()} processes, {mesh.devices.flat[0].device_kind})."
+  )
   tcfg = dataclasses.replace(tcfg, num_microbatches=resolve_microbatches(tcfg, batch_shards))
   cfg = dataclasses.replace(cfg, train=tcfg)
   if tcfg.num_microbatches > 1:
-    say(f"Gradient accumulation: {tcfg.num_microbatches} microbatches of "
-        f"{tcfg.batch_size // tcfg.num_microbatches} sequences per step.")
+    say(
+      f"Gradient accumulation: {tcfg.num_microbatches} microbatches of "
+      f"{tcfg.batch_size // tcfg.num_microbatches} sequences per step."
+    )
   for warning in routing_group_warnings(cfg, batch_shards):
     say(f"Warning: {warning}")
 
-  data = make_pretraining_data(cfg.data, tcfg.batch_size, process_index=jax.process_index(),
-                               process_count=jax.process_count(),
-                               model_vocab_size=cfg.model.vocab_size)
+  data = make_pretraining_data(
+    cfg.data,
+    tcfg.batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    model_vocab_size=cfg.model.vocab_size,
+  )
   say(f"Data: {data.describe()}.")
   if is_main:
     _keep_tokenizer(data.tokenizer, workdir)
@@ -326,29 +420,40 @@ def _train(config: Config, workdir: pathlib.Path, devices, progress: bool, log,
     boxed = jax.eval_shape(functools.partial(init_params, model), jax.random.key(tcfg.seed))
     param_shapes = sharding.unbox(boxed)
     param_specs = sharding.param_specs(boxed)
-    param_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs,
-                                   is_leaf=lambda x: isinstance(x, P))
+    param_shardings = jax.tree.map(
+      lambda s: NamedSharding(mesh, s), param_specs, is_leaf=lambda x: isinstance(x, P)
+    )
     opt_specs = opt_state_specs(tx, param_shapes, param_specs)
-    opt_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), opt_specs,
-                                 is_leaf=lambda x: isinstance(x, P))
+    opt_shardings = jax.tree.map(
+      lambda s: NamedSharding(mesh, s), opt_specs, is_leaf=lambda x: isinstance(x, P)
+    )
     opt_shapes = jax.eval_shape(tx.init, param_shapes)
     scalar = sharding.replicated(mesh)
-    state_shardings = {"step": scalar, "params": param_shardings, "opt_state": opt_shardings,
-                       "nonfinite": scalar}
+    state_shardings = {
+      "step": scalar,
+      "params": param_shardings,
+      "opt_state": opt_shardings,
+      "nonfinite": scalar,
+    }
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(param_shapes))
     say(f"Model: {num_params:,} parameters.")
 
     store = checkpoint.CheckpointStore(workdir, keep=tcfg.keep_checkpoints)
-    restored = store.restore_latest(sharding.abstract_tree(param_shapes, param_shardings),
-                                    sharding.abstract_tree(opt_shapes, opt_shardings),
-                                    report=say)
+    restored = store.restore_latest(
+      sharding.abstract_tree(param_shapes, param_shardings),
+      sharding.abstract_tree(opt_shapes, opt_shardings),
+      report=say,
+    )
     if is_main:  # after the checks above: an incompatible workdir keeps its own config
       save_config(cfg, workdir / checkpoint.CONFIG_FILE)
     if restored is not None:
       step0 = int(restored["meta"]["step"])
-      state = {"step": jax.device_put(jnp.int32(step0), scalar), "params": restored["params"],
-               "opt_state": restored["opt_state"],
-               "nonfinite": jax.device_put(jnp.int32(0), scalar)}
+      state = {
+        "step": jax.device_put(jnp.int32(step0), scalar),
+        "params": restored["params"],
+        "opt_state": restored["opt_state"],
+        "nonfinite": jax.device_put(jnp.int32(0), scalar),
+      }
       data.train.set_state(restored["meta"]["data"])
       say(f"Resumed from {workdir / checkpoint.CHECKPOINTS} step {step0}.")
     else:
@@ -357,18 +462,29 @@ def _train(config: Config, workdir: pathlib.Path, devices, progress: bool, log,
         _, params = checkpoint.load_model(tcfg.init_from, shardings=param_shardings)
         say(f"Initialised parameters from {tcfg.init_from}.")
       else:
-        params = jax.jit(lambda k: nn.unbox(init_params(model, k)),
-                         out_shardings=param_shardings)(jax.random.key(tcfg.seed))
+        params = jax.jit(lambda k: nn.unbox(init_params(model, k)), out_shardings=param_shardings)(
+          jax.random.key(tcfg.seed)
+        )
       opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-      state = {"step": jax.device_put(jnp.int32(0), scalar), "params": params,
-               "opt_state": opt_state, "nonfinite": jax.device_put(jnp.int32(0), scalar)}
+      state = {
+        "step": jax.device_put(jnp.int32(0), scalar),
+        "params": params,
+        "opt_state": opt_state,
+        "nonfinite": jax.device_put(jnp.int32(0), scalar),
+      }
 
     batch_sharding = sharding.batch_sharding(mesh)
-    train_step = jax.jit(make_train_step(model, tx, tcfg),
-                         in_shardings=(state_shardings, batch_sharding),
-                         out_shardings=(state_shardings, scalar), donate_argnums=(0,))
-    eval_step = jax.jit(make_eval_step(model, tcfg),
-                        in_shardings=(param_shardings, batch_sharding), out_shardings=scalar)
+    train_step = jax.jit(
+      make_train_step(model, tx, tcfg),
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, scalar),
+      donate_argnums=(0,),
+    )
+    eval_step = jax.jit(
+      make_eval_step(model, tcfg),
+      in_shardings=(param_shardings, batch_sharding),
+      out_shardings=scalar,
+    )
 
     writer = MetricsWriter(workdir, enabled=is_main)
     flops = train_flops_per_example(cfg) * tcfg.batch_size
@@ -380,9 +496,10 @@ def _train(config: Config, workdir: pathlib.Path, devices, progress: bool, log,
       nonfinite = int(state["nonfinite"])
       if nonfinite:
         raise NonFiniteLossError(
-            f"Non-finite loss or gradient at step {nonfinite}; stopping without saving. The "
-            f"last good checkpoint ({_last_step(store)}) is kept in {workdir}. Lower "
-            "train.learning_rate, raise train.router_z_loss_factor or check the data.")
+          f"Non-finite loss or gradient at step {nonfinite}; stopping without saving. The "
+          f"last good checkpoint ({_last_step(store)}) is kept in {workdir}. Lower "
+          "train.learning_rate, raise train.router_z_loss_factor or check the data."
+        )
       store.save(step, state["params"], state["opt_state"], {"data": data.train.get_state()})
 
     def evaluate(step):
@@ -391,11 +508,16 @@ def _train(config: Config, workdir: pathlib.Path, devices, progress: bool, log,
         m = eval_step(state["params"], sharding.host_local_to_global(mesh, batch))
         for k, v in m.items():
           totals.setdefault(k, []).append(v)
-      metrics = {f"eval/{k}": float(np.mean(jax.device_get(v))) for k, v in totals.items()
-                 if not k.startswith("layers/")}
+      metrics = {
+        f"eval/{k}": float(np.mean(jax.device_get(v)))
+        for k, v in totals.items()
+        if not k.startswith("layers/")
+      }
       writer.write(step, metrics)
-      say(f"step {step}: eval loss {metrics['eval/loss']:.4f}, cross-entropy "
-          f"{metrics['eval/cross_entropy']:.4f}, accuracy {metrics['eval/accuracy']:.3f}")
+      say(
+        f"step {step}: eval loss {metrics['eval/loss']:.4f}, cross-entropy "
+        f"{metrics['eval/cross_entropy']:.4f}, accuracy {metrics['eval/accuracy']:.3f}"
+      )
       return metrics
 
     pending: list[dict[str, Array]] = []
@@ -416,8 +538,9 @@ def _train(config: Config, workdir: pathlib.Path, devices, progress: bool, log,
           elapsed = timer.read_and_reset()
           logged["tokens_per_second"] = tokens_per_step * steps_done / elapsed
           logged["seconds_per_step"] = elapsed / steps_done
-          logged["model_tflops_per_device"] = (flops * steps_done / elapsed / 1e12 /
-                                               mesh.devices.size)
+          logged["model_tflops_per_device"] = (
+            flops * steps_done / elapsed / 1e12 / mesh.devices.size
+          )
           if peak:
             logged["mfu"] = logged["model_tflops_per_device"] / peak
           if int(state["nonfinite"]):
@@ -429,8 +552,7 @@ def _train(config: Config, workdir: pathlib.Path, devices, progress: bool, log,
             bar.write(_format_log(step, logged))  # above the progress bar
           else:
             say(_format_log(step, logged))
-        do_eval = bool(tcfg.eval_every and step % tcfg.eval_every == 0 and
-                       data.num_eval_chunks)
+        do_eval = bool(tcfg.eval_every and step % tcfg.eval_every == 0 and data.num_eval_chunks)
         stop = _any_process(signals.received is not None)
         do_save = step % tcfg.checkpoint_every == 0 or step == tcfg.num_train_steps or stop
         if do_eval or do_save:
@@ -442,11 +564,16 @@ def _train(config: Config, workdir: pathlib.Path, devices, progress: bool, log,
           timer.resume()
         if stop:
           result.stopped_by = signals.received or "another process"
-          say(f"\nStopped by {result.stopped_by} at step {step}; checkpoint saved. Run the "
-              "same command to resume.")
+          say(
+            f"\nStopped by {result.stopped_by} at step {step}; checkpoint saved. Run the "
+            "same command to resume."
+          )
           break
-      if result.stopped_by is None and data.num_eval_chunks and (
-          not tcfg.eval_every or step % tcfg.eval_every):
+      if (
+        result.stopped_by is None
+        and data.num_eval_chunks
+        and (not tcfg.eval_every or step % tcfg.eval_every)
+      ):
         result.eval_metrics = evaluate(step)
     finally:
       bar.close()
@@ -459,12 +586,15 @@ def _train(config: Config, workdir: pathlib.Path, devices, progress: bool, log,
 # --------------------------------------------------------------------------------------------
 # Helpers of the loop.
 
+
 def resolve_microbatches(cfg: TrainConfig, batch_shards: int) -> int:
   """The number of microbatches: as configured, or (0) the fewest that keep every device at
   most `device_microbatch_size` sequences at a time. Checks that the batch splits evenly."""
   if cfg.batch_size % batch_shards:
-    raise ValueError(f"train.batch_size={cfg.batch_size} must be divisible by the "
-                     f"{batch_shards} data x expert devices of the mesh.")
+    raise ValueError(
+      f"train.batch_size={cfg.batch_size} must be divisible by the "
+      f"{batch_shards} data x expert devices of the mesh."
+    )
   per_device = cfg.batch_size // batch_shards
   n = cfg.num_microbatches
   if n == 0:
@@ -472,9 +602,11 @@ def resolve_microbatches(cfg: TrainConfig, batch_shards: int) -> int:
     while per_device % n:
       n += 1
   if per_device % n:
-    raise ValueError(f"train.batch_size={cfg.batch_size} must be divisible by "
-                     f"train.num_microbatches x mesh data x mesh expert = {n} x "
-                     f"{batch_shards}.")
+    raise ValueError(
+      f"train.batch_size={cfg.batch_size} must be divisible by "
+      f"train.num_microbatches x mesh data x mesh expert = {n} x "
+      f"{batch_shards}."
+    )
   return n
 
 
@@ -487,23 +619,29 @@ def routing_group_warnings(config: Config, batch_shards: int) -> list[str]:
   with the device count. The fix is an explicit, smaller moe.max_group_size.
   """
   from switchjax.moe import group_layout
+
   moe_cfg, micro = config.model.moe, config.train.batch_size // config.train.num_microbatches
   warnings = []
-  for stack, length in (("encoder", config.data.inputs_length),
-                        ("decoder", config.data.targets_length)):
+  for stack, length in (
+    ("encoder", config.data.inputs_length),
+    ("decoder", config.data.targets_length),
+  ):
     layout = group_layout(micro, length, moe_cfg, train=True)
     if layout.num_groups % batch_shards:
       per_device = micro * length // batch_shards
       warnings.append(
-          f"the {stack}'s {layout.num_groups} routing groups of {layout.tokens_per_group} "
-          f"tokens do not split over the {batch_shards} data x expert devices, so groups "
-          f"straddle devices; set moe.max_group_size to at most {per_device} (tokens per "
-          "device) for local routing, as flaxformer does.")
+        f"the {stack}'s {layout.num_groups} routing groups of {layout.tokens_per_group} "
+        f"tokens do not split over the {batch_shards} data x expert devices, so groups "
+        f"straddle devices; set moe.max_group_size to at most {per_device} (tokens per "
+        "device) for local routing, as flaxformer does."
+      )
   return warnings
+
 
 def _keep_tokenizer(tokenizer, workdir: pathlib.Path) -> None:
   """Copies the tokenizer's model into the workdir (spiece.model) for generation later."""
   import shutil
+
   target = workdir / "spiece.model"
   source = pathlib.Path(tokenizer.spm_path)
   if source.resolve() != target.resolve():
@@ -520,6 +658,7 @@ def _any_process(flag: bool) -> bool:
   if jax.process_count() == 1:
     return flag
   from jax.experimental import multihost_utils
+
   return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
 
 
@@ -529,11 +668,13 @@ def _mean_metrics(pending: list[dict[str, Array]]) -> dict[str, float]:
 
 
 def _format_log(step: int, m: dict[str, float]) -> str:
-  text = (f"step {step}: loss {m['loss']:.4f}, cross-entropy {m['cross_entropy']:.4f}, "
-          f"aux {m.get('auxiliary_loss', 0.0):.4f}, router z {m.get('router_z_loss', 0.0):.3f}, "
-          f"dropped {m.get('fraction_tokens_left_behind', 0.0):.3f}, lr "
-          f"{m['learning_rate']:.2e}, grad norm {m['grad_norm']:.3f}, "
-          f"{m['tokens_per_second']:.0f} tokens/s")
+  text = (
+    f"step {step}: loss {m['loss']:.4f}, cross-entropy {m['cross_entropy']:.4f}, "
+    f"aux {m.get('auxiliary_loss', 0.0):.4f}, router z {m.get('router_z_loss', 0.0):.3f}, "
+    f"dropped {m.get('fraction_tokens_left_behind', 0.0):.3f}, lr "
+    f"{m['learning_rate']:.2e}, grad norm {m['grad_norm']:.3f}, "
+    f"{m['tokens_per_second']:.0f} tokens/s"
+  )
   return text + (f", MFU {m['mfu']:.1%}" if "mfu" in m else "")
 
 
@@ -573,6 +714,7 @@ def _progress_bar(start: int, total: int, enabled: bool):
   if not enabled:
     return _NoBar()
   from tqdm.auto import tqdm
+
   bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
   bar.enabled = True
   return bar

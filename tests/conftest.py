@@ -12,9 +12,10 @@ import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0").strip()
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  " --xla_backend_optimization_level=0"
+).strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="switchjax-test-jax-cache-")
@@ -44,5 +45,6 @@ def _switchjax_cache(tmp_path_factory):
 
 
 def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: end-to-end checks (multi-process, kills); CI runs "
-                          "them too")
+  config.addinivalue_line(
+    "markers", "slow: end-to-end checks (multi-process, kills); CI runs them too"
+  )

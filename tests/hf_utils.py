@@ -24,8 +24,16 @@ from switchjax import losses
 
 transformers.utils.logging.disable_progress_bar()
 
-TINY = dict(vocab_size=64, d_model=16, d_ff=32, d_kv=4, num_heads=4, num_experts=4,
-            expert_capacity=3, decoder_start_token_id=0)
+TINY = dict(
+  vocab_size=64,
+  d_model=16,
+  d_ff=32,
+  d_kv=4,
+  num_heads=4,
+  num_experts=4,
+  expert_capacity=3,
+  decoder_start_token_id=0,
+)
 BATCH, INPUT_LENGTH, TARGET_LENGTH = 2, 10, 6
 
 
@@ -51,8 +59,7 @@ def build_hf_checkpoint(directory: pathlib.Path, seed: int = 0, **overrides):
 
 
 def load_hf(directory):
-  return transformers.SwitchTransformersForConditionalGeneration.from_pretrained(
-      directory).eval()
+  return transformers.SwitchTransformersForConditionalGeneration.from_pretrained(directory).eval()
 
 
 @functools.cache
@@ -66,20 +73,30 @@ def batch() -> dict[str, np.ndarray]:
   labels[1, 4:] = -100
   decoder_input_ids = np.zeros_like(labels)
   decoder_input_ids[:, 1:] = np.where(labels[:, :-1] == -100, 0, labels[:, :-1])
-  return {"input_ids": input_ids, "labels": labels, "decoder_input_ids": decoder_input_ids,
-          "targets": np.where(labels == -100, 0, labels),
-          "weights": (labels != -100).astype(np.float32)}
+  return {
+    "input_ids": input_ids,
+    "labels": labels,
+    "decoder_input_ids": decoder_input_ids,
+    "targets": np.where(labels == -100, 0, labels),
+    "weights": (labels != -100).astype(np.float32),
+  }
 
 
 def hf_forward(model, output_router_logits: bool = True, labels: bool = False):
   """transformers' outputs on `batch()` (attention mask = input_ids != 0)."""
   b = batch()
-  kwargs = {"labels": torch.tensor(b["labels"])} if labels else {
-      "decoder_input_ids": torch.tensor(b["decoder_input_ids"])}
+  kwargs = (
+    {"labels": torch.tensor(b["labels"])}
+    if labels
+    else {"decoder_input_ids": torch.tensor(b["decoder_input_ids"])}
+  )
   with torch.no_grad():
-    return model(input_ids=torch.tensor(b["input_ids"]),
-                 attention_mask=torch.tensor(b["input_ids"] != 0),
-                 output_router_logits=output_router_logits, **kwargs)
+    return model(
+      input_ids=torch.tensor(b["input_ids"]),
+      attention_mask=torch.tensor(b["input_ids"] != 0),
+      output_router_logits=output_router_logits,
+      **kwargs,
+    )
 
 
 def jax_forward(model, params):
@@ -93,8 +110,10 @@ def jax_forward(model, params):
 def router_logits(intermediates, stack: str) -> list[np.ndarray]:
   """Sown router logits [batch, length, experts] of a stack's MoE layers, in layer order."""
   layers = losses.moe_layer_metrics(intermediates)
-  paths = sorted((p for p in layers if p.startswith(stack)),
-                 key=lambda p: int(re.search(r"layers_(\d+)", p).group(1)))
+  paths = sorted(
+    (p for p in layers if p.startswith(stack)),
+    key=lambda p: int(re.search(r"layers_(\d+)", p).group(1)),
+  )
   return [np.asarray(layers[p]["router_logits"]) for p in paths]
 
 

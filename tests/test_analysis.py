@@ -40,13 +40,29 @@ BATCH, INPUTS, TARGETS = 4, 8, 4
 # --------------------------------------------------------------------------------------------
 # A tiny random model and batch.
 
+
 def _config(**moe) -> ModelConfig:
-  moe = {"num_experts": 2, "max_group_size": 16, "min_expert_capacity": 1,
-         "eval_capacity_factor": HUGE, **moe}
-  return ModelConfig(vocab_size=64, d_model=16, d_ff=32, num_heads=2, d_kv=8, num_layers=1,
-                     num_decoder_layers=1, num_sparse_encoder_layers=1,
-                     num_sparse_decoder_layers=1, dropout_rate=0.0, dtype="float32",
-                     moe=MoeConfig(**moe))
+  moe = {
+    "num_experts": 2,
+    "max_group_size": 16,
+    "min_expert_capacity": 1,
+    "eval_capacity_factor": HUGE,
+    **moe,
+  }
+  return ModelConfig(
+    vocab_size=64,
+    d_model=16,
+    d_ff=32,
+    num_heads=2,
+    d_kv=8,
+    num_layers=1,
+    num_decoder_layers=1,
+    num_sparse_encoder_layers=1,
+    num_sparse_decoder_layers=1,
+    dropout_rate=0.0,
+    dtype="float32",
+    moe=MoeConfig(**moe),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -55,18 +71,25 @@ def batch():
   rng = np.random.default_rng(0)
   targets = rng.integers(3, 64, (BATCH, TARGETS)).astype(np.int32)
   decoder_inputs = np.pad(targets[:, :-1], ((0, 0), (1, 0)))
-  return {"encoder_input_tokens": rng.integers(3, 64, (BATCH, INPUTS)).astype(np.int32),
-          "decoder_input_tokens": decoder_inputs, "decoder_target_tokens": targets}
+  return {
+    "encoder_input_tokens": rng.integers(3, 64, (BATCH, INPUTS)).astype(np.int32),
+    "decoder_input_tokens": decoder_inputs,
+    "decoder_target_tokens": targets,
+  }
 
 
 @pytest.fixture(scope="module")
 def params(batch):
   """Random parameters with the routers scaled x50 (confident, unbalanced routing)."""
   model = SwitchTransformer(_config())
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(1), batch["encoder_input_tokens"],
-                                        batch["decoder_input_tokens"])["params"])
+  params = nn.unbox(
+    jax.jit(model.init)(
+      jax.random.key(1), batch["encoder_input_tokens"], batch["decoder_input_tokens"]
+    )["params"]
+  )
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: x * 50 if "router" in jax.tree_util.keystr(path) else x, params)
+    lambda path, x: x * 50 if "router" in jax.tree_util.keystr(path) else x, params
+  )
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +99,7 @@ def report(batch, params):
 
 # --------------------------------------------------------------------------------------------
 # routing_report.
+
 
 def test_report_has_every_sparse_layer_in_order(report):
   assert list(report) == ["encoder/layers_0/mlp", "decoder/layers_0/mlp"]
@@ -95,16 +119,14 @@ def test_with_huge_capacity_every_token_is_routed_to_its_top1_expert(report):
     assert r.expert_usage == pytest.approx(num_tokens / (2 * r.expert_capacity * r.num_groups))
 
 
-def test_entropy_probabilities_and_load_statistics_match_the_router_logits(batch, params,
-                                                                           report):
+def test_entropy_probabilities_and_load_statistics_match_the_router_logits(batch, params, report):
   _, layers = analysis.forward(SwitchTransformer(_config()), params, batch)
   for path, r in report.items():
     logits = layers[path]["router_logits"].astype(np.float64)  # [batch, length, experts]
     probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     np.testing.assert_array_equal(r.top1_expert, probs.argmax(-1))
     np.testing.assert_allclose(r.top1_prob, probs.max(-1), rtol=1e-6)
-    np.testing.assert_allclose(r.entropy, np.mean(-np.sum(probs * np.log(probs), -1)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(r.entropy, np.mean(-np.sum(probs * np.log(probs), -1)), rtol=1e-6)
     assert 0 <= r.entropy <= math.log(2)
     counts = r.tokens_per_expert
     assert r.load_cv == pytest.approx(np.std(counts) / np.mean(counts))
@@ -116,31 +138,38 @@ def test_padding_is_excluded_from_the_token_statistics(batch, params):
   padded = dict(batch)
   padded["encoder_input_tokens"] = batch["encoder_input_tokens"].copy()
   padded["encoder_input_tokens"][:, -3:] = 0  # 3 padding tokens per row
-  r = analysis.routing_report(SwitchTransformer(_config()), params, padded)[
-      "encoder/layers_0/mlp"]
+  r = analysis.routing_report(SwitchTransformer(_config()), params, padded)["encoder/layers_0/mlp"]
   assert r.mask.sum() == BATCH * (INPUTS - 3)
   assert (r.top1_expert[:, -3:] == -1).all() and (r.top1_prob[:, -3:] == 0).all()
   assert r.top1_load.sum() == BATCH * (INPUTS - 3)
   assert r.tokens_per_expert.sum() == BATCH * INPUTS  # the layer still routes padding
 
 
-@pytest.mark.parametrize("counts,cv,max_mean", [
-    ([5, 5, 5, 5], 0.0, 1.0), ([8, 0, 0, 0], math.sqrt(3), 4.0), ([3, 1], 0.5, 1.5),
-    ([0, 0], 0.0, 0.0)])
+@pytest.mark.parametrize(
+  "counts,cv,max_mean",
+  [
+    ([5, 5, 5, 5], 0.0, 1.0),
+    ([8, 0, 0, 0], math.sqrt(3), 4.0),
+    ([3, 1], 0.5, 1.5),
+    ([0, 0], 0.0, 0.0),
+  ],
+)
 def test_load_balance(counts, cv, max_mean):
   assert analysis.load_balance(np.array(counts)) == pytest.approx((cv, max_mean))
 
 
 def test_routing_report_of_an_encoder_only_model(batch, params):
   model = SwitchEncoder(_config())
-  report = analysis.routing_report(model, {"token_embedder": params["token_embedder"],
-                                           "encoder": params["encoder"]}, batch)
+  report = analysis.routing_report(
+    model, {"token_embedder": params["token_embedder"], "encoder": params["encoder"]}, batch
+  )
   assert list(report) == ["encoder/layers_0/mlp"]
   assert report["encoder/layers_0/mlp"].tokens_per_expert.sum() == BATCH * INPUTS
 
 
 # --------------------------------------------------------------------------------------------
 # Routing variants on the same parameters.
+
 
 def test_top2_with_two_experts_sends_every_token_to_both(batch, params):
   model = analysis.replace_moe(SwitchTransformer(_config()), num_selected_experts=2)
@@ -158,8 +187,9 @@ def test_masked_and_scatter_routers_agree(batch, params):
   (masked, masked_report), (scatter, scatter_report) = outputs.values()
   np.testing.assert_allclose(masked, scatter, atol=1e-5)
   for path in masked_report:
-    np.testing.assert_array_equal(masked_report[path].tokens_per_expert,
-                                  scatter_report[path].tokens_per_expert)
+    np.testing.assert_array_equal(
+      masked_report[path].tokens_per_expert, scatter_report[path].tokens_per_expert
+    )
 
 
 def test_replace_moe_keeps_the_rest_of_the_config():
@@ -170,6 +200,7 @@ def test_replace_moe_keeps_the_rest_of_the_config():
 
 # --------------------------------------------------------------------------------------------
 # Capacity.
+
 
 def test_capacity_sweep_drops_fewer_tokens_as_capacity_grows(batch, params):
   factors = [0.25, 1.0, HUGE]
@@ -187,10 +218,11 @@ def test_capacity_sweep_drops_fewer_tokens_as_capacity_grows(batch, params):
   # Nothing dropped at cf 16: usage = tokens / (E x C x groups) = 1 / cf.
   assert sweep.expert_usage["encoder/layers_0/mlp"][-1] == pytest.approx(1 / HUGE)
   report = analysis.routing_report(
-      analysis.replace_moe(SwitchTransformer(_config()), eval_capacity_factor=1.0), params,
-      batch)
+    analysis.replace_moe(SwitchTransformer(_config()), eval_capacity_factor=1.0), params, batch
+  )
   assert sweep.fraction_dropped["decoder/layers_0/mlp"][1] == pytest.approx(
-      report["decoder/layers_0/mlp"].fraction_dropped)
+    report["decoder/layers_0/mlp"].fraction_dropped
+  )
   assert "cf 0.25" in analysis.format_sweep(sweep) and "(C=128)" in analysis.format_sweep(sweep)
 
 
@@ -201,6 +233,7 @@ def test_capacity_sweep_refuses_fixed_capacity(batch, params):
 
 # --------------------------------------------------------------------------------------------
 # Which tokens go where.
+
 
 class _Pieces:
   """A stand-in tokenizer: id 7 is 't7'."""
@@ -213,28 +246,42 @@ def _synthetic_report(top1: np.ndarray, mask: np.ndarray) -> dict[str, analysis.
   """A report whose only layer has the given top-1 experts [batch, length] and mask."""
   zero = np.zeros(top1.shape)
   layer = analysis.LayerRouting(
-      path="encoder/layers_0/mlp", tokens_per_expert=np.zeros(3, np.int64), expert_usage=0.0,
-      fraction_dropped=0.0, router_confidence=0.0, auxiliary_loss=0.0, router_z_loss=0.0,
-      expert_capacity=1, num_groups=1, mask=mask, top1_expert=np.where(mask, top1, -1),
-      top1_prob=zero, entropy=0.0, load_cv=0.0, max_mean_load=0.0)
+    path="encoder/layers_0/mlp",
+    tokens_per_expert=np.zeros(3, np.int64),
+    expert_usage=0.0,
+    fraction_dropped=0.0,
+    router_confidence=0.0,
+    auxiliary_loss=0.0,
+    router_z_loss=0.0,
+    expert_capacity=1,
+    num_groups=1,
+    mask=mask,
+    top1_expert=np.where(mask, top1, -1),
+    top1_prob=zero,
+    entropy=0.0,
+    load_cv=0.0,
+    max_mean_load=0.0,
+  )
   return {layer.path: layer}
 
 
 def test_expert_token_affinity_matches_a_hand_count():
-  tokens = np.array([[5, 5, 6, 7, 5, 0],
-                     [6, 6, 5, 7, 8, 0]])
-  top1 = np.array([[0, 0, 1, 2, 1, 0],
-                   [1, 1, 0, 2, 2, 0]])
+  tokens = np.array([[5, 5, 6, 7, 5, 0], [6, 6, 5, 7, 8, 0]])
+  top1 = np.array([[0, 0, 1, 2, 1, 0], [1, 1, 0, 2, 2, 0]])
   report = _synthetic_report(top1, tokens > 0)
-  affinity = analysis.expert_token_affinity(report, {"encoder_input_tokens": tokens},
-                                            _Pieces(), "encoder/layers_0/mlp")
+  affinity = analysis.expert_token_affinity(
+    report, {"encoder_input_tokens": tokens}, _Pieces(), "encoder/layers_0/mlp"
+  )
   # id 5 occurs 4 times: 3 x expert 0, 1 x expert 1; id 6: 3 x expert 1; 7: 2 x expert 2;
   # 8: 1 x expert 2. Padding (0) counts for nothing.
-  assert affinity == {0: [("t5", 3, 0.75)],
-                      1: [("t6", 3, 1.0), ("t5", 1, 0.25)],
-                      2: [("t7", 2, 1.0), ("t8", 1, 1.0)]}
-  assert analysis.expert_token_affinity(report, tokens, _Pieces(), "encoder/layers_0/mlp",
-                                        top=1)[1] == [("t6", 3, 1.0)]
+  assert affinity == {
+    0: [("t5", 3, 0.75)],
+    1: [("t6", 3, 1.0), ("t5", 1, 0.25)],
+    2: [("t7", 2, 1.0), ("t8", 1, 1.0)],
+  }
+  assert analysis.expert_token_affinity(report, tokens, _Pieces(), "encoder/layers_0/mlp", top=1)[
+    1
+  ] == [("t6", 3, 1.0)]
   text = analysis.format_affinity(affinity)
   assert text.splitlines()[1] == "expert 1: 't6' x3 (100%)  't5' x1 (25%)"
   # Purity over ids seen >= 2 times (5, 6, 7): (3 + 3 + 2) / (4 + 3 + 2).
@@ -259,6 +306,7 @@ def test_affinity_of_a_model_counts_every_real_token_once(batch, report):
 # --------------------------------------------------------------------------------------------
 # Text, plots and the loss.
 
+
 def test_format_report_has_one_row_per_layer(report):
   lines = analysis.format_report(report).splitlines()
   assert len(lines) == 2 + len(report)
@@ -269,9 +317,11 @@ def test_format_report_has_one_row_per_layer(report):
 
 def test_plots_draw_one_panel_per_layer(report, batch, params):
   sweep = analysis.capacity_sweep(SwitchTransformer(_config()), params, batch, [1.0, HUGE])
-  for fig, panels in ((analysis.plot_expert_load(report), len(report)),
-                      (analysis.plot_router_confidence(report), len(report)),
-                      (analysis.plot_capacity_sweep(sweep), 2)):
+  for fig, panels in (
+    (analysis.plot_expert_load(report), len(report)),
+    (analysis.plot_router_confidence(report), len(report)),
+    (analysis.plot_capacity_sweep(sweep), 2),
+  ):
     assert len(fig.axes) == panels
     fig.savefig(io.BytesIO(), format="png")
   plt.close("all")
@@ -280,14 +330,17 @@ def test_plots_draw_one_panel_per_layer(report, batch, params):
 def test_token_cross_entropy_matches_the_training_loss(batch, params):
   logits, _ = analysis.forward(SwitchTransformer(_config()), params, batch)
   targets = batch["decoder_target_tokens"]
-  total, _, count = losses.cross_entropy_with_z_loss(jnp.asarray(logits), targets,
-                                                     (targets > 0).astype(np.float32))
-  assert analysis.token_cross_entropy(logits, batch) == pytest.approx(float(total / count),
-                                                                      rel=1e-5)
+  total, _, count = losses.cross_entropy_with_z_loss(
+    jnp.asarray(logits), targets, (targets > 0).astype(np.float32)
+  )
+  assert analysis.token_cross_entropy(logits, batch) == pytest.approx(
+    float(total / count), rel=1e-5
+  )
 
 
 # --------------------------------------------------------------------------------------------
 # The notebook.
+
 
 def run_notebook(path: pathlib.Path):
   """Executes a notebook's code cells in order in one namespace, as a kernel would, and
@@ -309,8 +362,11 @@ def run_notebook(path: pathlib.Path):
     for number in plt.get_fignums():
       png = io.BytesIO()
       plt.figure(number).savefig(png, format="png", dpi=72, bbox_inches="tight")
-      outputs.append(nbformat.v4.new_output(
-          "display_data", data={"image/png": base64.b64encode(png.getvalue()).decode()}))
+      outputs.append(
+        nbformat.v4.new_output(
+          "display_data", data={"image/png": base64.b64encode(png.getvalue()).decode()}
+        )
+      )
     plt.close("all")
     cell.outputs, cell.execution_count = outputs, count
   return nb, namespace

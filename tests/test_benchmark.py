@@ -28,8 +28,13 @@ def numbers(tree, path="results"):
 def test_benchmark_quick_reports_every_section(tmp_path):
   out = tmp_path / "benchmark.json"
   # conftest's XLA_FLAGS (8 emulated devices) are inherited: the default 2x4x1 mesh runs.
-  proc = subprocess.run([sys.executable, BENCHMARK, "--quick", "--json", str(out)], cwd=ROOT,
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    [sys.executable, BENCHMARK, "--quick", "--json", str(out)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   for title in ("## MoE layer", "## Train step", "## Greedy generation"):
     assert title in proc.stdout, proc.stdout

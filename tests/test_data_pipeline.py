@@ -1,20 +1,28 @@
 """The pretraining pipeline: corpora, caching, global batches, host sharding, resuming, errors."""
 
-import logging
 import gzip
 import json
+import logging
+import pydoc_data.topics
 import re
 import types
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pydoc_data.topics
 import pytest
 
 from switchjax.config import DataConfig
-from switchjax.data import (EOS_ID, FileCorpus, Tokenizer, make_pretraining_data, open_corpus,
-                            read_documents, reconstruct_tokens, train_tokenizer)
+from switchjax.data import (
+  EOS_ID,
+  FileCorpus,
+  Tokenizer,
+  make_pretraining_data,
+  open_corpus,
+  read_documents,
+  reconstruct_tokens,
+  train_tokenizer,
+)
 from switchjax.data import corpus as corpus_lib
 
 INPUTS, TARGETS, RAW = 64, 14, 70  # random_spans_helper(64) == (70, 14): 3 spans per chunk.
@@ -49,9 +57,14 @@ def ws(tmp_path_factory):
 
 
 def _cfg(ws, **kwargs):
-  defaults = dict(paths=(str(ws.root / "corpus.jsonl"),), spm_path=ws.spm,
-                  cache_dir=str(ws.cache), inputs_length=INPUTS, targets_length=TARGETS,
-                  eval_fraction=0.05)
+  defaults = dict(
+    paths=(str(ws.root / "corpus.jsonl"),),
+    spm_path=ws.spm,
+    cache_dir=str(ws.cache),
+    inputs_length=INPUTS,
+    targets_length=TARGETS,
+    eval_fraction=0.05,
+  )
   return DataConfig(**{**defaults, **kwargs})
 
 
@@ -74,16 +87,18 @@ def _concat_hosts(host_batches):
 # ------------------------------------------------------------------------------------------
 # Batches.
 
+
 def test_batch_format_and_sentinel_layout(ws):
   data = make_pretraining_data(_cfg(ws), 8)
   assert data.raw_length == RAW and data.tokenizer.vocab_size == 600
   assert data.num_train_chunks + data.num_eval_chunks == data.num_tokens // RAW
   batch = next(data.train)
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
-      "encoder_input_tokens": ((8, INPUTS), np.int32),
-      "decoder_target_tokens": ((8, TARGETS), np.int32),
-      "decoder_input_tokens": ((8, TARGETS), np.int32),
-      "decoder_loss_weights": ((8, TARGETS), np.float32)}
+    "encoder_input_tokens": ((8, INPUTS), np.int32),
+    "decoder_target_tokens": ((8, TARGETS), np.int32),
+    "decoder_input_tokens": ((8, TARGETS), np.int32),
+    "decoder_loss_weights": ((8, TARGETS), np.float32),
+  }
   targets = batch["decoder_target_tokens"]
   assert (batch["decoder_input_tokens"][:, 0] == 0).all()
   np.testing.assert_array_equal(batch["decoder_input_tokens"][:, 1:], targets[:, :-1])
@@ -103,7 +118,7 @@ def test_chunks_are_the_concatenated_documents(ws):
   expected = [i for ids in data.tokenizer.encode_batch(ws.docs) for i in ids]  # No separators.
   assert data.num_tokens == len(expected)
   assert data.task.chunks.tokens.dtype == np.uint16
-  np.testing.assert_array_equal(data.task.chunks[3], expected[3 * RAW:4 * RAW])
+  np.testing.assert_array_equal(data.task.chunks[3], expected[3 * RAW : 4 * RAW])
 
 
 def test_determinism_and_seeds(ws):
@@ -167,8 +182,10 @@ def test_resume_refuses_a_different_seed_or_corpus(ws):
 def test_host_sharding(ws, process_count):
   cfg = _cfg(ws)
   single = make_pretraining_data(cfg, 8)
-  hosts = [make_pretraining_data(cfg, 8, process_index=p, process_count=process_count)
-           for p in range(process_count)]
+  hosts = [
+    make_pretraining_data(cfg, 8, process_index=p, process_count=process_count)
+    for p in range(process_count)
+  ]
   expected = _batches(single.train, 3)
   for step in range(3):
     local = [next(h.train) for h in hosts]
@@ -176,8 +193,7 @@ def test_host_sharding(ws, process_count):
     _assert_batches_equal([_concat_hosts(local)], [expected[step]])
   expected_eval = list(single.eval_batches(2))
   host_eval = [list(h.eval_batches(2)) for h in hosts]
-  _assert_batches_equal([_concat_hosts([e[s] for e in host_eval]) for s in range(2)],
-                        expected_eval)
+  _assert_batches_equal([_concat_hosts([e[s] for e in host_eval]) for s in range(2)], expected_eval)
 
 
 def test_train_and_eval_are_disjoint(ws):
@@ -194,8 +210,9 @@ def test_train_and_eval_are_disjoint(ws):
   _assert_batches_equal(first, list(make_pretraining_data(_cfg(ws), 8, seed=5).eval_batches(2)))
   batch = first[1]
   for row in range(8):
-    tokens = reconstruct_tokens(batch["encoder_input_tokens"][row],
-                                batch["decoder_target_tokens"][row], data.tokenizer)
+    tokens = reconstruct_tokens(
+      batch["encoder_input_tokens"][row], batch["decoder_target_tokens"][row], data.tokenizer
+    )
     np.testing.assert_array_equal(tokens, data.task.chunks[split.eval_chunk(8 + row)])
 
 
@@ -203,20 +220,25 @@ def test_eval_repeats_when_the_eval_set_is_small(ws):
   data = make_pretraining_data(_cfg(ws, eval_fraction=0.001), 8)
   assert data.num_eval_chunks == 2
   batch = next(data.eval_batches())
-  np.testing.assert_array_equal(batch["encoder_input_tokens"][0::2][1:],
-                                batch["encoder_input_tokens"][0::2][:-1])
+  np.testing.assert_array_equal(
+    batch["encoder_input_tokens"][0::2][1:], batch["encoder_input_tokens"][0::2][:-1]
+  )
 
 
 # ------------------------------------------------------------------------------------------
 # Corpora and caching.
+
 
 def test_jsonl_txt_and_parquet_give_the_same_documents(ws):
   assert list(read_documents(ws.root / "corpus.jsonl")) == ws.docs
   assert list(read_documents(ws.root / "corpus.txt")) == ws.docs
   assert list(read_documents(ws.root / "corpus.parquet", "body")) == ws.docs
   batches = []
-  for name, field in (("corpus.jsonl", "text"), ("corpus.txt", "ignored"),
-                      ("corpus.parquet", "body")):
+  for name, field in (
+    ("corpus.jsonl", "text"),
+    ("corpus.txt", "ignored"),
+    ("corpus.parquet", "body"),
+  ):
     data = make_pretraining_data(_cfg(ws, paths=(str(ws.root / name),), text_field=field), 8)
     batches.append(next(data.train))
   _assert_batches_equal(batches[:1], batches[1:2])
@@ -243,8 +265,13 @@ def test_globs_and_multiple_files(ws, tmp_path):
 def test_tokenizer_trained_at_first_use_and_cached(ws, tmp_path, monkeypatch):
   _write_jsonl(tmp_path / "small.jsonl", [{"text": d} for d in ws.docs[:800]])
   cache = tmp_path / "cache"
-  cfg = _cfg(ws, paths=(str(tmp_path / "small.jsonl"),), spm_path=None, spm_vocab_size=300,
-             cache_dir=str(cache))
+  cfg = _cfg(
+    ws,
+    paths=(str(tmp_path / "small.jsonl"),),
+    spm_path=None,
+    spm_vocab_size=300,
+    cache_dir=str(cache),
+  )
   data = make_pretraining_data(cfg, 4)
   assert data.tokenizer.num_pieces == 300 and data.tokenizer.vocab_size == 400
   (model,) = (cache / "tokenizers").iterdir()
@@ -254,13 +281,15 @@ def test_tokenizer_trained_at_first_use_and_cached(ws, tmp_path, monkeypatch):
 
   def fail(*args, **kwargs):
     raise AssertionError("the cache was not used")
+
   monkeypatch.setattr(corpus_lib, "train_tokenizer", fail)
   monkeypatch.setattr(corpus_lib, "_write_tokens", fail)
   again = make_pretraining_data(cfg, 4)
   assert again.tokenizer.spm_path == str(model)
   _assert_batches_equal([first], [next(again.train)])
   assert sorted(p.name for p in cache.rglob("*")) == sorted(
-      ["tokenizers", "tokens", model.name, tokens.name])  # No temporary files.
+    ["tokenizers", "tokens", model.name, tokens.name]
+  )  # No temporary files.
 
 
 def test_cache_follows_the_environment_variable(ws, tmp_path, monkeypatch):
@@ -277,6 +306,7 @@ def test_interrupted_tokenization_leaves_no_cache_entry(ws, tmp_path, monkeypatc
     if len(calls) > 1:
       raise KeyboardInterrupt  # As if the run were killed half-way.
     return [[5] * 10 for _ in texts]
+
   monkeypatch.setattr(Tokenizer, "encode_batch", encode_batch)
   with pytest.raises(KeyboardInterrupt):
     make_pretraining_data(_cfg(ws, cache_dir=str(tmp_path)), 8)
@@ -284,8 +314,9 @@ def test_interrupted_tokenization_leaves_no_cache_entry(ws, tmp_path, monkeypatc
 
 
 def test_default_corpus(tmp_path):
-  cfg = DataConfig(spm_vocab_size=500, cache_dir=str(tmp_path), inputs_length=INPUTS,
-                   targets_length=TARGETS)
+  cfg = DataConfig(
+    spm_vocab_size=500, cache_dir=str(tmp_path), inputs_length=INPUTS, targets_length=TARGETS
+  )
   data = make_pretraining_data(cfg, 4)
   assert data.tokenizer.vocab_size == 600 and data.num_train_chunks > 1000
   batch = next(data.train)
@@ -303,9 +334,12 @@ def test_default_corpus(tmp_path):
 # ------------------------------------------------------------------------------------------
 # Errors.
 
+
 def test_error_path_matches_nothing(ws):
-  with pytest.raises(ValueError, match=re.escape(
-      "no files match data.paths='/nonexistent/*.jsonl'; check the path or glob")):
+  with pytest.raises(
+    ValueError,
+    match=re.escape("no files match data.paths='/nonexistent/*.jsonl'; check the path or glob"),
+  ):
     make_pretraining_data(_cfg(ws, paths=("/nonexistent/*.jsonl",)), 8)
   with pytest.raises(ValueError, match="no files match data.paths='/nonexistent/a.txt'"):
     make_pretraining_data(_cfg(ws, paths=("/nonexistent/a.txt",)), 8)
@@ -313,14 +347,19 @@ def test_error_path_matches_nothing(ws):
 
 def test_error_unsupported_extension(ws, tmp_path):
   (tmp_path / "data.csv").write_text("text\nhello\n")
-  with pytest.raises(ValueError, match=r"data.csv: unsupported file type '.csv'; data.paths "
-                                       r"takes .txt"):
+  with pytest.raises(
+    ValueError,
+    match=r"data.csv: unsupported file type '.csv'; data.paths "
+    r"takes .txt",
+  ):
     make_pretraining_data(_cfg(ws, paths=(str(tmp_path / "data.csv"),)), 8)
 
 
 def test_error_jsonl_line_without_the_text_field(ws, tmp_path):
-  path = _write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}, {"text": "also fine"},
-                                               {"body": "wrong field", "id": 3}])
+  path = _write_jsonl(
+    tmp_path / "bad.jsonl",
+    [{"text": "fine"}, {"text": "also fine"}, {"body": "wrong field", "id": 3}],
+  )
   with pytest.raises(ValueError) as e:
     make_pretraining_data(_cfg(ws, paths=(str(path),)), 8)
   message = str(e.value)
@@ -329,24 +368,34 @@ def test_error_jsonl_line_without_the_text_field(ws, tmp_path):
 
 
 def test_error_parquet_without_the_text_column(ws):
-  with pytest.raises(ValueError, match=r"no column 'text' \(columns: body, n\); set --set "
-                                       r"data.text_field="):
+  with pytest.raises(
+    ValueError,
+    match=r"no column 'text' \(columns: body, n\); set --set "
+    r"data.text_field=",
+  ):
     make_pretraining_data(_cfg(ws, paths=(str(ws.root / "corpus.parquet"),)), 8)
 
 
 def test_error_empty_corpus(ws, tmp_path):
   path = _write_jsonl(tmp_path / "empty.jsonl", [{"text": ""}, {"text": "  \n"}])
   for spm_path in (ws.spm, None):  # Tokenizing or training the tokenizer finds no text.
-    with pytest.raises(ValueError, match=r"the corpus is empty: data.paths=.*empty.jsonl.* "
-                                         r"holds no text"):
-      make_pretraining_data(_cfg(ws, paths=(str(path),), spm_path=spm_path,
-                                 cache_dir=str(tmp_path)), 8)
+    with pytest.raises(
+      ValueError,
+      match=r"the corpus is empty: data.paths=.*empty.jsonl.* "
+      r"holds no text",
+    ):
+      make_pretraining_data(
+        _cfg(ws, paths=(str(path),), spm_path=spm_path, cache_dir=str(tmp_path)), 8
+      )
 
 
 def test_error_corpus_too_small(ws, tmp_path):
   path = _write_jsonl(tmp_path / "tiny.jsonl", [{"text": "Just a few words."}])
-  with pytest.raises(ValueError, match=r"too small to make one chunk: .* has \d+ tokens, which "
-                                       r"make 0 chunks of 70 tokens"):
+  with pytest.raises(
+    ValueError,
+    match=r"too small to make one chunk: .* has \d+ tokens, which "
+    r"make 0 chunks of 70 tokens",
+  ):
     make_pretraining_data(_cfg(ws, paths=(str(path),)), 8)
   path = _write_jsonl(tmp_path / "small.jsonl", [{"text": d} for d in ws.docs[:40]])
   with pytest.raises(ValueError) as e:
@@ -357,44 +406,56 @@ def test_error_corpus_too_small(ws, tmp_path):
 
 
 def test_error_tokenizer_without_sentinels(ws):
-  with pytest.raises(ValueError, match="tokenizer has no sentinel ids; span corruption needs "
-                                       "extra_ids >= 3"):
+  with pytest.raises(
+    ValueError, match="tokenizer has no sentinel ids; span corruption needs extra_ids >= 3"
+  ):
     make_pretraining_data(_cfg(ws), 8, tokenizer=Tokenizer(ws.spm, extra_ids=0))
   with pytest.raises(ValueError, match="extra_ids >= 28"):
-    make_pretraining_data(_cfg(ws, inputs_length=512, targets_length=114), 8,
-                          tokenizer=Tokenizer(ws.spm, extra_ids=10))
+    make_pretraining_data(
+      _cfg(ws, inputs_length=512, targets_length=114), 8, tokenizer=Tokenizer(ws.spm, extra_ids=10)
+    )
 
 
 def test_error_missing_spm_path(ws):
-  with pytest.raises(ValueError, match=re.escape("data.spm_path='/no/spiece.model' does not "
-                                                 "exist")):
+  with pytest.raises(
+    ValueError, match=re.escape("data.spm_path='/no/spiece.model' does not exist")
+  ):
     make_pretraining_data(_cfg(ws, spm_path="/no/spiece.model"), 8)
 
 
 def test_error_vocabulary(ws, tmp_path):
-  with pytest.raises(ValueError, match=r"the tokenizer has 600 ids \(500 SentencePiece pieces \+ "
-                                       r"100 sentinels\) but model.vocab_size=512; set "
-                                       r"model.vocab_size >= 600 \(e.g. 640\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"the tokenizer has 600 ids \(500 SentencePiece pieces \+ "
+    r"100 sentinels\) but model.vocab_size=512; set "
+    r"model.vocab_size >= 600 \(e.g. 640\)",
+  ):
     make_pretraining_data(_cfg(ws), 8, model_vocab_size=512)
   path = _write_jsonl(tmp_path / "few.jsonl", [{"text": d} for d in ws.docs[:50]])
-  with pytest.raises(ValueError, match=r"could not train a 8000-piece model.*allows at most "
-                                       r"\d+ pieces. Lower the vocabulary size "
-                                       r"\(data.spm_vocab_size <= \d+\)"):
-    make_pretraining_data(_cfg(ws, paths=(str(path),), spm_path=None, spm_vocab_size=8000,
-                               cache_dir=str(tmp_path)), 8)
+  with pytest.raises(
+    ValueError,
+    match=r"could not train a 8000-piece model.*allows at most "
+    r"\d+ pieces. Lower the vocabulary size "
+    r"\(data.spm_vocab_size <= \d+\)",
+  ):
+    make_pretraining_data(
+      _cfg(ws, paths=(str(path),), spm_path=None, spm_vocab_size=8000, cache_dir=str(tmp_path)), 8
+    )
 
 
 def test_error_batch_and_hosts(ws):
-  with pytest.raises(ValueError, match="global batch size 6 is not divisible by the 4 "
-                                       "processes; use a multiple of 4"):
+  with pytest.raises(
+    ValueError, match="global batch size 6 is not divisible by the 4 processes; use a multiple of 4"
+  ):
     make_pretraining_data(_cfg(ws), 6, process_index=0, process_count=4)
   with pytest.raises(ValueError, match="process_index=2 must be in"):
     make_pretraining_data(_cfg(ws), 8, process_index=2, process_count=2)
 
 
 def test_error_lengths(ws):
-  with pytest.raises(ValueError, match="data.targets_length=10 is too short.*set "
-                                       "data.targets_length=14"):
+  with pytest.raises(
+    ValueError, match="data.targets_length=10 is too short.*set data.targets_length=14"
+  ):
     make_pretraining_data(_cfg(ws, targets_length=10), 8)
   longer = make_pretraining_data(_cfg(ws, targets_length=20), 8)  # Longer targets are padded.
   assert (next(longer.train)["decoder_target_tokens"][:, 14:] == 0).all()
@@ -411,10 +472,13 @@ def test_default_corpus_caps_an_oversized_vocabulary(tmp_path, caplog):
   # Presets made for real corpora (32,000 pieces) still run on the embedded corpus.
   from switchjax.config import DataConfig
   from switchjax.data.corpus import get_tokenizer
+
   cfg = DataConfig(spm_vocab_size=32000, cache_dir=str(tmp_path))
   with caplog.at_level(logging.WARNING):
     tokenizer = get_tokenizer(cfg)
   assert 8000 < tokenizer.num_pieces < 32000
   assert tokenizer.vocab_size == tokenizer.num_pieces + 100
-  assert (f"supports at most {tokenizer.num_pieces} SentencePiece pieces; training "
-          f"{tokenizer.num_pieces} instead of data.spm_vocab_size=32000") in caplog.text
+  assert (
+    f"supports at most {tokenizer.num_pieces} SentencePiece pieces; training "
+    f"{tokenizer.num_pieces} instead of data.spm_vocab_size=32000"
+  ) in caplog.text

@@ -28,13 +28,27 @@ INPUT_LENGTHS = (9, 5, 7, 3)  # real tokens (EOS included) of each row; the rest
 def _hf_model(path):
   """A tiny random SwitchTransformersForConditionalGeneration saved to `path` (and reloaded)."""
   from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
   torch.manual_seed(0)
   cfg = SwitchTransformersConfig(
-      vocab_size=96, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2,
-      num_decoder_layers=2, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
-      num_experts=4, expert_capacity=64, tie_word_embeddings=False,
-      relative_attention_num_buckets=8, relative_attention_max_distance=20,
-      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    vocab_size=96,
+    d_model=32,
+    d_ff=64,
+    d_kv=8,
+    num_heads=4,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_sparse_encoder_layers=1,
+    num_sparse_decoder_layers=1,
+    num_experts=4,
+    expert_capacity=64,
+    tie_word_embeddings=False,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=20,
+    decoder_start_token_id=0,
+    pad_token_id=0,
+    eos_token_id=1,
+  )
   model = SwitchTransformersForConditionalGeneration(cfg).eval()
   with torch.no_grad():
     model.lm_head.weight[1] *= 3.0  # EOS more likely: some rows stop early
@@ -51,6 +65,7 @@ def _hf_model(path):
 def setup(tmp_path_factory):
   """(hf model, switchjax model, params, input ids [4, 9], attention mask)."""
   from switchjax.hf import from_hf
+
   path = tmp_path_factory.mktemp("hf_switch")
   hf = _hf_model(path)
   model, params = from_hf(path)
@@ -67,14 +82,19 @@ def _hf_generate(setup, **kwargs):
   search fills with EOS there), padded to MAX_NEW; and sequences_scores (beam only)."""
   hf, _, _, ids, mask = setup
   with torch.no_grad():
-    out = hf.generate(input_ids=torch.tensor(ids, dtype=torch.long),
-                      attention_mask=torch.tensor(mask), max_new_tokens=MAX_NEW,
-                      do_sample=False, return_dict_in_generate=True, output_scores=True,
-                      **kwargs)
+    out = hf.generate(
+      input_ids=torch.tensor(ids, dtype=torch.long),
+      attention_mask=torch.tensor(mask),
+      max_new_tokens=MAX_NEW,
+      do_sample=False,
+      return_dict_in_generate=True,
+      output_scores=True,
+      **kwargs,
+    )
   seqs = out.sequences.numpy()
   assert (seqs[:, 0] == 0).all()  # decoder start token
   tokens = np.zeros((len(seqs), MAX_NEW), np.int32)
-  tokens[:, :seqs.shape[1] - 1] = seqs[:, 1:]
+  tokens[:, : seqs.shape[1] - 1] = seqs[:, 1:]
   return _pad_after_eos(tokens), getattr(out, "sequences_scores", None)
 
 
@@ -110,23 +130,30 @@ def test_greedy_equals_hugging_face(setup):
 
 
 def test_cache_equals_recomputing_the_prefix(setup):
-  for kwargs in (dict(method="greedy"),
-                 dict(method="sample", temperature=2.0, rng=jax.random.key(3))):
+  for kwargs in (
+    dict(method="greedy"),
+    dict(method="sample", temperature=2.0, rng=jax.random.key(3)),
+  ):
     cached, cached_scores = _run_with_scores(setup, use_cache=True, **kwargs)
     full, full_scores = _run_with_scores(setup, use_cache=False, **kwargs)
     np.testing.assert_array_equal(cached, full, err_msg=str(kwargs))
     np.testing.assert_allclose(cached_scores, full_scores, atol=1e-5, err_msg=str(kwargs))
 
 
-@pytest.mark.parametrize("num_beams,length_penalty,early_stopping", [
-    (3, 1.0, True), (4, 0.6, False)])
+@pytest.mark.parametrize(
+  "num_beams,length_penalty,early_stopping", [(3, 1.0, True), (4, 0.6, False)]
+)
 def test_beam_search_equals_hugging_face(setup, num_beams, length_penalty, early_stopping):
-  ours, scores = _run_with_scores(setup, method="beam", num_beams=num_beams,
-                                  length_penalty=length_penalty,
-                                  early_stopping=early_stopping)
-  expected, hf_scores = _hf_generate(setup, num_beams=num_beams,
-                                     length_penalty=length_penalty,
-                                     early_stopping=early_stopping)
+  ours, scores = _run_with_scores(
+    setup,
+    method="beam",
+    num_beams=num_beams,
+    length_penalty=length_penalty,
+    early_stopping=early_stopping,
+  )
+  expected, hf_scores = _hf_generate(
+    setup, num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping
+  )
   np.testing.assert_array_equal(ours, expected)
   np.testing.assert_allclose(scores, hf_scores.numpy(), atol=1e-5)
 
@@ -151,8 +178,9 @@ def test_sampling_filters_and_seeds(setup):
 
 def test_filter_logits():
   logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
-  kept = lambda **kw: np.isfinite(np.asarray(filter_logits(
-      logits, kw.get("t", 1.0), kw.get("k", 0), kw.get("p", 1.0))))[0].tolist()
+  kept = lambda **kw: np.isfinite(
+    np.asarray(filter_logits(logits, kw.get("t", 1.0), kw.get("k", 0), kw.get("p", 1.0)))
+  )[0].tolist()
   assert kept() == [True] * 4
   assert kept(k=2) == [True, True, False, False]
   assert kept(p=0.5) == [True, False, False, False]  # 0.5 already reaches 0.5
@@ -163,8 +191,11 @@ def test_filter_logits():
 
 
 def test_rows_stop_at_eos_and_are_padded(setup):
-  for kwargs in (dict(), dict(method="sample", temperature=3.0, rng=5),
-                 dict(method="beam", num_beams=3)):
+  for kwargs in (
+    dict(),
+    dict(method="sample", temperature=3.0, rng=5),
+    dict(method="beam", num_beams=3),
+  ):
     tokens = _run(setup, **kwargs)
     np.testing.assert_array_equal(tokens, _pad_after_eos(tokens), err_msg=str(kwargs))
   # A batch whose rows all end early (so the loop exits before max_new_tokens) still gives
@@ -172,16 +203,18 @@ def test_rows_stop_at_eos_and_are_padded(setup):
   _, model, params, ids, _ = setup
   row = 1  # ends early
   batched = _run(setup)
-  same = np.asarray(generate(model, params, np.repeat(ids[row:row + 1], len(ids), 0), MAX_NEW))
+  same = np.asarray(generate(model, params, np.repeat(ids[row : row + 1], len(ids), 0), MAX_NEW))
   assert 0 <= _eos_positions(batched)[row] < MAX_NEW - 1
-  np.testing.assert_array_equal(same, np.repeat(batched[row:row + 1], len(ids), 0))
+  np.testing.assert_array_equal(same, np.repeat(batched[row : row + 1], len(ids), 0))
 
 
 def test_bad_arguments(setup):
   _, model, params, ids, _ = setup
-  for kwargs, message in ((dict(method="topk"), "method"),
-                          (dict(method="sample", temperature=0.0), "temperature"),
-                          (dict(method="beam", num_beams=0), "num_beams")):
+  for kwargs, message in (
+    (dict(method="topk"), "method"),
+    (dict(method="sample", temperature=0.0), "temperature"),
+    (dict(method="beam", num_beams=0), "num_beams"),
+  ):
     with pytest.raises(ValueError, match=message):
       generate(model, params, ids, MAX_NEW, **kwargs)
 
@@ -190,10 +223,14 @@ def test_bad_arguments(setup):
 # A native (flaxformer-mode) checkpoint and scripts/generate.py
 
 SENTENCES = [
-    "The capital of France is Paris.", "Berlin is the capital of Germany.",
-    "Rome is an old city in Italy.", "Madrid is the largest city of Spain.",
-    "The river flows through the city.", "A quick brown fox jumps over the lazy dog.",
-    "Mixture of experts models route tokens.", "Each expert is a small network.",
+  "The capital of France is Paris.",
+  "Berlin is the capital of Germany.",
+  "Rome is an old city in Italy.",
+  "Madrid is the largest city of Spain.",
+  "The river flows through the city.",
+  "A quick brown fox jumps over the lazy dog.",
+  "Mixture of experts models route tokens.",
+  "Each expert is a small network.",
 ] * 4
 SCRIPT_INPUTS = ["The capital of France is <extra_id_0>.", "Berlin is the capital of"]
 SCRIPT_NEW = 8
@@ -216,19 +253,38 @@ def checkpoint_dir(tmp_path_factory):
   directory = tmp_path_factory.mktemp("switch_ckpt")
   writer = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(SENTENCES), model_writer=writer, vocab_size=60, pad_id=0,
-      eos_id=1, unk_id=2, bos_id=-1, model_type="unigram", minloglevel=2)
+    sentence_iterator=iter(SENTENCES),
+    model_writer=writer,
+    vocab_size=60,
+    pad_id=0,
+    eos_id=1,
+    unk_id=2,
+    bos_id=-1,
+    model_type="unigram",
+    minloglevel=2,
+  )
   (directory / "spiece.model").write_bytes(writer.getvalue())
-  cfg = ModelConfig(vocab_size=160, d_model=32, d_ff=64, num_heads=4, d_kv=8, num_layers=2,
-                    num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
-                    relative_attention_num_buckets=8, dropout_rate=0.0, dtype="float32",
-                    moe=MoeConfig(num_experts=4, eval_capacity_factor=4.0))
+  cfg = ModelConfig(
+    vocab_size=160,
+    d_model=32,
+    d_ff=64,
+    num_heads=4,
+    d_kv=8,
+    num_layers=2,
+    num_sparse_encoder_layers=1,
+    num_sparse_decoder_layers=1,
+    relative_attention_num_buckets=8,
+    dropout_rate=0.0,
+    dtype="float32",
+    moe=MoeConfig(num_experts=4, eval_capacity_factor=4.0),
+  )
   # Random normal parameters drawn with NumPy (compiling `model.init` takes ~10 s on CPU).
   dummy = np.ones((1, 8), np.int32)
   shapes = jax.eval_shape(SwitchTransformer(cfg).init, jax.random.key(0), dummy, dummy)
   rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda s: rng.normal(0.0, 0.5, s.shape).astype(s.dtype),
-                        nn.meta.unbox(shapes["params"]))
+  params = jax.tree.map(
+    lambda s: rng.normal(0.0, 0.5, s.shape).astype(s.dtype), nn.meta.unbox(shapes["params"])
+  )
   save_model(directory, Config(model=cfg), params)
   return directory
 
@@ -238,12 +294,13 @@ def _native_generate(checkpoint_dir, **kwargs):
   from switchjax.checkpoint import load_model
   from switchjax.data.tokenizer import Tokenizer
   from switchjax.model import SwitchTransformer
+
   config, params = load_model(checkpoint_dir)
   tokenizer = Tokenizer(checkpoint_dir / "spiece.model", extra_ids=100)
   ids = [tokenizer.encode(text, add_eos=True) for text in SCRIPT_INPUTS]
   batch = np.zeros((len(ids), max(map(len, ids))), np.int32)  # padded with 0
   for row, seq in enumerate(ids):
-    batch[row, :len(seq)] = seq
+    batch[row, : len(seq)] = seq
   out = generate(SwitchTransformer(config.model), params, batch, SCRIPT_NEW, **kwargs)
   return np.asarray(out), tokenizer
 
@@ -255,8 +312,14 @@ def test_native_model_cache_equals_recomputing_the_prefix(checkpoint_dir):
 
 
 def test_script_generates_one_line_per_input(checkpoint_dir):
-  command = [sys.executable, str(REPO / "scripts/generate.py"), "--checkpoint",
-             str(checkpoint_dir), "--max_new_tokens", str(SCRIPT_NEW)]
+  command = [
+    sys.executable,
+    str(REPO / "scripts/generate.py"),
+    "--checkpoint",
+    str(checkpoint_dir),
+    "--max_new_tokens",
+    str(SCRIPT_NEW),
+  ]
   for text in SCRIPT_INPUTS:
     command += ["--input", text]
   result = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -265,8 +328,9 @@ def test_script_generates_one_line_per_input(checkpoint_dir):
   assert len(lines) == len(SCRIPT_INPUTS), result.stdout
   # The same text as generating in-process with the same checkpoint and tokenizer.
   tokens, tokenizer = _native_generate(checkpoint_dir)
-  assert lines == [tokenizer.decode([t for t in row if t < tokenizer.vocab_size])
-                   for row in tokens.tolist()]
+  assert lines == [
+    tokenizer.decode([t for t in row if t < tokenizer.vocab_size]) for row in tokens.tolist()
+  ]
 
 
 def test_script_errors_are_one_line(checkpoint_dir, tmp_path, capsys):
@@ -274,8 +338,19 @@ def test_script_errors_are_one_line(checkpoint_dir, tmp_path, capsys):
   script = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(script)
   assert script.main(["--checkpoint", str(tmp_path / "missing"), "--input", "x"]) == 1
-  assert script.main(["--checkpoint", str(checkpoint_dir), "--input", "x",
-                      "--spm_path", str(tmp_path / "none.model")]) == 1
+  assert (
+    script.main(
+      [
+        "--checkpoint",
+        str(checkpoint_dir),
+        "--input",
+        "x",
+        "--spm_path",
+        str(tmp_path / "none.model"),
+      ]
+    )
+    == 1
+  )
   errors = capsys.readouterr().err.splitlines()
   assert len(errors) == 2 and all(e.startswith("generate.py: error:") for e in errors), errors
   assert "not a switchjax checkpoint" in errors[0] and "none.model" in errors[1]

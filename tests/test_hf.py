@@ -14,6 +14,7 @@ import pathlib
 import subprocess
 import sys
 
+import hf_utils as U
 import jax
 import numpy as np
 import pytest
@@ -21,25 +22,41 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 
-from switchjax import checkpoint, config as config_lib, hf, losses
+from switchjax import checkpoint, hf, losses
+from switchjax import config as config_lib
 from switchjax.model import sparse_layer_indices
-import hf_utils as U
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOL = 1e-4
 # name -> SwitchTransformersConfig overrides (on top of hf_utils.TINY: d_model 16, 4 heads of
 # 4, 4 experts, expert_capacity 3, so tokens get dropped).
 CONFIGS = {
-    "base": dict(num_layers=4, num_decoder_layers=3, num_sparse_encoder_layers=2,
-                 num_sparse_decoder_layers=1),
-    "untied_gelu_bias": dict(num_layers=4, num_decoder_layers=4, num_sparse_encoder_layers=2,
-                             num_sparse_decoder_layers=2, tie_word_embeddings=False,
-                             dense_act_fn="gelu", router_bias=True),
-    "hf_placement_12_4_8_3": dict(num_layers=12, num_decoder_layers=8,
-                                  num_sparse_encoder_layers=4, num_sparse_decoder_layers=3,
-                                  dense_act_fn="gelu_new"),
-    "all_sparse": dict(num_layers=3, num_decoder_layers=2, num_sparse_encoder_layers=3,
-                       num_sparse_decoder_layers=2, expert_capacity=2),
+  "base": dict(
+    num_layers=4, num_decoder_layers=3, num_sparse_encoder_layers=2, num_sparse_decoder_layers=1
+  ),
+  "untied_gelu_bias": dict(
+    num_layers=4,
+    num_decoder_layers=4,
+    num_sparse_encoder_layers=2,
+    num_sparse_decoder_layers=2,
+    tie_word_embeddings=False,
+    dense_act_fn="gelu",
+    router_bias=True,
+  ),
+  "hf_placement_12_4_8_3": dict(
+    num_layers=12,
+    num_decoder_layers=8,
+    num_sparse_encoder_layers=4,
+    num_sparse_decoder_layers=3,
+    dense_act_fn="gelu_new",
+  ),
+  "all_sparse": dict(
+    num_layers=3,
+    num_decoder_layers=2,
+    num_sparse_encoder_layers=3,
+    num_sparse_decoder_layers=2,
+    expert_capacity=2,
+  ),
 }
 
 
@@ -47,8 +64,10 @@ CONFIGS = {
 def hf_dirs(tmp_path_factory):
   """{config name: (checkpoint dir, reloaded transformers model)}, each built once."""
   root = tmp_path_factory.mktemp("hf")
-  return {name: (root / name, U.build_hf_checkpoint(root / name, seed=i, **overrides))
-          for i, (name, overrides) in enumerate(CONFIGS.items())}
+  return {
+    name: (root / name, U.build_hf_checkpoint(root / name, seed=i, **overrides))
+    for i, (name, overrides) in enumerate(CONFIGS.items())
+  }
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +81,16 @@ def outputs(hf_dirs):
       model, params = hf.from_hf(directory)
       logits, intermediates = U.jax_forward(model, params)
       cache[name] = dict(
-          name=name, model=model, params=params, logits=logits, intermediates=intermediates,
-          reference=reference, hf=U.hf_forward(reference),
-          hf_loss=U.hf_forward(reference, output_router_logits=False, labels=True).loss,
-          hf_total=U.hf_forward(reference, labels=True).loss)
+        name=name,
+        model=model,
+        params=params,
+        logits=logits,
+        intermediates=intermediates,
+        reference=reference,
+        hf=U.hf_forward(reference),
+        hf_loss=U.hf_forward(reference, output_router_logits=False, labels=True).loss,
+        hf_total=U.hf_forward(reference, labels=True).loss,
+      )
     return cache[name]
 
   return get
@@ -79,10 +104,13 @@ def parity(request, outputs):
 # --------------------------------------------------------------------------------------------
 # Parity.
 
+
 def test_logits_match_transformers(parity):
   diff = np.abs(parity["logits"] - parity["hf"].logits.numpy()).max()
-  print(f"\n[{parity['name']}] max |logits - HF logits| = {diff:.3g} (max |logit| "
-        f"{np.abs(parity['logits']).max():.3g})")
+  print(
+    f"\n[{parity['name']}] max |logits - HF logits| = {diff:.3g} (max |logit| "
+    f"{np.abs(parity['logits']).max():.3g})"
+  )
   assert diff <= TOL
 
 
@@ -90,43 +118,52 @@ def test_router_logits_match_transformers(parity):
   for stack in ("encoder", "decoder"):
     ours = U.router_logits(parity["intermediates"], stack)
     theirs = [t.numpy() for t in getattr(parity["hf"], f"{stack}_router_logits")]
-    assert len(ours) == len(theirs) == len(getattr(parity["model"].config,
-                                                   f"sparse_{stack}_layers"))
+    assert (
+      len(ours) == len(theirs) == len(getattr(parity["model"].config, f"sparse_{stack}_layers"))
+    )
     diff = max(np.abs(a - b).max() for a, b in zip(ours, theirs))
-    print(f"\n[{parity['name']}] {stack}: {len(ours)} sparse layers, max |router logits "
-          f"diff| = {diff:.3g}")
+    print(
+      f"\n[{parity['name']}] {stack}: {len(ours)} sparse layers, max |router logits "
+      f"diff| = {diff:.3g}"
+    )
     assert diff <= TOL
 
 
 def test_router_losses_and_cross_entropy_match_transformers(parity):
   out, cfg = parity["hf"], parity["model"].config
   diffs = {}
-  for stack, n, sparse in (("encoder", cfg.num_layers, cfg.sparse_encoder_layers),
-                           ("decoder", cfg.decoder_layers, cfg.sparse_decoder_layers)):
+  for stack, n, sparse in (
+    ("encoder", cfg.num_layers, cfg.sparse_encoder_layers),
+    ("decoder", cfg.decoder_layers, cfg.sparse_decoder_layers),
+  ):
     z, aux = jax.jit(losses.hf_router_losses, static_argnums=1)(parity["intermediates"], stack)
     if len(sparse) == n:  # HF reports 0 when every block is sparse (its step is 1)
       z, aux = 0.0, 0.0
     diffs[f"{stack}_z"] = abs(float(z) - float(getattr(out, f"{stack}_z_loss")))
     diffs[f"{stack}_aux"] = abs(float(aux) - float(getattr(out, f"{stack}_aux_loss")))
   b = U.batch()
-  total, _, count = losses.cross_entropy_with_z_loss(parity["logits"], b["targets"],
-                                                     b["weights"])
+  total, _, count = losses.cross_entropy_with_z_loss(parity["logits"], b["targets"], b["weights"])
   ce = float(total / count)
   diffs["cross_entropy"] = abs(ce - parity["hf_loss"].item())
   ref = parity["reference"].config
-  hf_total = ce + ref.router_z_loss_coef * (float(out.encoder_z_loss) + float(
-      out.decoder_z_loss)) + ref.router_aux_loss_coef * (float(out.encoder_aux_loss) + float(
-          out.decoder_aux_loss))
+  hf_total = (
+    ce
+    + ref.router_z_loss_coef * (float(out.encoder_z_loss) + float(out.decoder_z_loss))
+    + ref.router_aux_loss_coef * (float(out.encoder_aux_loss) + float(out.decoder_aux_loss))
+  )
   diffs["total_loss"] = abs(hf_total - parity["hf_total"].item())
-  print(f"\n[{parity['name']}] loss differences: " +
-        ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()))
+  print(
+    f"\n[{parity['name']}] loss differences: " + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items())
+  )
   assert max(diffs.values()) <= TOL
 
 
 def test_tokens_are_dropped(parity):
   """The capacity is small enough that every config drops tokens somewhere."""
-  left_behind = {path: round(float(m["fraction_tokens_left_behind"]), 3)
-                 for path, m in losses.moe_layer_metrics(parity["intermediates"]).items()}
+  left_behind = {
+    path: round(float(m["fraction_tokens_left_behind"]), 3)
+    for path, m in losses.moe_layer_metrics(parity["intermediates"]).items()
+  }
   print(f"\n[{parity['name']}] fraction_tokens_left_behind: {left_behind}")
   assert max(left_behind.values()) > 0
 
@@ -142,14 +179,23 @@ def test_hf_placement_kept_where_it_differs_from_mixed(hf_dirs):
 def test_sparse_rule_matches_the_blocks_transformers_builds(n):
   """hf_sparse_layers gives the blocks transformers makes sparse, with and without a stored
   *_sparse_step, and hf_sparse_count finds a count that reproduces each placement."""
-  stack_cls = transformers.models.switch_transformers.modeling_switch_transformers \
-      .SwitchTransformersStack
+  stack_cls = (
+    transformers.models.switch_transformers.modeling_switch_transformers.SwitchTransformersStack
+  )
   for s in range(n + 1):
     for step in (None, 0, 2):
       config = transformers.SwitchTransformersConfig(
-          vocab_size=8, d_model=4, d_ff=4, d_kv=2, num_heads=2, num_experts=2, num_layers=n,
-          num_sparse_encoder_layers=s, decoder_start_token_id=0,
-          **({} if step is None else {"encoder_sparse_step": step}))
+        vocab_size=8,
+        d_model=4,
+        d_ff=4,
+        d_kv=2,
+        num_heads=2,
+        num_experts=2,
+        num_layers=n,
+        num_sparse_encoder_layers=s,
+        decoder_start_token_id=0,
+        **({} if step is None else {"encoder_sparse_step": step}),
+      )
       built = tuple(i for i, block in enumerate(stack_cls(config).block) if block.is_sparse)
       assert hf.hf_sparse_layers(n, s, step) == built, (n, s, step)
       if built:
@@ -161,11 +207,26 @@ def test_sparse_rule_matches_the_blocks_transformers_builds(n):
 def test_switch_base_8_config_maps_to_its_parameter_count():
   """google/switch-base-8's (4.x) config.json: HF's placement and its 619,339,008 parameters."""
   switch_base_8 = dict(
-      model_type="switch_transformers", d_ff=3072, d_kv=64, d_model=768, num_layers=12,
-      num_decoder_layers=12, num_heads=12, num_experts=8, num_sparse_encoder_layers=6,
-      num_sparse_decoder_layers=6, encoder_sparse_step=2, decoder_sparse_step=2,
-      expert_capacity=64, vocab_size=32128, dense_act_fn="relu", feed_forward_proj="relu",
-      is_gated_act=False, torch_dtype="float32", router_type="tokens_masked")
+    model_type="switch_transformers",
+    d_ff=3072,
+    d_kv=64,
+    d_model=768,
+    num_layers=12,
+    num_decoder_layers=12,
+    num_heads=12,
+    num_experts=8,
+    num_sparse_encoder_layers=6,
+    num_sparse_decoder_layers=6,
+    encoder_sparse_step=2,
+    decoder_sparse_step=2,
+    expert_capacity=64,
+    vocab_size=32128,
+    dense_act_fn="relu",
+    feed_forward_proj="relu",
+    is_gated_act=False,
+    torch_dtype="float32",
+    router_type="tokens_masked",
+  )
   cfg = hf.config_from_hf(switch_base_8)
   assert cfg.sparse_encoder_layers == cfg.sparse_decoder_layers == (1, 3, 5, 7, 9, 11)
   assert sum(int(np.prod(s.hf_shape)) for s in hf.tensor_specs(cfg)) == 619_339_008
@@ -173,6 +234,7 @@ def test_switch_base_8_config_maps_to_its_parameter_count():
 
 # --------------------------------------------------------------------------------------------
 # Round trips and layouts.
+
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_to_hf_round_trip(hf_dirs, tmp_path, name):
@@ -182,8 +244,9 @@ def test_to_hf_round_trip(hf_dirs, tmp_path, name):
   original, written = U.state_dict(directory), U.state_dict(tmp_path)
   assert set(original) <= set(written)
   assert all(np.array_equal(original[k], written[k]) for k in original)
-  diff = np.abs(U.hf_forward(U.load_hf(tmp_path)).logits.numpy() -
-                U.hf_forward(reference).logits.numpy()).max()
+  diff = np.abs(
+    U.hf_forward(U.load_hf(tmp_path)).logits.numpy() - U.hf_forward(reference).logits.numpy()
+  ).max()
   print(f"\n[{name}] HF -> switchjax -> to_hf -> transformers: max logits diff {diff:.3g}")
   assert diff == 0.0
   assert hf.from_hf(tmp_path)[0].config == model.config
@@ -213,7 +276,7 @@ def _sharded_torch_bin(source, target):
   state = U.full_torch_state(source)
   names = sorted(state)
   weight_map = {}
-  for i, part in enumerate((names[:len(names) // 2], names[len(names) // 2:])):
+  for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
     file = f"pytorch_model-{i + 1:05d}-of-00002.bin"
     torch.save({k: state[k] for k in part}, target / file)
     weight_map.update({k: file for k in part})
@@ -224,14 +287,26 @@ def _sharded_torch_bin(source, target):
 def _v4_layout(source, target):
   """A transformers 4.x checkpoint: tied tensors in pytorch_model.bin, 4.x config keys."""
   _torch_bin(source, target)
-  U.edit_config(target, dtype=None, add_cross_attention=None, is_decoder=None,
-                bos_token_id=None, torch_dtype="float32", transformers_version="4.36.2",
-                feed_forward_proj="relu", is_gated_act=False, router_type="tokens_masked",
-                batch_prioritized_routing=False)
+  U.edit_config(
+    target,
+    dtype=None,
+    add_cross_attention=None,
+    is_decoder=None,
+    bos_token_id=None,
+    torch_dtype="float32",
+    transformers_version="4.36.2",
+    feed_forward_proj="relu",
+    is_gated_act=False,
+    router_type="tokens_masked",
+    batch_prioritized_routing=False,
+  )
 
 
-@pytest.mark.parametrize("layout", [_sharded_safetensors, _torch_bin, _sharded_torch_bin,
-                                    _v4_layout], ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize(
+  "layout",
+  [_sharded_safetensors, _torch_bin, _sharded_torch_bin, _v4_layout],
+  ids=lambda f: f.__name__.strip("_"),
+)
 def test_weight_layouts_load_identically(hf_dirs, tmp_path, layout):
   source = hf_dirs["base"][0]
   model, params = hf.from_hf(source)
@@ -246,14 +321,14 @@ def test_bfloat16_checkpoint_converts_to_float32(hf_dirs, tmp_path):
   U.load_hf(source).to(torch.bfloat16).save_pretrained(tmp_path)
   _, params = hf.from_hf(source)
   _, bf16_params = hf.from_hf(tmp_path)
-  rounded = jax.tree.map(lambda x: torch.from_numpy(x).to(torch.bfloat16).float().numpy(),
-                         params)
+  rounded = jax.tree.map(lambda x: torch.from_numpy(x).to(torch.bfloat16).float().numpy(), params)
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(bf16_params))
   assert checkpoint.params_equal(rounded, bf16_params)
 
 
 # --------------------------------------------------------------------------------------------
 # Errors.
+
 
 def _damage(source, target, kind):
   """A copy of `source` broken in one way."""
@@ -286,8 +361,9 @@ def _damage(source, target, kind):
     return target
   elif kind == "missing_shard":
     weights.unlink()
-    (target / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"shared.weight": "model-00001-of-00002.safetensors"}}))
+    (target / "model.safetensors.index.json").write_text(
+      json.dumps({"weight_map": {"shared.weight": "model-00001-of-00002.safetensors"}})
+    )
     return target
   elif kind == "other_model":
     U.edit_config(target, model_type="t5")
@@ -302,23 +378,26 @@ def _damage(source, target, kind):
 
 
 ERRORS = {
-    "missing": ["missing tensors", "encoder.block.1.layer.0.SelfAttention.q.weight",
-                "decoder.final_layer_norm.weight"],
-    "unexpected": ["unexpected tensors: encoder.block.9.layer.0.extra.weight"],
-    "shape": ["shape mismatch: encoder.block.2.layer.1.mlp.wi.weight expected (32, 16), "
-              "found (31, 16)"],
-    "tied_differ": ["encoder.embed_tokens.weight differ from shared.weight"],
-    "sparse": ["config makes encoder blocks (0, 1, 2, 3) sparse",
-               "routers in encoder blocks (1, 3)"],
-    "corrupt_safetensors": ["not a readable safetensors file"],
-    "garbage_safetensors": ["not a readable safetensors file"],
-    "corrupt_bin": ["could not be read by torch.load"],
-    "no_weights": ["has no weights", "model.safetensors"],
-    "missing_shard": ["shard files that are missing: model-00001-of-00002.safetensors"],
-    "other_model": ["model_type='t5'", "Switch Transformers"],
-    "gated": ["gated", "gated-gelu"],
-    "bad_json": ["not valid JSON"],
-    "no_config": ["has no config.json"],
+  "missing": [
+    "missing tensors",
+    "encoder.block.1.layer.0.SelfAttention.q.weight",
+    "decoder.final_layer_norm.weight",
+  ],
+  "unexpected": ["unexpected tensors: encoder.block.9.layer.0.extra.weight"],
+  "shape": [
+    "shape mismatch: encoder.block.2.layer.1.mlp.wi.weight expected (32, 16), found (31, 16)"
+  ],
+  "tied_differ": ["encoder.embed_tokens.weight differ from shared.weight"],
+  "sparse": ["config makes encoder blocks (0, 1, 2, 3) sparse", "routers in encoder blocks (1, 3)"],
+  "corrupt_safetensors": ["not a readable safetensors file"],
+  "garbage_safetensors": ["not a readable safetensors file"],
+  "corrupt_bin": ["could not be read by torch.load"],
+  "no_weights": ["has no weights", "model.safetensors"],
+  "missing_shard": ["shard files that are missing: model-00001-of-00002.safetensors"],
+  "other_model": ["model_type='t5'", "Switch Transformers"],
+  "gated": ["gated", "gated-gelu"],
+  "bad_json": ["not valid JSON"],
+  "no_config": ["has no config.json"],
 }
 
 
@@ -344,17 +423,16 @@ def test_bad_paths_fail_clearly(tmp_path):
 
 
 REFUSALS = {
-    "gated": (dict(mlp_activations=("gelu", "linear")), "gated MLPs"),
-    "gated_experts": (dict(expert_activations=("gelu", "linear")), "gated MLPs"),
-    "expert_activation": (dict(expert_activations=("gelu",)), "one dense_act_fn for both"),
-    "expert_d_ff": (dict(expert_d_ff=64), "set model.expert_d_ff=None"),
-    "capacity_factor": (dict(moe=dict(expert_capacity=None)), "set model.moe.expert_capacity"),
-    "top2": (dict(moe=dict(num_selected_experts=2)), "set model.moe.num_selected_experts=1"),
-    "experts_choose": (dict(moe=dict(router_type="experts_choose_masked")),
-                       "experts-choose routing"),
-    "bpr": (dict(moe=dict(batch_prioritized_routing=True)), "batch-prioritized routing"),
-    "ignore_padding": (dict(moe=dict(ignore_padding_tokens=True)), "ignore_padding_tokens"),
-    "placement": (dict(sparse_encoder_layers=(0, 1)), "encoder's sparse layers (0, 1) cannot"),
+  "gated": (dict(mlp_activations=("gelu", "linear")), "gated MLPs"),
+  "gated_experts": (dict(expert_activations=("gelu", "linear")), "gated MLPs"),
+  "expert_activation": (dict(expert_activations=("gelu",)), "one dense_act_fn for both"),
+  "expert_d_ff": (dict(expert_d_ff=64), "set model.expert_d_ff=None"),
+  "capacity_factor": (dict(moe=dict(expert_capacity=None)), "set model.moe.expert_capacity"),
+  "top2": (dict(moe=dict(num_selected_experts=2)), "set model.moe.num_selected_experts=1"),
+  "experts_choose": (dict(moe=dict(router_type="experts_choose_masked")), "experts-choose routing"),
+  "bpr": (dict(moe=dict(batch_prioritized_routing=True)), "batch-prioritized routing"),
+  "ignore_padding": (dict(moe=dict(ignore_padding_tokens=True)), "ignore_padding_tokens"),
+  "placement": (dict(sparse_encoder_layers=(0, 1)), "encoder's sparse layers (0, 1) cannot"),
 }
 
 
@@ -389,9 +467,15 @@ def test_to_hf_accepts_padding_masking_with_equal_logits(hf_dirs, tmp_path):
 # --------------------------------------------------------------------------------------------
 # scripts/convert_hf.py
 
+
 def _run(*args):
-  return subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_hf.py"), *map(str, args)],
-                        capture_output=True, text=True, cwd=ROOT, timeout=300)
+  return subprocess.run(
+    [sys.executable, str(ROOT / "scripts" / "convert_hf.py"), *map(str, args)],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=300,
+  )
 
 
 def test_convert_script_both_directions(hf_dirs, tmp_path):
@@ -405,11 +489,19 @@ def test_convert_script_both_directions(hf_dirs, tmp_path):
   done = _run("--checkpoint", tmp_path / "converted", "--hf_output_dir", tmp_path / "hf_out")
   assert done.returncode == 0, done.stderr
   assert (tmp_path / "hf_out" / "spiece.model").read_bytes() == b"sentencepiece stand-in"
-  diff = np.abs(U.hf_forward(U.load_hf(tmp_path / "hf_out")).logits.numpy() -
-                U.hf_forward(hf_dirs["untied_gelu_bias"][1]).logits.numpy()).max()
+  diff = np.abs(
+    U.hf_forward(U.load_hf(tmp_path / "hf_out")).logits.numpy()
+    - U.hf_forward(hf_dirs["untied_gelu_bias"][1]).logits.numpy()
+  ).max()
   assert diff == 0.0
-  done = _run("--checkpoint", tmp_path / "converted", "--hf_output_dir", tmp_path / "hf_cf",
-              "--set", "model.moe.expert_capacity=None")
+  done = _run(
+    "--checkpoint",
+    tmp_path / "converted",
+    "--hf_output_dir",
+    tmp_path / "hf_cf",
+    "--set",
+    "model.moe.expert_capacity=None",
+  )
   assert done.returncode == 1 and "Traceback" not in done.stderr
   assert "set model.moe.expert_capacity" in done.stderr
 

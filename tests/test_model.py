@@ -10,18 +10,21 @@ import numpy as np
 import pytest
 import torch
 from transformers.models.switch_transformers.modeling_switch_transformers import (
-    SwitchTransformersAttention)
+  SwitchTransformersAttention,
+)
 
 import switchjax
 from switchjax import layers, losses
 from switchjax.config import ModelConfig, MoeConfig
 from switchjax.model import SwitchEncoder, SwitchTransformer, sparse_layer_indices
 
-
 # --------------------------------------------------------------------------------------------
 # Sparse placement.
 
-@pytest.mark.parametrize("n,s,layout,expected", [
+
+@pytest.mark.parametrize(
+  "n,s,layout,expected",
+  [
     (12, 6, "mixed", (1, 3, 5, 7, 9, 11)),
     (12, 4, "mixed", (2, 5, 8, 11)),
     (12, 3, "bottom", (0, 1, 2)),
@@ -33,24 +36,38 @@ from switchjax.model import SwitchEncoder, SwitchTransformer, sparse_layer_indic
     (12, 4, "hf", (1, 4, 7, 10)),
     (8, 3, "hf", (1, 3, 5, 7)),
     (4, 4, "hf", (0, 1, 2, 3)),
-])
+  ],
+)
 def test_sparse_layer_placement(n, s, layout, expected):
   assert sparse_layer_indices(n, s, layout) == expected
 
 
 def test_explicit_sparse_layers_override_the_layout():
-  cfg = ModelConfig(num_layers=4, num_decoder_layers=3, sparse_encoder_layers=(0, 3),
-                    sparse_decoder_layers=(2,), d_model=16, d_ff=32, num_heads=2, d_kv=8,
-                    vocab_size=64, moe=MoeConfig(num_experts=2))
+  cfg = ModelConfig(
+    num_layers=4,
+    num_decoder_layers=3,
+    sparse_encoder_layers=(0, 3),
+    sparse_decoder_layers=(2,),
+    d_model=16,
+    d_ff=32,
+    num_heads=2,
+    d_kv=8,
+    vocab_size=64,
+    moe=MoeConfig(num_experts=2),
+  )
   params = _init(SwitchTransformer(cfg))
   assert {k for k, v in params["encoder"].items() if "router" in v.get("mlp", {})} == {
-      "layers_0", "layers_3"}
-  assert {k for k, v in params["decoder"].items()
-          if isinstance(v, dict) and "router" in v.get("mlp", {})} == {"layers_2"}
+    "layers_0",
+    "layers_3",
+  }
+  assert {
+    k for k, v in params["decoder"].items() if isinstance(v, dict) and "router" in v.get("mlp", {})
+  } == {"layers_2"}
 
 
 # --------------------------------------------------------------------------------------------
 # Presets.
+
 
 def _count(config: ModelConfig) -> int:
   model = SwitchTransformer(config)
@@ -63,17 +80,26 @@ def test_base8_has_the_released_parameter_count():
   assert _count(switchjax.load_config("base8").model) == 619_339_008
 
 
-@pytest.mark.parametrize("name,d_model,layers,experts,tied", [
-    ("base256", 768, 12, 256, True), ("large128", 1024, 24, 128, True),
-    ("xxl128", 4096, 24, 128, False), ("c2048", 2080, 15, 2048, False)])
+@pytest.mark.parametrize(
+  "name,d_model,layers,experts,tied",
+  [
+    ("base256", 768, 12, 256, True),
+    ("large128", 1024, 24, 128, True),
+    ("xxl128", 4096, 24, 128, False),
+    ("c2048", 2080, 15, 2048, False),
+  ],
+)
 def test_released_presets(name, d_model, layers, experts, tied):
   cfg = switchjax.load_config(name)
-  assert (cfg.model.d_model, cfg.model.num_layers, cfg.model.moe.num_experts,
-          cfg.model.tie_embeddings) == (d_model, layers, experts, tied)
+  assert (
+    cfg.model.d_model,
+    cfg.model.num_layers,
+    cfg.model.moe.num_experts,
+    cfg.model.tie_embeddings,
+  ) == (d_model, layers, experts, tied)
   assert cfg.train.aux_loss_factor == 0.01 and cfg.train.router_z_loss_factor == 0.0
   assert cfg.model.moe.jitter_noise == 0.0 and cfg.model.init_scale == 0.1
-  assert (cfg.data.inputs_length, cfg.data.targets_length, cfg.train.batch_size) == (512, 114,
-                                                                                      256)
+  assert (cfg.data.inputs_length, cfg.data.targets_length, cfg.train.batch_size) == (512, 114, 256)
   if name == "xxl128":
     assert cfg.model.mlp_activations == ("gelu", "linear")
   if name == "c2048":
@@ -83,13 +109,14 @@ def test_released_presets(name, d_model, layers, experts, tied):
 # --------------------------------------------------------------------------------------------
 # Layers.
 
+
 def test_relative_position_buckets_equal_hugging_face():
   relative = np.arange(-600, 601)[None, :]
   for bidirectional in (True, False):
     ours = layers.relative_position_bucket(relative, bidirectional, 32, 128)
     theirs = SwitchTransformersAttention._relative_position_bucket(
-        torch.tensor(relative), bidirectional=bidirectional, num_buckets=32,
-        max_distance=128).numpy()
+      torch.tensor(relative), bidirectional=bidirectional, num_buckets=32, max_distance=128
+    ).numpy()
     np.testing.assert_array_equal(ours, theirs)
 
 
@@ -105,10 +132,20 @@ def test_rms_norm_is_float32_and_scale_only():
 
 
 def _tiny_config(**kw) -> ModelConfig:
-  base = dict(vocab_size=64, d_model=16, d_ff=32, num_heads=2, d_kv=8, num_layers=2,
-              num_decoder_layers=2, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
-              dtype="float32", dropout_rate=0.0,
-              moe=MoeConfig(num_experts=2, max_group_size=16, eval_capacity_factor=4.0))
+  base = dict(
+    vocab_size=64,
+    d_model=16,
+    d_ff=32,
+    num_heads=2,
+    d_kv=8,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_sparse_encoder_layers=1,
+    num_sparse_decoder_layers=1,
+    dtype="float32",
+    dropout_rate=0.0,
+    moe=MoeConfig(num_experts=2, max_group_size=16, eval_capacity_factor=4.0),
+  )
   return ModelConfig(**{**base, **kw})
 
 
@@ -150,7 +187,9 @@ def test_tied_logits_are_scaled_and_untied_logits_have_their_own_kernel():
   tied = _init(SwitchTransformer(_tiny_config()))
   untied = _init(SwitchTransformer(_tiny_config(tie_embeddings=False)))
   assert "logits_dense" not in tied["decoder"] and untied["decoder"]["logits_dense"].shape == (
-      16, 64)
+    16,
+    64,
+  )
 
 
 def test_remat_gives_the_same_loss_and_gradients():
@@ -160,13 +199,15 @@ def test_remat_gives_the_same_loss_and_gradients():
   params = _init(SwitchTransformer(cfg))
 
   def loss(p, model):
-    logits = model.apply({"params": p}, enc, dec, enable_dropout=True,
-                         rngs={"dropout": jax.random.key(0)})
+    logits = model.apply(
+      {"params": p}, enc, dec, enable_dropout=True, rngs={"dropout": jax.random.key(0)}
+    )
     return jnp.sum(logits**2)
 
   plain = jax.value_and_grad(loss)(params, SwitchTransformer(cfg))
-  remat = jax.value_and_grad(loss)(params, SwitchTransformer(dataclasses.replace(
-      cfg, remat="full")))
+  remat = jax.value_and_grad(loss)(
+    params, SwitchTransformer(dataclasses.replace(cfg, remat="full"))
+  )
   np.testing.assert_allclose(float(remat[0]), float(plain[0]), rtol=1e-6)
   for a, b in zip(jax.tree.leaves(remat[1]), jax.tree.leaves(plain[1])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
@@ -180,8 +221,7 @@ def test_every_sparse_layer_sows_its_router_logits_and_metrics():
   dec = jnp.ones((2, 4), jnp.int32)
   _, state = model.apply({"params": params}, enc, dec, mutable=["intermediates"])
   found = losses.moe_layer_metrics(state["intermediates"])
-  assert sorted(found) == ["decoder/layers_1/mlp", "encoder/layers_0/mlp",
-                           "encoder/layers_1/mlp"]
+  assert sorted(found) == ["decoder/layers_1/mlp", "encoder/layers_0/mlp", "encoder/layers_1/mlp"]
   assert found["encoder/layers_0/mlp"]["router_logits"].shape == (2, 8, 2)
   assert found["decoder/layers_1/mlp"]["tokens_per_expert"].shape == (2,)
 
@@ -189,14 +229,15 @@ def test_every_sparse_layer_sows_its_router_logits_and_metrics():
 # --------------------------------------------------------------------------------------------
 # Losses.
 
+
 def test_cross_entropy_with_label_smoothing_and_z_loss_matches_the_formula():
   rng = np.random.RandomState(0)
   logits = rng.randn(2, 3, 5).astype(np.float32)
   targets = np.array([[1, 2, 0], [4, 0, 0]])
   weights = (targets > 0).astype(np.float32)
   total, z_total, n = losses.cross_entropy_with_z_loss(
-      jnp.array(logits), jnp.array(targets), jnp.array(weights), z_loss=1e-4,
-      label_smoothing=0.1)
+    jnp.array(logits), jnp.array(targets), jnp.array(weights), z_loss=1e-4, label_smoothing=0.1
+  )
   log_z = np.log(np.exp(logits).sum(-1))
   log_p = logits - log_z[..., None]
   smooth = np.full_like(logits, 0.1 / 4)
@@ -217,13 +258,19 @@ def test_training_loss_adds_layer_means_of_the_moe_losses():
   enc = jnp.array([[5, 6, 7, 8, 1, 0, 0, 0], [9, 3, 4, 1, 0, 0, 0, 0]])
   dec = jnp.array([[0, 11, 12, 1], [0, 13, 1, 0]])
   logits, state = model.apply({"params": params}, enc, dec, mutable=["intermediates"])
-  loss, metrics = losses.loss_and_metrics(logits, batch, state["intermediates"], z_loss=1e-4,
-                                          aux_loss_factor=0.01, router_z_loss_factor=0.001)
+  loss, metrics = losses.loss_and_metrics(
+    logits,
+    batch,
+    state["intermediates"],
+    z_loss=1e-4,
+    aux_loss_factor=0.01,
+    router_z_loss_factor=0.001,
+  )
   per_layer = losses.moe_layer_metrics(state["intermediates"]).values()
   aux = np.mean([float(m["auxiliary_loss"]) for m in per_layer])
   rz = np.mean([float(m["router_z_loss"]) for m in per_layer])
-  total, _, n = losses.cross_entropy_with_z_loss(logits, batch["decoder_target_tokens"],
-                                                 batch["decoder_target_tokens"] > 0, 1e-4)
-  np.testing.assert_allclose(float(loss), float(total / n) + 0.01 * aux + 0.001 * rz,
-                             rtol=1e-6)
+  total, _, n = losses.cross_entropy_with_z_loss(
+    logits, batch["decoder_target_tokens"], batch["decoder_target_tokens"] > 0, 1e-4
+  )
+  np.testing.assert_allclose(float(loss), float(total / n) + 0.01 * aux + 0.001 * rz, rtol=1e-6)
   assert float(metrics["num_target_tokens"]) == 5.0

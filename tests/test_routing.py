@@ -12,46 +12,73 @@ import switchjax
 from switchjax import moe, routing
 from switchjax.config import MoeConfig
 
-
 # --------------------------------------------------------------------------------------------
 # Hugging Face's router fixtures (transformers' SwitchTransformers router tests).
 
+
 def test_load_balancing_loss_hf_fixture():
-  router_probs = jnp.array([[0.35490513, 0.60419905], [0.4275843, 0.23061597],
-                            [0.32985854, 0.43953657], [0.25099766, 0.27730572],
-                            [0.7678207, 0.71474564]])
+  router_probs = jnp.array(
+    [
+      [0.35490513, 0.60419905],
+      [0.4275843, 0.23061597],
+      [0.32985854, 0.43953657],
+      [0.25099766, 0.27730572],
+      [0.7678207, 0.71474564],
+    ]
+  )
   expert_indices = jnp.array([[0], [1], [1], [0], [0]], jnp.int32)
   loss = routing.load_balancing_loss(router_probs, expert_indices)
   np.testing.assert_allclose(float(loss), 0.8741045, atol=1e-6)
 
 
 def test_router_z_loss_hf_fixture():
-  logits = jnp.array([
-      [[-4.2124424, 3.891939, -3.6481273, 1.8849981],
-       [0.32625437, 2.918651, 0.84758997, -4.556842],
-       [-3.32062, 4.6977115, -0.15439987, 0.44086337],
-       [3.4467149, 4.3436565, -4.7224274, -4.264637],
-       [-2.224406, -2.5318158, -1.3832569, 1.1891162],
-       [-2.320062, -0.44705987, 4.289819, -0.00662684]],
-      [[0.99470854, -0.6992364, 0.25503993, 4.2952085],
-       [3.5937333, -3.2408535, -4.298278, 4.426601],
-       [0.7669008, 2.6588762, 2.4505413, 4.6051874],
-       [0.23330331, -3.0845237, 0.6262374, -2.9865491],
-       [0.7595146, -2.1099675, -4.155346, -2.8326452],
-       [2.3771453, 1.004138, -3.1781673, 0.7581556]]])
+  logits = jnp.array(
+    [
+      [
+        [-4.2124424, 3.891939, -3.6481273, 1.8849981],
+        [0.32625437, 2.918651, 0.84758997, -4.556842],
+        [-3.32062, 4.6977115, -0.15439987, 0.44086337],
+        [3.4467149, 4.3436565, -4.7224274, -4.264637],
+        [-2.224406, -2.5318158, -1.3832569, 1.1891162],
+        [-2.320062, -0.44705987, 4.289819, -0.00662684],
+      ],
+      [
+        [0.99470854, -0.6992364, 0.25503993, 4.2952085],
+        [3.5937333, -3.2408535, -4.298278, 4.426601],
+        [0.7669008, 2.6588762, 2.4505413, 4.6051874],
+        [0.23330331, -3.0845237, 0.6262374, -2.9865491],
+        [0.7595146, -2.1099675, -4.155346, -2.8326452],
+        [2.3771453, 1.004138, -3.1781673, 0.7581556],
+      ],
+    ]
+  )
   np.testing.assert_allclose(float(routing.router_z_loss(logits)), 13.786719, atol=1e-5)
 
 
 def test_top1_router_hf_fixture_two_experts_capacity_four():
   # HF's test_equivalency_token_chose_masked_router: 2 sequences (= 2 groups) of 3 tokens.
-  tokens = jnp.array([[[0.6433916, 0.18188512, 0.02240455, 0.563781],
-                       [0.5526401, 0.0958724, 0.34253013, 0.03644359],
-                       [0.08744538, 0.7909105, 0.35205448, 0.53364205]],
-                      [[0.02900076, 0.4168595, 0.5802449, 0.91486526],
-                       [0.27414513, 0.14991808, 0.9383501, 0.5209162],
-                       [0.51207185, 0.90618336, 0.7309413, 0.95533276]]])
-  kernel = jnp.array([[0.02008116, 0.00620062], [-0.00811031, -0.00031623],
-                      [-0.03542127, 0.02703803], [0.02335377, -0.02971946]])
+  tokens = jnp.array(
+    [
+      [
+        [0.6433916, 0.18188512, 0.02240455, 0.563781],
+        [0.5526401, 0.0958724, 0.34253013, 0.03644359],
+        [0.08744538, 0.7909105, 0.35205448, 0.53364205],
+      ],
+      [
+        [0.02900076, 0.4168595, 0.5802449, 0.91486526],
+        [0.27414513, 0.14991808, 0.9383501, 0.5209162],
+        [0.51207185, 0.90618336, 0.7309413, 0.95533276],
+      ],
+    ]
+  )
+  kernel = jnp.array(
+    [
+      [0.02008116, 0.00620062],
+      [-0.00811031, -0.00031623],
+      [-0.03542127, 0.02703803],
+      [0.02335377, -0.02971946],
+    ]
+  )
   router = switchjax.Router(num_experts=2)
   route, _ = router.apply({"params": {"kernel": kernel}}, tokens, 4)
   np.testing.assert_allclose(float(route.auxiliary_loss), 1.000308, atol=1e-5)
@@ -61,8 +88,10 @@ def test_top1_router_hf_fixture_two_experts_capacity_four():
 # --------------------------------------------------------------------------------------------
 # Invariants.
 
-def _layer_and_params(config, d_model=8, d_ff=16, activations=("relu",), batch=4, length=16,
-                      seed=0):
+
+def _layer_and_params(
+  config, d_model=8, d_ff=16, activations=("relu",), batch=4, length=16, seed=0
+):
   layer = switchjax.MoeLayer(config, d_ff=d_ff, activations=activations)
   x = jax.random.normal(jax.random.key(seed + 1), (batch, length, d_model))
   params = nn.unbox(layer.init(jax.random.key(seed), x))["params"]
@@ -70,41 +99,48 @@ def _layer_and_params(config, d_model=8, d_ff=16, activations=("relu",), batch=4
 
 
 def _apply(layer, params, x, train=False, seed=0):
-  y, state = layer.apply({"params": params}, x, enable_dropout=train, mutable=["intermediates"],
-                         rngs={"dropout": jax.random.key(seed), "jitter": jax.random.key(seed)})
+  y, state = layer.apply(
+    {"params": params},
+    x,
+    enable_dropout=train,
+    mutable=["intermediates"],
+    rngs={"dropout": jax.random.key(seed), "jitter": jax.random.key(seed)},
+  )
   return y, {name: value[0] for name, value in state["intermediates"].items()}
 
 
 ROUTER_CASES = [
-    dict(router_type="tokens_choose_masked", num_selected_experts=1),
-    dict(router_type="tokens_choose_masked", num_selected_experts=2,
-         batch_prioritized_routing=True),
-    dict(router_type="tokens_choose_scatter", num_selected_experts=2),
-    dict(router_type="experts_choose_masked"),
+  dict(router_type="tokens_choose_masked", num_selected_experts=1),
+  dict(router_type="tokens_choose_masked", num_selected_experts=2, batch_prioritized_routing=True),
+  dict(router_type="tokens_choose_scatter", num_selected_experts=2),
+  dict(router_type="experts_choose_masked"),
 ]
 
 
 @pytest.mark.parametrize("case", ROUTER_CASES, ids=lambda c: "-".join(map(str, c.values())))
 def test_no_expert_exceeds_capacity(case):
-  config = MoeConfig(num_experts=4, max_group_size=16, eval_capacity_factor=0.5,
-                     min_expert_capacity=1, **case)
+  config = MoeConfig(
+    num_experts=4, max_group_size=16, eval_capacity_factor=0.5, min_expert_capacity=1, **case
+  )
   layer, params, x = _layer_and_params(config)
   _, sown = _apply(layer, params, x)
   layout = moe.group_layout(4, 16, config, train=False)
   assert layout.expert_capacity == 2 and layout.num_groups == 4
   # Per group each expert holds at most `capacity` tokens.
   x_groups = x.reshape(layout.num_groups, layout.tokens_per_group, -1)
-  route, _ = routing.Router(num_experts=4, router_type=config.router_type,
-                            num_selected_experts=config.num_selected_experts).apply(
-                                {"params": params["router"]}, x_groups, layout.expert_capacity)
+  route, _ = routing.Router(
+    num_experts=4, router_type=config.router_type, num_selected_experts=config.num_selected_experts
+  ).apply({"params": params["router"]}, x_groups, layout.expert_capacity)
   if isinstance(route, routing.RouterMask):
     per_group_expert = route.dispatch_mask.sum(axis=(1, 3))  # [groups, experts]
     assert int(route.dispatch_mask.sum(axis=1).max()) <= 1  # one token per slot
   else:
     slots = route.dispatch_indices[..., 1]
     routed = slots < layout.expert_capacity
-    per_group_expert = jnp.stack([jnp.sum(routed & (route.dispatch_indices[..., 0] == e),
-                                          axis=(1, 2)) for e in range(4)], axis=-1)
+    per_group_expert = jnp.stack(
+      [jnp.sum(routed & (route.dispatch_indices[..., 0] == e), axis=(1, 2)) for e in range(4)],
+      axis=-1,
+    )
   assert int(per_group_expert.max()) <= layout.expert_capacity
   total = layout.num_groups * layout.expert_capacity
   assert int(sown["tokens_per_expert"].max()) <= total
@@ -113,11 +149,17 @@ def test_no_expert_exceeds_capacity(case):
 
 @pytest.mark.parametrize("k,bpr", [(1, False), (2, False), (2, True)])
 def test_large_capacity_drops_nothing_and_masked_equals_scatter(k, bpr):
-  base = MoeConfig(num_experts=4, num_selected_experts=k, batch_prioritized_routing=bpr,
-                   max_group_size=32, eval_capacity_factor=8.0)
+  base = MoeConfig(
+    num_experts=4,
+    num_selected_experts=k,
+    batch_prioritized_routing=bpr,
+    max_group_size=32,
+    eval_capacity_factor=8.0,
+  )
   masked, params, x = _layer_and_params(base)
-  scatter = switchjax.MoeLayer(dataclasses.replace(base, router_type="tokens_choose_scatter"),
-                               d_ff=16)
+  scatter = switchjax.MoeLayer(
+    dataclasses.replace(base, router_type="tokens_choose_scatter"), d_ff=16
+  )
   y_masked, sown = _apply(masked, params, x)
   y_scatter, sown_scatter = _apply(scatter, params, x)
   assert float(sown["fraction_tokens_left_behind"]) == 0.0
@@ -136,12 +178,12 @@ def test_top_k_combine_weights_are_router_probabilities(k):
   top_values, top_index = jax.lax.top_k(probs, k)
   chosen = jax.nn.one_hot(top_index, 4).sum(axis=-2)
   np.testing.assert_allclose(np.asarray(weights), np.asarray(probs * chosen), atol=1e-7)
-  np.testing.assert_allclose(np.asarray(weights.sum(-1)), np.asarray(top_values.sum(-1)),
-                             atol=1e-6)  # not renormalised
+  np.testing.assert_allclose(
+    np.asarray(weights.sum(-1)), np.asarray(top_values.sum(-1)), atol=1e-6
+  )  # not renormalised
   # The scatter router gives the same weights, ordered by choice.
   scatter = routing.tokens_choose_scatter(probs, None, 64, k)
-  np.testing.assert_allclose(np.asarray(scatter.combine_weights), np.asarray(top_values),
-                             atol=1e-7)
+  np.testing.assert_allclose(np.asarray(scatter.combine_weights), np.asarray(top_values), atol=1e-7)
 
 
 def test_top_k_helper_matches_lax_top_k_including_ties():
@@ -172,8 +214,9 @@ def test_batch_prioritized_routing_serves_confident_tokens_first():
 
 
 def test_padding_tokens_are_not_routed_when_ignored():
-  config = MoeConfig(num_experts=4, max_group_size=64, eval_capacity_factor=4.0,
-                     ignore_padding_tokens=True)
+  config = MoeConfig(
+    num_experts=4, max_group_size=64, eval_capacity_factor=4.0, ignore_padding_tokens=True
+  )
   layer, params, x = _layer_and_params(config)
   x = x.at[:, 12:].set(0.0)  # last quarter of every row is padding
   y, sown = _apply(layer, params, x)
@@ -183,8 +226,13 @@ def test_padding_tokens_are_not_routed_when_ignored():
 
 
 def test_jitter_changes_nothing_in_eval_and_only_the_router_in_training():
-  config = MoeConfig(num_experts=4, jitter_noise=0.5, max_group_size=64,
-                     train_capacity_factor=8.0, eval_capacity_factor=8.0)
+  config = MoeConfig(
+    num_experts=4,
+    jitter_noise=0.5,
+    max_group_size=64,
+    train_capacity_factor=8.0,
+    eval_capacity_factor=8.0,
+  )
   layer, params, x = _layer_and_params(config)
   no_jitter = switchjax.MoeLayer(dataclasses.replace(config, jitter_noise=0.0), d_ff=16)
   y_eval_a, _ = _apply(layer, params, x, train=False, seed=1)
@@ -218,8 +266,7 @@ def test_gradients_reach_router_and_experts(case):
 
 
 def test_group_layout_rules():
-  cfg = MoeConfig(num_experts=8, max_group_size=64, eval_capacity_factor=2.0,
-                  min_expert_capacity=4)
+  cfg = MoeConfig(num_experts=8, max_group_size=64, eval_capacity_factor=2.0, min_expert_capacity=4)
   assert moe.group_layout(4, 32, cfg, train=False) == moe.GroupLayout(4, 32, 8, 16, 4)
   # flaxformer's rule: groups a multiple of E that divide the tokens.
   assert moe.num_groups(80, 8, 8) == 16
@@ -246,14 +293,20 @@ def test_odd_token_counts_are_padded_and_sliced_back():
 # --------------------------------------------------------------------------------------------
 # Bad settings.
 
-@pytest.mark.parametrize("overrides,message", [
-    (dict(num_selected_experts=5), "moe.num_selected_experts=5 must be between 1 and "
-                                   "moe.num_experts=4; lower k or add experts"),
+
+@pytest.mark.parametrize(
+  "overrides,message",
+  [
+    (
+      dict(num_selected_experts=5),
+      "moe.num_selected_experts=5 must be between 1 and moe.num_experts=4; lower k or add experts",
+    ),
     (dict(train_capacity_factor=0.0), "moe.train_capacity_factor=0.0 must be > 0"),
     (dict(eval_capacity_factor=-1.0), "moe.eval_capacity_factor=-1.0 must be > 0"),
     (dict(max_group_size=0), "moe.max_group_size=0 must be >= 1 token"),
     (dict(router_type="top1"), "moe.router_type='top1' is not a router; use one of"),
-])
+  ],
+)
 def test_bad_moe_settings_raise_clear_errors(overrides, message):
   config = MoeConfig(num_experts=4, **overrides)
   layer = switchjax.MoeLayer(config, d_ff=8)

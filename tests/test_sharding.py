@@ -14,8 +14,14 @@ MESHES = [(1, 8, 1), (2, 4, 1), (4, 2, 1), (2, 2, 2)]
 
 
 def _setup(router_type):
-  config = MoeConfig(num_experts=8, router_type=router_type, num_selected_experts=1,
-                     max_group_size=16, train_capacity_factor=1.25, min_expert_capacity=1)
+  config = MoeConfig(
+    num_experts=8,
+    router_type=router_type,
+    num_selected_experts=1,
+    max_group_size=16,
+    train_capacity_factor=1.25,
+    min_expert_capacity=1,
+  )
   layer = switchjax.MoeLayer(config, d_ff=32, activations=("gelu", "linear"))
   x = jax.random.normal(jax.random.key(1), (16, 16, 16))
   boxed = jax.eval_shape(lambda: layer.init(jax.random.key(0), x))["params"]
@@ -40,18 +46,21 @@ def _run_on_mesh(shape, boxed, params, x, grad_fn):
   return grads, y, hlo
 
 
-@pytest.mark.parametrize("router_type", ["tokens_choose_masked", "tokens_choose_scatter",
-                                         "experts_choose_masked"])
+@pytest.mark.parametrize(
+  "router_type", ["tokens_choose_masked", "tokens_choose_scatter", "experts_choose_masked"]
+)
 def test_meshes_match_single_device(router_type):
   boxed, params, x, grad_fn = _setup(router_type)
   ref_grads, ref_y = jax.jit(grad_fn)(params, x)
   for shape in MESHES:
     grads, y, hlo = _run_on_mesh(shape, boxed, params, x, grad_fn)
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), atol=1e-5, err_msg=str(shape))
-    for (path, g), g_ref in zip(jax.tree_util.tree_leaves_with_path(grads),
-                                jax.tree.leaves(ref_grads)):
-      np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-5,
-                                 err_msg=f"{shape} {jax.tree_util.keystr(path)}")
+    for (path, g), g_ref in zip(
+      jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)
+    ):
+      np.testing.assert_allclose(
+        np.asarray(g), np.asarray(g_ref), atol=1e-5, err_msg=f"{shape} {jax.tree_util.keystr(path)}"
+      )
     # Expert weights really are split over the expert axis.
     assert grads["wo"].sharding.spec[0] == "expert"
     if shape == (2, 4, 1):
@@ -68,7 +77,8 @@ def test_param_specs_follow_the_rules():
   assert specs["wo"] == jax.sharding.PartitionSpec("expert", "model", None)
   assert specs["router"]["kernel"] == jax.sharding.PartitionSpec(None, None)
   assert sharding.logical_to_spec(("batch", "length")) == jax.sharding.PartitionSpec(
-      ("data", "expert"), None)
+    ("data", "expert"), None
+  )
 
 
 def test_mesh_sizes_resolve_and_are_checked():
@@ -77,15 +87,24 @@ def test_mesh_sizes_resolve_and_are_checked():
   mesh = sharding.make_mesh(MeshConfig(2, 4, 1), num_experts=8)
   assert dict(mesh.shape) == {"data": 2, "expert": 4, "model": 1}
   assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
-  with pytest.raises(ValueError, match=r"mesh data x expert x model = 2 x 2 x 1 = 4 devices, "
-                                       r"but 8 are available"):
+  with pytest.raises(
+    ValueError,
+    match=r"mesh data x expert x model = 2 x 2 x 1 = 4 devices, "
+    r"but 8 are available",
+  ):
     sharding.make_mesh(MeshConfig(2, 2, 1))
-  with pytest.raises(ValueError, match=r"mesh.data=-1, mesh.expert=3, mesh.model=1 do not fit 8 "
-                                       r"devices: the fixed sizes multiply to 3, which does not "
-                                       r"divide 8"):
+  with pytest.raises(
+    ValueError,
+    match=r"mesh.data=-1, mesh.expert=3, mesh.model=1 do not fit 8 "
+    r"devices: the fixed sizes multiply to 3, which does not "
+    r"divide 8",
+  ):
     sharding.make_mesh(MeshConfig(-1, 3, 1))
   with pytest.raises(ValueError, match=r"at most one of mesh.data, mesh.expert, mesh.model"):
     sharding.make_mesh(MeshConfig(-1, -1, 1))
-  with pytest.raises(ValueError, match=r"mesh.expert=8 does not divide moe.num_experts=12; "
-                                       r"choose an expert axis size that divides 12"):
+  with pytest.raises(
+    ValueError,
+    match=r"mesh.expert=8 does not divide moe.num_experts=12; "
+    r"choose an expert axis size that divides 12",
+  ):
     sharding.make_mesh(MeshConfig(1, 8, 1), num_experts=12)

@@ -3,10 +3,17 @@
 import numpy as np
 import pytest
 
-from switchjax.data import (EOS_ID, PAD_ID, noise_span_to_unique_sentinel,
-                            nonnoise_span_to_unique_sentinel, num_noise_spans,
-                            random_spans_helper, random_spans_noise_mask, reconstruct_tokens,
-                            span_corruption)
+from switchjax.data import (
+  EOS_ID,
+  PAD_ID,
+  noise_span_to_unique_sentinel,
+  nonnoise_span_to_unique_sentinel,
+  num_noise_spans,
+  random_spans_helper,
+  random_spans_noise_mask,
+  reconstruct_tokens,
+  span_corruption,
+)
 
 VOCAB = 32100  # T5: 32000 pieces + 100 sentinels.
 SENTINELS = np.arange(VOCAB - 1, VOCAB - 101, -1)  # <extra_id_k> = 32099 - k
@@ -24,10 +31,12 @@ def _spans(mask):
 
 def _brute_force_helper(inputs_length, density=0.15, mean=3.0):
   """The longest raw length whose corrupted inputs fit, by direct search."""
+
   def corrupted(n):
     noise = int(round(n * density))
     spans = int(round(noise / mean))
     return n - noise + spans + 1, noise + spans + 1
+
   n = max(n for n in range(1, 4 * inputs_length) if corrupted(n)[0] <= inputs_length)
   return n, corrupted(n)[1]
 
@@ -68,8 +77,9 @@ def test_noise_mask_edge_cases():
 
 
 def test_noise_mask_is_random_and_spread():
-  masks = np.stack([random_spans_noise_mask(568, 0.15, 3.0, np.random.default_rng(s))
-                    for s in range(200)])
+  masks = np.stack(
+    [random_spans_noise_mask(568, 0.15, 3.0, np.random.default_rng(s)) for s in range(200)]
+  )
   assert len({m.tobytes() for m in masks}) == 200
   per_position = masks.mean(axis=0)
   assert per_position[0] == 0 and per_position[-1] == 1  # Fixed by the interleaving.
@@ -82,8 +92,13 @@ def test_unique_sentinels_reference_example():
   mask = np.array([True, True, False, False, True, False])
   sentinels = [999, 998, 997]
   assert noise_span_to_unique_sentinel(tokens, mask, sentinels).tolist() == [999, 12, 13, 998, 15]
-  assert nonnoise_span_to_unique_sentinel(tokens, mask, sentinels).tolist() == [10, 11, 999, 14,
-                                                                                  998]
+  assert nonnoise_span_to_unique_sentinel(tokens, mask, sentinels).tolist() == [
+    10,
+    11,
+    999,
+    14,
+    998,
+  ]
 
 
 def _corrupt(length=568, seed=0, **kwargs):
@@ -115,9 +130,9 @@ def test_span_corruption_reconstructs_the_tokens():
     position = 0
     for t in inputs[:-1]:
       if t >= VOCAB - 100:
-        span = targets[np.flatnonzero(targets == t)[0] + 1:]
-        span = span[:np.argmax((span >= VOCAB - 100) | (span == EOS_ID))]
-        np.testing.assert_array_equal(tokens[position:position + len(span)], span)
+        span = targets[np.flatnonzero(targets == t)[0] + 1 :]
+        span = span[: np.argmax((span >= VOCAB - 100) | (span == EOS_ID))]
+        np.testing.assert_array_equal(tokens[position : position + len(span)], span)
         position += len(span)
       else:
         assert tokens[position] == t
@@ -140,15 +155,16 @@ def test_short_final_chunk_is_padded():
   assert inputs.shape == (512,) and targets.shape == (114,)
   assert (inputs != PAD_ID).sum() == 100 - noise + spans + 1
   assert (targets != PAD_ID).sum() == noise + spans + 1
-  assert not inputs[100 - noise + spans + 1:].any() and not targets[noise + spans + 1:].any()
+  assert not inputs[100 - noise + spans + 1 :].any() and not targets[noise + spans + 1 :].any()
   np.testing.assert_array_equal(reconstruct_tokens(inputs, targets, SENTINELS), tokens)
   _, inputs, targets = _corrupt(1)  # One token: no noise fits; T5 keeps it, with one sentinel.
   assert inputs.tolist()[-1] == EOS_ID and targets.tolist() == [VOCAB - 1, EOS_ID]
 
 
 def test_span_corruption_errors():
-  with pytest.raises(ValueError, match="tokenizer has no sentinel ids; span corruption needs "
-                                       "extra_ids >= 28"):
+  with pytest.raises(
+    ValueError, match="tokenizer has no sentinel ids; span corruption needs extra_ids >= 28"
+  ):
     span_corruption(np.arange(3, 571), np.random.default_rng(0), [])
   with pytest.raises(ValueError, match="only 10 sentinel ids.*extra_ids >= 28"):
     span_corruption(np.arange(3, 571), np.random.default_rng(0), SENTINELS[:10])

@@ -2,10 +2,10 @@
 
 import io
 import pathlib
+import pydoc_data.topics
 import shutil
 
 import numpy as np
-import pydoc_data.topics
 import pytest
 import sentencepiece as spm
 import transformers
@@ -14,19 +14,19 @@ from switchjax.data import EOS_ID, PAD_ID, UNK_ID, Tokenizer, span_corruption, t
 from switchjax.data.corpus import token_dtype
 
 TEXTS = [
-    "Hello world, this is a test.",
-    "The quick brown fox jumps over the lazy dog.",
-    "  Leading, trailing   and repeated   spaces  ",
-    "tabs\tand\nnewlines\n\nare whitespace",
-    "NFKC folds ligatures and full-width: \ufb01 \u2460 \uff21.",
-    "Unknown characters: \u65e5\u672c\u8a9e \u2211 \u00fc.",
-    "",
-    "hello <extra_id_0> world",
-    "a<extra_id_0>b<extra_id_1>",
-    "<extra_id_3> starts with a sentinel",
-    "<extra_id_0><extra_id_1> <extra_id_2>",
-    "last sentinel <extra_id_99>.",
-    "<extra_id_100> is not a sentinel with 100 extra ids",
+  "Hello world, this is a test.",
+  "The quick brown fox jumps over the lazy dog.",
+  "  Leading, trailing   and repeated   spaces  ",
+  "tabs\tand\nnewlines\n\nare whitespace",
+  "NFKC folds ligatures and full-width: \ufb01 \u2460 \uff21.",
+  "Unknown characters: \u65e5\u672c\u8a9e \u2211 \u00fc.",
+  "",
+  "hello <extra_id_0> world",
+  "a<extra_id_0>b<extra_id_1>",
+  "<extra_id_3> starts with a sentinel",
+  "<extra_id_0><extra_id_1> <extra_id_2>",
+  "last sentinel <extra_id_99>.",
+  "<extra_id_100> is not a sentinel with 100 extra ids",
 ]
 
 
@@ -87,7 +87,8 @@ def test_layout_and_sentinel_ids(tok, hf_tok):
   for k in (0, 1, 50, 99):
     assert tok.sentinel_id(k) == hf_tok.convert_tokens_to_ids(f"<extra_id_{k}>")
     assert tok.is_sentinel(tok.sentinel_id(k)) and tok.id_to_piece(tok.sentinel_id(k)) == (
-        f"<extra_id_{k}>")
+      f"<extra_id_{k}>"
+    )
   assert (hf_tok.pad_token_id, hf_tok.eos_token_id, hf_tok.unk_token_id) == (0, 1, 2)
   with pytest.raises(ValueError, match="<extra_id_100> does not exist"):
     tok.sentinel_id(100)
@@ -113,8 +114,7 @@ def test_ids_match_hugging_face(tok, hf_tok, add_eos):
 def test_hugging_face_ignores_the_legacy_flag(tok, hf_tok):
   # transformers 5.x has no legacy=False mode for T5: the flag is accepted and ignored.
   directory = pathlib.Path(hf_tok.name_or_path)
-  non_legacy = transformers.T5Tokenizer.from_pretrained(str(directory), extra_ids=100,
-                                                        legacy=False)
+  non_legacy = transformers.T5Tokenizer.from_pretrained(str(directory), extra_ids=100, legacy=False)
   for text in TEXTS:
     assert non_legacy(text)["input_ids"] == tok.encode(text, add_eos=True), text
 
@@ -159,8 +159,9 @@ def test_decode_stops_at_eos_and_drops_padding(tok):
 def test_layout_check_error(tmp_path):
   # SentencePiece's default layout (unk 0, bos 1, eos 2, no pad) is not T5's.
   model = io.BytesIO()
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(_topics_text()[:20]), model_writer=model,
-                                 vocab_size=300, minloglevel=2)
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(_topics_text()[:20]), model_writer=model, vocab_size=300, minloglevel=2
+  )
   path = tmp_path / "default_layout.model"
   path.write_bytes(model.getvalue())
   with pytest.raises(ValueError) as e:
@@ -180,8 +181,9 @@ def test_tokenizer_without_sentinels(spm_path):
   tok = Tokenizer(spm_path, extra_ids=0)
   assert tok.vocab_size == tok.num_pieces == 1000 and len(tok.sentinel_ids) == 0
   assert max(tok.encode("x <extra_id_0> y")) < 1000  # The marker is ordinary text.
-  with pytest.raises(ValueError, match="tokenizer has no sentinel ids; span corruption needs "
-                                       "extra_ids >= 28"):
+  with pytest.raises(
+    ValueError, match="tokenizer has no sentinel ids; span corruption needs extra_ids >= 28"
+  ):
     span_corruption(np.arange(3, 3 + 568), np.random.default_rng(0), tok)
 
 

@@ -42,11 +42,18 @@ def free_port() -> int:
 
 
 def script(args, env=None, **kw):
-  return subprocess.run([sys.executable, PRETRAIN, "--no_progress", *args], capture_output=True,
-                        text=True, env={**os.environ, **(env or {})}, cwd=ROOT, **kw)
+  return subprocess.run(
+    [sys.executable, PRETRAIN, "--no_progress", *args],
+    capture_output=True,
+    text=True,
+    env={**os.environ, **(env or {})},
+    cwd=ROOT,
+    **kw,
+  )
 
 
 # --------------------------------------------------------------------------------------------
+
 
 def test_tiny_config_learns(tmp_path):
   result = run(tiny("train.num_train_steps=40", "train.log_every=5"), tmp_path)
@@ -57,10 +64,21 @@ def test_tiny_config_learns(tmp_path):
   assert (tmp_path / "config.json").exists() and (tmp_path / "spiece.model").exists()
   assert checkpoint.CheckpointStore(tmp_path).steps() == [20, 40]
   record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
-  for name in ("loss", "cross_entropy", "z_loss", "auxiliary_loss", "router_z_loss",
-               "expert_usage", "fraction_tokens_left_behind", "router_confidence",
-               "learning_rate", "grad_norm", "tokens_per_second", "model_tflops_per_device",
-               "layers/encoder/layers_1/mlp/router_confidence"):
+  for name in (
+    "loss",
+    "cross_entropy",
+    "z_loss",
+    "auxiliary_loss",
+    "router_z_loss",
+    "expert_usage",
+    "fraction_tokens_left_behind",
+    "router_confidence",
+    "learning_rate",
+    "grad_norm",
+    "tokens_per_second",
+    "model_tflops_per_device",
+    "layers/encoder/layers_1/mlp/router_confidence",
+  ):
     assert name in record, name
   assert list((tmp_path / "tensorboard").iterdir())
 
@@ -88,19 +106,51 @@ def test_eight_device_mesh_matches_one_device(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_eight_devices(tmp_path):
-  settings = ["--config=tiny", "--set", "mesh.data=2", "--set", "mesh.expert=4",
-              "--set", "train.num_train_steps=6", "--set", "train.log_every=1",
-              "--set", "train.eval_every=0"]
-  reference = run(tiny("mesh.data=2", "mesh.expert=4", "train.num_train_steps=6",
-                       "train.log_every=1", "train.eval_every=0"), tmp_path / "single")
+  settings = [
+    "--config=tiny",
+    "--set",
+    "mesh.data=2",
+    "--set",
+    "mesh.expert=4",
+    "--set",
+    "train.num_train_steps=6",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.eval_every=0",
+  ]
+  reference = run(
+    tiny(
+      "mesh.data=2",
+      "mesh.expert=4",
+      "train.num_train_steps=6",
+      "train.log_every=1",
+      "train.eval_every=0",
+    ),
+    tmp_path / "single",
+  )
   port = free_port()
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4 "
-                      "--xla_backend_optimization_level=0"}
-  procs = [subprocess.Popen(
-      [sys.executable, PRETRAIN, "--no_progress", *settings,
-       f"--workdir={tmp_path / 'multi'}", f"--coordinator_address=127.0.0.1:{port}",
-       "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env={**os.environ, **env},
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"}
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        PRETRAIN,
+        "--no_progress",
+        *settings,
+        f"--workdir={tmp_path / 'multi'}",
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ],
+      cwd=ROOT,
+      env={**os.environ, **env},
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
@@ -114,11 +164,26 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
 @pytest.mark.slow
 def test_run_killed_while_saving_resumes_from_last_complete_checkpoint(tmp_path):
   workdir = tmp_path / "run"
-  args = [f"--workdir={workdir}", "--config=tiny", "--set", "train.num_train_steps=100000",
-          "--set", "train.checkpoint_every=1", "--set", "train.keep_checkpoints=100",
-          "--set", "train.eval_every=0", "--set", "train.log_every=10"]
-  proc = subprocess.Popen([sys.executable, PRETRAIN, "--no_progress", *args], cwd=ROOT,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  args = [
+    f"--workdir={workdir}",
+    "--config=tiny",
+    "--set",
+    "train.num_train_steps=100000",
+    "--set",
+    "train.checkpoint_every=1",
+    "--set",
+    "train.keep_checkpoints=100",
+    "--set",
+    "train.eval_every=0",
+    "--set",
+    "train.log_every=10",
+  ]
+  proc = subprocess.Popen(
+    [sys.executable, PRETRAIN, "--no_progress", *args],
+    cwd=ROOT,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   ckpt_dir = workdir / "checkpoints"
   killed_during_save = False
   deadline = time.time() + 300
@@ -140,24 +205,43 @@ def test_run_killed_while_saving_resumes_from_last_complete_checkpoint(tmp_path)
   left = sorted(int(e.name) for e in ckpt_dir.iterdir() if e.name.isdigit())
   # The interrupted save left an unfinished directory behind, never a half-written step.
   assert any("tmp" in e.name for e in ckpt_dir.iterdir())
-  resumed = script([*args[:1], "--config=tiny", "--set", f"train.num_train_steps={left[-1] + 3}",
-                    "--set", "train.checkpoint_every=1", "--set", "train.eval_every=0",
-                    "--set", "train.log_every=1"], timeout=300)
+  resumed = script(
+    [
+      *args[:1],
+      "--config=tiny",
+      "--set",
+      f"train.num_train_steps={left[-1] + 3}",
+      "--set",
+      "train.checkpoint_every=1",
+      "--set",
+      "train.eval_every=0",
+      "--set",
+      "train.log_every=1",
+    ],
+    timeout=300,
+  )
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"Resumed from {ckpt_dir} step {left[-1]}." in resumed.stdout
   assert max(logged_losses(workdir)) == left[-1] + 3
 
 
 def test_corrupt_newest_checkpoint_is_reported_and_previous_used(tmp_path):
-  run(tiny("train.num_train_steps=4", "train.checkpoint_every=2", "train.eval_every=0"),
-      tmp_path)
+  run(tiny("train.num_train_steps=4", "train.checkpoint_every=2", "train.eval_every=0"), tmp_path)
   for f in (tmp_path / "checkpoints" / "4" / "params").rglob("*"):
     if f.is_file():
       f.write_bytes(b"garbage")
   messages = []
-  result = train(tiny("train.num_train_steps=6", "train.checkpoint_every=2",
-                      "train.eval_every=0", "train.log_every=1"), tmp_path, progress=False,
-                 log=messages.append)
+  result = train(
+    tiny(
+      "train.num_train_steps=6",
+      "train.checkpoint_every=2",
+      "train.eval_every=0",
+      "train.log_every=1",
+    ),
+    tmp_path,
+    progress=False,
+    log=messages.append,
+  )
   text = "\n".join(messages)
   assert "Checkpoint step 4 in" in text and "could not be restored" in text
   assert "Resumed from" in text and "step 2." in text
@@ -165,24 +249,34 @@ def test_corrupt_newest_checkpoint_is_reported_and_previous_used(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  run(tiny("train.num_train_steps=2", "train.checkpoint_every=2", "train.eval_every=0"),
-      tmp_path)
-  with pytest.raises(NonFiniteLossError, match=r"Non-finite loss or gradient at step \d+; "
-                                               r"stopping without saving. The last good "
-                                               r"checkpoint \(step 2\) is kept"):
-    run(tiny("train.num_train_steps=8", "train.checkpoint_every=2", "train.eval_every=0",
-             "train.learning_rate=1e30"), tmp_path)
+  run(tiny("train.num_train_steps=2", "train.checkpoint_every=2", "train.eval_every=0"), tmp_path)
+  with pytest.raises(
+    NonFiniteLossError,
+    match=r"Non-finite loss or gradient at step \d+; "
+    r"stopping without saving. The last good "
+    r"checkpoint \(step 2\) is kept",
+  ):
+    run(
+      tiny(
+        "train.num_train_steps=8",
+        "train.checkpoint_every=2",
+        "train.eval_every=0",
+        "train.learning_rate=1e30",
+      ),
+      tmp_path,
+    )
   assert checkpoint.CheckpointStore(tmp_path).steps() == [2]
 
 
 def test_workdir_of_another_model_is_refused_not_overwritten(tmp_path):
-  run(tiny("train.num_train_steps=2", "train.checkpoint_every=2", "train.eval_every=0"),
-      tmp_path)
+  run(tiny("train.num_train_steps=2", "train.checkpoint_every=2", "train.eval_every=0"), tmp_path)
   saved_config = (tmp_path / "config.json").read_text()
-  with pytest.raises(checkpoint.IncompatibleCheckpointError,
-                     match=r"holds checkpoints of another model or optimizer \(step 2, params: "
-                           r".* has shape .*Use a new --workdir, or start a new run from these "
-                           r"parameters with --set train.init_from="):
+  with pytest.raises(
+    checkpoint.IncompatibleCheckpointError,
+    match=r"holds checkpoints of another model or optimizer \(step 2, params: "
+    r".* has shape .*Use a new --workdir, or start a new run from these "
+    r"parameters with --set train.init_from=",
+  ):
     run(tiny("model.d_ff=128", "train.num_train_steps=4"), tmp_path)
   assert checkpoint.CheckpointStore(tmp_path).steps() == [2]
   assert (tmp_path / "config.json").read_text() == saved_config
@@ -191,19 +285,25 @@ def test_workdir_of_another_model_is_refused_not_overwritten(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Bad input gets one clear line, no traceback.
 
-@pytest.mark.parametrize("args,message", [
-    (["--set", "train.batchsize=4"],
-     "Unknown config field 'train.batchsize'. Nearest valid names: train.batch_size"),
+
+@pytest.mark.parametrize(
+  "args,message",
+  [
+    (
+      ["--set", "train.batchsize=4"],
+      "Unknown config field 'train.batchsize'. Nearest valid names: train.batch_size",
+    ),
     (["--set", "train.batch_size=four"], "--set train.batch_size=four: expected int."),
     (["--config=base9"], "Unknown config 'base9'. Did you mean base8"),
-    (["--set", "data.paths=/nonexistent/corpus/*.jsonl"],
-     "no files match data.paths"),
-    (["--set", "mesh.expert=3"], "mesh.data=-1, mesh.expert=3, mesh.model=1 do not fit 8 "
-                                 "devices"),
-    (["--set", "mesh.data=1", "--set", "mesh.expert=8"],
-     "mesh.expert=8 does not divide moe.num_experts=4"),
+    (["--set", "data.paths=/nonexistent/corpus/*.jsonl"], "no files match data.paths"),
+    (["--set", "mesh.expert=3"], "mesh.data=-1, mesh.expert=3, mesh.model=1 do not fit 8 devices"),
+    (
+      ["--set", "mesh.data=1", "--set", "mesh.expert=8"],
+      "mesh.expert=8 does not divide moe.num_experts=4",
+    ),
     (["--set", "data.extra_ids=0"], "tokenizer has no sentinel ids"),
-])
+  ],
+)
 def test_bad_flags_and_data_give_clear_errors(tmp_path, args, message):
   result = script(["--config=tiny", f"--workdir={tmp_path}", *args], timeout=300)
   assert result.returncode == 1
@@ -213,8 +313,15 @@ def test_bad_flags_and_data_give_clear_errors(tmp_path, args, message):
 
 def test_empty_corpus_is_an_error(tmp_path):
   (tmp_path / "empty.txt").write_text("\n\n")
-  result = script(["--config=tiny", f"--workdir={tmp_path / 'w'}",
-                   "--set", f"data.paths={tmp_path / 'empty.txt'}"], timeout=300)
+  result = script(
+    [
+      "--config=tiny",
+      f"--workdir={tmp_path / 'w'}",
+      "--set",
+      f"data.paths={tmp_path / 'empty.txt'}",
+    ],
+    timeout=300,
+  )
   assert result.returncode == 1 and "Traceback" not in result.stderr
   assert "empty" in result.stderr.lower(), result.stderr
 
@@ -222,12 +329,17 @@ def test_empty_corpus_is_an_error(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Sharding of the optimizer state, microbatches, changing meshes, SIGTERM.
 
+
 def test_adafactor_state_of_expert_kernels_is_sharded_over_experts():
   from jax.sharding import PartitionSpec as P
+
   from switchjax.train import make_optimizer, opt_state_specs
+
   tx = make_optimizer(tiny().train)
-  shapes = {"wi": jax.ShapeDtypeStruct((8, 256, 512), np.float32),
-            "scale": jax.ShapeDtypeStruct((256,), np.float32)}
+  shapes = {
+    "wi": jax.ShapeDtypeStruct((8, 256, 512), np.float32),
+    "scale": jax.ShapeDtypeStruct((256,), np.float32),
+  }
   specs = {"wi": P("expert", None, "model"), "scale": P(None)}
   state = opt_state_specs(tx, shapes, specs)
   factored = state[0]  # scale_by_factored_rms: row and column statistics per expert
@@ -240,8 +352,7 @@ def test_microbatches_give_the_full_batch_update(tmp_path):
   # The tiny preset's routing groups (8 tokens) never straddle sequences and 2 microbatches of
   # 4 sequences keep them (with fewer tokens than 8 x E, groups would shrink), so splitting
   # the batch changes nothing but the summation order.
-  settings = ["mesh.data=1", "train.num_train_steps=3", "train.log_every=1",
-              "train.eval_every=0"]
+  settings = ["mesh.data=1", "train.num_train_steps=3", "train.log_every=1", "train.eval_every=0"]
   one = jax.devices()[:1]
   whole = run(tiny(*settings), tmp_path / "whole", devices=one)
   split = run(tiny("train.num_microbatches=2", *settings), tmp_path / "split", devices=one)
@@ -251,12 +362,19 @@ def test_microbatches_give_the_full_batch_update(tmp_path):
 
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
   settings = ["train.log_every=1", "train.eval_every=0", "train.checkpoint_every=3"]
-  straight = run(tiny("mesh.data=1", "train.num_train_steps=6", *settings),
-                 tmp_path / "straight", devices=jax.devices()[:1])
-  run(tiny("mesh.data=1", "train.num_train_steps=3", *settings), tmp_path / "moved",
-      devices=jax.devices()[:1])
-  moved = run(tiny("mesh.data=2", "mesh.expert=4", "train.num_train_steps=6", *settings),
-              tmp_path / "moved")
+  straight = run(
+    tiny("mesh.data=1", "train.num_train_steps=6", *settings),
+    tmp_path / "straight",
+    devices=jax.devices()[:1],
+  )
+  run(
+    tiny("mesh.data=1", "train.num_train_steps=3", *settings),
+    tmp_path / "moved",
+    devices=jax.devices()[:1],
+  )
+  moved = run(
+    tiny("mesh.data=2", "mesh.expert=4", "train.num_train_steps=6", *settings), tmp_path / "moved"
+  )
   for step in (4, 5, 6):
     np.testing.assert_allclose(moved.losses[step], straight.losses[step], atol=1e-5, rtol=0)
 
@@ -265,10 +383,26 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
   workdir = tmp_path / "run"
   proc = subprocess.Popen(
-      [sys.executable, PRETRAIN, "--no_progress", "--config=tiny", f"--workdir={workdir}",
-       "--set", "train.num_train_steps=100000", "--set", "train.checkpoint_every=100000",
-       "--set", "train.eval_every=0", "--set", "train.log_every=1"], cwd=ROOT,
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    [
+      sys.executable,
+      PRETRAIN,
+      "--no_progress",
+      "--config=tiny",
+      f"--workdir={workdir}",
+      "--set",
+      "train.num_train_steps=100000",
+      "--set",
+      "train.checkpoint_every=100000",
+      "--set",
+      "train.eval_every=0",
+      "--set",
+      "train.log_every=1",
+    ],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   deadline = time.time() + 300
   metrics = workdir / "metrics.jsonl"
   while time.time() < deadline and not (metrics.exists() and metrics.read_text()):
@@ -283,22 +417,48 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
 
 def test_training_starts_from_a_converted_hugging_face_checkpoint(tmp_path):
   from hf_utils import build_hf_checkpoint
-  build_hf_checkpoint(tmp_path / "hf", vocab_size=640, num_layers=2, num_decoder_layers=2,
-                      num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
-                      expert_capacity=8)
+
+  build_hf_checkpoint(
+    tmp_path / "hf",
+    vocab_size=640,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_sparse_encoder_layers=1,
+    num_sparse_decoder_layers=1,
+    expert_capacity=8,
+  )
   converted = tmp_path / "converted"
-  subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_hf.py"),
-                  f"--hf_dir={tmp_path / 'hf'}", f"--output_dir={converted}"], check=True,
-                 cwd=ROOT, capture_output=True)
-  config = load_config(str(converted), [
-      "data.spm_vocab_size=500", "data.inputs_length=32", "data.targets_length=8",
-      "train.batch_size=8", "train.num_train_steps=2", "train.log_every=1",
-      "train.eval_every=0", "train.learning_rate=1e-3", "train.schedule=constant",
-      "mesh.data=1"])
+  subprocess.run(
+    [
+      sys.executable,
+      str(ROOT / "scripts" / "convert_hf.py"),
+      f"--hf_dir={tmp_path / 'hf'}",
+      f"--output_dir={converted}",
+    ],
+    check=True,
+    cwd=ROOT,
+    capture_output=True,
+  )
+  config = load_config(
+    str(converted),
+    [
+      "data.spm_vocab_size=500",
+      "data.inputs_length=32",
+      "data.targets_length=8",
+      "train.batch_size=8",
+      "train.num_train_steps=2",
+      "train.log_every=1",
+      "train.eval_every=0",
+      "train.learning_rate=1e-3",
+      "train.schedule=constant",
+      "mesh.data=1",
+    ],
+  )
   assert config.train.init_from == str(converted.resolve())
   messages = []
-  result = train(config, tmp_path / "finetune", devices=jax.devices()[:1], progress=False,
-                 log=messages.append)
+  result = train(
+    config, tmp_path / "finetune", devices=jax.devices()[:1], progress=False, log=messages.append
+  )
   assert f"Initialised parameters from {converted.resolve()}." in messages
   assert result.step == 2 and all(np.isfinite(v) for v in result.losses.values())
   _, start = checkpoint.load_model(converted)

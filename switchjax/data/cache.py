@@ -14,7 +14,8 @@ import hashlib
 import json
 import os
 import pathlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 ENV_VAR = "SWITCHJAX_CACHE"
 

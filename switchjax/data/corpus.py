@@ -33,13 +33,17 @@ import pathlib
 import sys
 import sysconfig
 import warnings
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from switchjax.data import cache
-from switchjax.data.tokenizer import (EmptyTextError, Tokenizer, VocabularyTooLargeError,
-                                      train_tokenizer)
+from switchjax.data.tokenizer import (
+  EmptyTextError,
+  Tokenizer,
+  VocabularyTooLargeError,
+  train_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +92,7 @@ def default_documents() -> tuple[str, ...]:
   Kept in memory (2 MB) for the process: parsing the standard library takes a few seconds.
   """
   import pydoc_data.topics
+
   topics = pydoc_data.topics.topics
   docs = [topics[name] for name in sorted(topics)]
   for path in _stdlib_files():
@@ -104,6 +109,7 @@ class DefaultCorpus:
 
   def fingerprint(self) -> str:
     import pydoc_data.topics
+
     files = [pydoc_data.topics.__file__] + _stdlib_files()
     return cache.fingerprint("default-corpus-v1", sys.version, cache.file_stats(files))
 
@@ -114,6 +120,7 @@ class DefaultCorpus:
 @dataclasses.dataclass(frozen=True)
 class FileCorpus:
   """Documents read from text, JSON Lines and Parquet files (see the module docstring)."""
+
   files: tuple[pathlib.Path, ...]
   text_field: str = "text"
   patterns: tuple[str, ...] = ()
@@ -135,15 +142,20 @@ def resolve_paths(patterns: Sequence[str]) -> list[pathlib.Path]:
   files: list[pathlib.Path] = []
   for pattern in patterns:
     expanded = os.path.expanduser(pattern)
-    matches = sorted(glob.glob(expanded, recursive=True)) if glob.has_magic(expanded) else (
-        [expanded] if os.path.exists(expanded) else [])
+    matches = (
+      sorted(glob.glob(expanded, recursive=True))
+      if glob.has_magic(expanded)
+      else ([expanded] if os.path.exists(expanded) else [])
+    )
     if not matches:
       raise ValueError(f"no files match data.paths={pattern!r}; check the path or glob.")
     for match in matches:
       path = pathlib.Path(match)
       if path.is_dir():
-        raise ValueError(f"data.paths entry {match!r} is a directory; give files or a glob "
-                         f"such as {os.path.join(match, '*.jsonl')!r}.")
+        raise ValueError(
+          f"data.paths entry {match!r} is a directory; give files or a glob "
+          f"such as {os.path.join(match, '*.jsonl')!r}."
+        )
       _check_suffix(path)
       if path not in files:
         files.append(path)
@@ -163,9 +175,11 @@ def _check_suffix(path: pathlib.Path) -> None:
   gzipped = path.suffix.lower() == ".gz"
   if suffix not in SUPPORTED_SUFFIXES or (gzipped and suffix == ".parquet"):
     name = (suffix + (".gz" if gzipped else "")) or "(no extension)"
-    raise ValueError(f"{path}: unsupported file type {name!r}; "
-                     "data.paths takes .txt (a document per paragraph), .jsonl/.json (JSON "
-                     "Lines with data.text_field) and .parquet files.")
+    raise ValueError(
+      f"{path}: unsupported file type {name!r}; "
+      "data.paths takes .txt (a document per paragraph), .jsonl/.json (JSON "
+      "Lines with data.text_field) and .parquet files."
+    )
 
 
 def _open_text(path: pathlib.Path):
@@ -208,29 +222,38 @@ def _jsonl_documents(path: pathlib.Path, text_field: str) -> Iterator[str]:
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}, line {line_number}: not valid JSON ({e}); .jsonl/.json "
-                         "files must hold one JSON object per line (JSON Lines).") from None
+        raise ValueError(
+          f"{path}, line {line_number}: not valid JSON ({e}); .jsonl/.json "
+          "files must hold one JSON object per line (JSON Lines)."
+        ) from None
       if not isinstance(record, dict) or text_field not in record:
         fields = ", ".join(map(repr, record)) if isinstance(record, dict) else "not an object"
-        raise ValueError(f"{path}, line {line_number}: no field {text_field!r} (the line has: "
-                         f"{fields}); set --set data.text_field=NAME to the field that holds "
-                         "the text.")
+        raise ValueError(
+          f"{path}, line {line_number}: no field {text_field!r} (the line has: "
+          f"{fields}); set --set data.text_field=NAME to the field that holds "
+          "the text."
+        )
       text = record[text_field]
       if not isinstance(text, str):
-        raise ValueError(f"{path}, line {line_number}: field {text_field!r} is a "
-                         f"{type(text).__name__}, not a string; set --set data.text_field=NAME "
-                         "to the field that holds the text.")
+        raise ValueError(
+          f"{path}, line {line_number}: field {text_field!r} is a "
+          f"{type(text).__name__}, not a string; set --set data.text_field=NAME "
+          "to the field that holds the text."
+        )
       if text.strip():
         yield text
 
 
 def _parquet_documents(path: pathlib.Path, text_field: str) -> Iterator[str]:
   import pyarrow.parquet as pq
+
   parquet = pq.ParquetFile(path)
   columns = parquet.schema_arrow.names
   if text_field not in columns:
-    raise ValueError(f"{path}: no column {text_field!r} (columns: {', '.join(columns)}); set "
-                     "--set data.text_field=NAME to the column that holds the text.")
+    raise ValueError(
+      f"{path}: no column {text_field!r} (columns: {', '.join(columns)}); set "
+      "--set data.text_field=NAME to the column that holds the text."
+    )
   for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
     for text in batch.column(0).to_pylist():
       if isinstance(text, str) and text.strip():
@@ -246,13 +269,16 @@ def open_corpus(data_cfg) -> DefaultCorpus | FileCorpus:
 
 
 def _empty_corpus_error(corpus) -> ValueError:
-  hint = (" (is data.text_field right?)" if isinstance(corpus, FileCorpus) else "")
-  return ValueError(f"the corpus is empty: {corpus.description} holds no text{hint}; add "
-                    "documents to the files or point data.paths at other files.")
+  hint = " (is data.text_field right?)" if isinstance(corpus, FileCorpus) else ""
+  return ValueError(
+    f"the corpus is empty: {corpus.description} holds no text{hint}; add "
+    "documents to the files or point data.paths at other files."
+  )
 
 
 # --------------------------------------------------------------------------------------------
 # The tokenizer of a corpus.
+
 
 def get_tokenizer(data_cfg, corpus=None) -> Tokenizer:
   """The tokenizer of a DataConfig.
@@ -270,29 +296,40 @@ def get_tokenizer(data_cfg, corpus=None) -> Tokenizer:
   extra_ids = data_cfg.extra_ids
   if data_cfg.spm_path:
     if not os.path.isfile(os.path.expanduser(data_cfg.spm_path)):
-      raise ValueError(f"data.spm_path={data_cfg.spm_path!r} does not exist; point it at a "
-                       "SentencePiece .model file (e.g. an HF checkpoint's spiece.model), or "
-                       "leave it unset to train a tokenizer on the corpus.")
+      raise ValueError(
+        f"data.spm_path={data_cfg.spm_path!r} does not exist; point it at a "
+        "SentencePiece .model file (e.g. an HF checkpoint's spiece.model), or "
+        "leave it unset to train a tokenizer on the corpus."
+      )
     return Tokenizer(os.path.expanduser(data_cfg.spm_path), extra_ids=extra_ids)
   corpus = corpus or open_corpus(data_cfg)
   vocab = data_cfg.spm_vocab_size
   key = cache.fingerprint("spm-v1", corpus.fingerprint(), vocab, TOKENIZER_TRAINING_SENTENCES)
   path = cache.cache_dir(data_cfg.cache_dir) / "tokenizers" / f"spm{vocab}-{key}.model"
   if not path.exists():
-    log.info("Training a %d-piece SentencePiece tokenizer on %s (first use; cached at %s).",
-             vocab, corpus.description, path)
+    log.info(
+      "Training a %d-piece SentencePiece tokenizer on %s (first use; cached at %s).",
+      vocab,
+      corpus.description,
+      path,
+    )
     try:
       try:
-        train_tokenizer(corpus.documents(), vocab, path,
-                        max_sentences=TOKENIZER_TRAINING_SENTENCES)
+        train_tokenizer(corpus.documents(), vocab, path, max_sentences=TOKENIZER_TRAINING_SENTENCES)
       except VocabularyTooLargeError as e:
         if not isinstance(corpus, DefaultCorpus):
           raise
-        log.warning("The embedded default corpus supports at most %d SentencePiece pieces; "
-                    "training %d instead of data.spm_vocab_size=%d (give data.paths for a "
-                    "real run).", e.limit, e.limit, vocab)
-        train_tokenizer(corpus.documents(), e.limit, path,
-                        max_sentences=TOKENIZER_TRAINING_SENTENCES)
+        log.warning(
+          "The embedded default corpus supports at most %d SentencePiece pieces; "
+          "training %d instead of data.spm_vocab_size=%d (give data.paths for a "
+          "real run).",
+          e.limit,
+          e.limit,
+          vocab,
+        )
+        train_tokenizer(
+          corpus.documents(), e.limit, path, max_sentences=TOKENIZER_TRAINING_SENTENCES
+        )
     except EmptyTextError:
       raise _empty_corpus_error(corpus) from None
   return Tokenizer(path, extra_ids=extra_ids)
@@ -300,6 +337,7 @@ def get_tokenizer(data_cfg, corpus=None) -> Tokenizer:
 
 # --------------------------------------------------------------------------------------------
 # Tokenized corpus.
+
 
 def token_dtype(vocab_size: int) -> np.dtype:
   """uint16 when every id fits (vocab_size < 65536), else int32."""
@@ -338,7 +376,7 @@ def _write_tokens(corpus, tokenizer: Tokenizer, path: pathlib.Path) -> None:
       target = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(num_tokens,))
       step = 1 << 24
       for start in range(0, num_tokens, step):
-        target[start:start + step] = source[start:start + step]
+        target[start : start + step] = source[start : start + step]
       target.flush()
       del target, source
   finally:
@@ -363,6 +401,7 @@ class TokenChunks:
   Chunk i is tokens[i * chunk_length : (i + 1) * chunk_length]; the final partial chunk (fewer
   than chunk_length tokens) is dropped, so every example fills the lengths exactly.
   """
+
   tokens: np.ndarray  # [num_tokens], memory-mapped
   chunk_length: int
 
@@ -373,4 +412,4 @@ class TokenChunks:
     if not 0 <= i < len(self):
       raise IndexError(f"chunk {i} out of range [0, {len(self)}).")
     start = i * self.chunk_length
-    return np.asarray(self.tokens[start:start + self.chunk_length], dtype=np.int32)
+    return np.asarray(self.tokens[start : start + self.chunk_length], dtype=np.int32)

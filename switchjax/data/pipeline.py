@@ -32,15 +32,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import grain
 import numpy as np
 
 from switchjax.data import cache
 from switchjax.data.corpus import TokenChunks, get_tokenizer, open_corpus, tokenize_corpus
-from switchjax.data.span_corruption import (check_sentinels, num_noise_spans,
-                                            random_spans_helper, span_corruption)
+from switchjax.data.span_corruption import (
+  check_sentinels,
+  num_noise_spans,
+  random_spans_helper,
+  span_corruption,
+)
 from switchjax.data.tokenizer import PAD_ID, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -65,9 +70,11 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 # --------------------------------------------------------------------------------------------
 # Examples.
 
+
 @dataclasses.dataclass(frozen=True)
 class ChunkSplit:
   """Held-out evaluation chunks: the first num_eval of a fixed permutation of all chunks."""
+
   num_chunks: int
   num_eval: int
 
@@ -87,6 +94,7 @@ class ChunkSplit:
 @dataclasses.dataclass(frozen=True)
 class SpanCorruptionTask:
   """Turns chunks of raw tokens into (inputs, targets) of fixed lengths."""
+
   chunks: TokenChunks
   sentinel_ids: np.ndarray  # [extra_ids]
   inputs_length: int
@@ -96,9 +104,14 @@ class SpanCorruptionTask:
 
   def example(self, chunk: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return span_corruption(
-        self.chunks[chunk], rng, self.sentinel_ids, noise_density=self.noise_density,
-        mean_noise_span_length=self.mean_noise_span_length, inputs_length=self.inputs_length,
-        targets_length=self.targets_length)
+      self.chunks[chunk],
+      rng,
+      self.sentinel_ids,
+      noise_density=self.noise_density,
+      mean_noise_span_length=self.mean_noise_span_length,
+      inputs_length=self.inputs_length,
+      targets_length=self.targets_length,
+    )
 
   def batch(self, chunks_and_seeds) -> dict[str, np.ndarray]:
     """The batch of (chunk, noise seed) pairs."""
@@ -112,15 +125,14 @@ def make_batch(inputs: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]
   decoder_inputs = np.zeros_like(targets)  # [b, Lt]
   decoder_inputs[:, 1:] = targets[:, :-1]  # Shift right; the decoder starts from pad (0).
   return {
-      "encoder_input_tokens": inputs.astype(np.int32),  # [b, Li]
-      "decoder_target_tokens": targets,  # [b, Lt]
-      "decoder_input_tokens": decoder_inputs,  # [b, Lt]
-      "decoder_loss_weights": (targets != PAD_ID).astype(np.float32),  # [b, Lt]
+    "encoder_input_tokens": inputs.astype(np.int32),  # [b, Li]
+    "decoder_target_tokens": targets,  # [b, Lt]
+    "decoder_input_tokens": decoder_inputs,  # [b, Lt]
+    "decoder_loss_weights": (targets != PAD_ID).astype(np.float32),  # [b, Lt]
   }
 
 
-def _host_rows(first: int, global_batch_size: int, process_index: int, process_count: int
-               ) -> range:
+def _host_rows(first: int, global_batch_size: int, process_index: int, process_count: int) -> range:
   """Global example indices of this host's rows of the global batch starting at `first`."""
   local = global_batch_size // process_count
   start = first + process_index * local
@@ -130,6 +142,7 @@ def _host_rows(first: int, global_batch_size: int, process_index: int, process_c
 # --------------------------------------------------------------------------------------------
 # Iterators.
 
+
 class TrainIterator:
   """Host-local training batches, repeating forever, reshuffled every epoch; resumable.
 
@@ -138,8 +151,15 @@ class TrainIterator:
   one (with any number of hosts).
   """
 
-  def __init__(self, task: SpanCorruptionTask, split: ChunkSplit, global_batch_size: int,
-               process_index: int, process_count: int, seed: int):
+  def __init__(
+    self,
+    task: SpanCorruptionTask,
+    split: ChunkSplit,
+    global_batch_size: int,
+    process_index: int,
+    process_count: int,
+    seed: int,
+  ):
     self.task, self.split, self.seed = task, split, seed
     self.global_batch_size = global_batch_size
     self.process_index, self.process_count = process_index, process_count
@@ -154,12 +174,13 @@ class TrainIterator:
   def noise_seed(self, g: int) -> list[int]:
     return [self.seed, _TRAIN, g]
 
-  def __iter__(self) -> "TrainIterator":
+  def __iter__(self) -> TrainIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    rows = _host_rows(self.next_example, self.global_batch_size, self.process_index,
-                      self.process_count)
+    rows = _host_rows(
+      self.next_example, self.global_batch_size, self.process_index, self.process_count
+    )
     batch = self.task.batch((self.chunk_index(g), self.noise_seed(g)) for g in rows)
     self.step += 1
     self.next_example += self.global_batch_size
@@ -167,9 +188,14 @@ class TrainIterator:
 
   def get_state(self) -> dict[str, Any]:
     """The position as a JSON-serialisable dict (save it with the checkpoint)."""
-    return {"version": _STATE_VERSION, "step": self.step, "next_example": self.next_example,
-            "seed": self.seed, "num_train_chunks": self.split.num_train,
-            "global_batch_size": self.global_batch_size}
+    return {
+      "version": _STATE_VERSION,
+      "step": self.step,
+      "next_example": self.next_example,
+      "seed": self.seed,
+      "num_train_chunks": self.split.num_train,
+      "global_batch_size": self.global_batch_size,
+    }
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Continues from a `get_state()` position.
@@ -185,27 +211,36 @@ class TrainIterator:
       current = self.seed if key == "seed" else self.split.num_train
       if saved != current:
         raise ValueError(
-            f"cannot resume the data pipeline: the checkpoint's {key} is {saved}, this run's is "
-            f"{current}, so the training order would differ. Use the checkpoint's data config "
-            "(seed, corpus, tokenizer, lengths, eval_fraction) or start the data from scratch.")
+          f"cannot resume the data pipeline: the checkpoint's {key} is {saved}, this run's is "
+          f"{current}, so the training order would differ. Use the checkpoint's data config "
+          "(seed, corpus, tokenizer, lengths, eval_fraction) or start the data from scratch."
+        )
     self.step = int(state["step"])
     self.next_example = int(state["next_example"])
 
 
-def _eval_batches(task: SpanCorruptionTask, split: ChunkSplit, global_batch_size: int,
-                  process_index: int, process_count: int, num_batches: int | None
-                  ) -> Iterator[dict[str, np.ndarray]]:
+def _eval_batches(
+  task: SpanCorruptionTask,
+  split: ChunkSplit,
+  global_batch_size: int,
+  process_index: int,
+  process_count: int,
+  num_batches: int | None,
+) -> Iterator[dict[str, np.ndarray]]:
   """Eval examples in a fixed order, cycling through the eval chunks; the same every call."""
   step = 0
   while num_batches is None or step < num_batches:
     rows = _host_rows(step * global_batch_size, global_batch_size, process_index, process_count)
-    yield task.batch((split.eval_chunk(k % split.num_eval),
-                      [EVAL_NOISE_SEED, _EVAL, k % split.num_eval]) for k in rows)
+    yield task.batch(
+      (split.eval_chunk(k % split.num_eval), [EVAL_NOISE_SEED, _EVAL, k % split.num_eval])
+      for k in rows
+    )
     step += 1
 
 
 # --------------------------------------------------------------------------------------------
 # Entry point.
+
 
 def _num_eval(num_chunks: int, eval_fraction: float) -> int:
   """Held-out chunks: round(eval_fraction * num_chunks), at least 1 unless the fraction is 0."""
@@ -224,6 +259,7 @@ class PretrainingData:
     raw_length: raw tokens per chunk (568 for inputs_length 512).
     num_tokens: tokens in the corpus.
   """
+
   tokenizer: Tokenizer
   train: TrainIterator
   task: SpanCorruptionTask
@@ -242,22 +278,38 @@ class PretrainingData:
   def eval_batches(self, num_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Host-local eval batches from the start of the eval set (forever if num_batches is None)."""
     if self.split.num_eval == 0:
-      raise ValueError("there is no eval split: data.eval_fraction=0; set it above 0 (e.g. "
-                       "0.01) to hold out chunks for evaluation.")
-    return _eval_batches(self.task, self.split, self.train.global_batch_size,
-                         self.train.process_index, self.train.process_count, num_batches)
+      raise ValueError(
+        "there is no eval split: data.eval_fraction=0; set it above 0 (e.g. "
+        "0.01) to hold out chunks for evaluation."
+      )
+    return _eval_batches(
+      self.task,
+      self.split,
+      self.train.global_batch_size,
+      self.train.process_index,
+      self.train.process_count,
+      num_batches,
+    )
 
   def describe(self) -> str:
-    return (f"{self.num_tokens} tokens (vocab {self.tokenizer.vocab_size}) in "
-            f"{self.num_train_chunks} train + {self.num_eval_chunks} eval chunks of "
-            f"{self.raw_length} tokens -> {self.task.inputs_length} inputs / "
-            f"{self.task.targets_length} targets")
+    return (
+      f"{self.num_tokens} tokens (vocab {self.tokenizer.vocab_size}) in "
+      f"{self.num_train_chunks} train + {self.num_eval_chunks} eval chunks of "
+      f"{self.raw_length} tokens -> {self.task.inputs_length} inputs / "
+      f"{self.task.targets_length} targets"
+    )
 
 
-def make_pretraining_data(data_cfg, global_batch_size: int, *, process_index: int = 0,
-                          process_count: int = 1, seed: int | None = None,
-                          tokenizer: Tokenizer | None = None,
-                          model_vocab_size: int | None = None) -> PretrainingData:
+def make_pretraining_data(
+  data_cfg,
+  global_batch_size: int,
+  *,
+  process_index: int = 0,
+  process_count: int = 1,
+  seed: int | None = None,
+  tokenizer: Tokenizer | None = None,
+  model_vocab_size: int | None = None,
+) -> PretrainingData:
   """The span-corruption pretraining data of a DataConfig.
 
   Args:
@@ -279,59 +331,75 @@ def make_pretraining_data(data_cfg, global_batch_size: int, *, process_index: in
   if global_batch_size < 1:
     raise ValueError(f"global batch size {global_batch_size} must be >= 1.")
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} must be in [0, process_count="
-                     f"{process_count}).")
+    raise ValueError(
+      f"process_index={process_index} must be in [0, process_count={process_count})."
+    )
   if global_batch_size % process_count:
-    raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
-                     f"{process_count} processes; use a multiple of {process_count}.")
+    raise ValueError(
+      f"global batch size {global_batch_size} is not divisible by the "
+      f"{process_count} processes; use a multiple of {process_count}."
+    )
 
   # Lengths.
   raw_length, targets_needed = random_spans_helper(
-      data_cfg.inputs_length, data_cfg.noise_density, data_cfg.mean_noise_span_length)
+    data_cfg.inputs_length, data_cfg.noise_density, data_cfg.mean_noise_span_length
+  )
   if data_cfg.targets_length < targets_needed:
     raise ValueError(
-        f"data.targets_length={data_cfg.targets_length} is too short: span corruption of "
-        f"data.inputs_length={data_cfg.inputs_length} makes {targets_needed} target tokens "
-        f"(chunks of {raw_length} raw tokens); set data.targets_length={targets_needed}.")
+      f"data.targets_length={data_cfg.targets_length} is too short: span corruption of "
+      f"data.inputs_length={data_cfg.inputs_length} makes {targets_needed} target tokens "
+      f"(chunks of {raw_length} raw tokens); set data.targets_length={targets_needed}."
+    )
 
   # Tokenizer and tokens.
   corpus = open_corpus(data_cfg)
   tokenizer = tokenizer or get_tokenizer(data_cfg, corpus)
-  check_sentinels(tokenizer, num_noise_spans(raw_length, data_cfg.noise_density,
-                                             data_cfg.mean_noise_span_length))
+  check_sentinels(
+    tokenizer, num_noise_spans(raw_length, data_cfg.noise_density, data_cfg.mean_noise_span_length)
+  )
   if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
     rounded = -(-tokenizer.vocab_size // 128) * 128
     raise ValueError(
-        f"the tokenizer has {tokenizer.vocab_size} ids ({tokenizer.num_pieces} SentencePiece "
-        f"pieces + {tokenizer.extra_ids} sentinels) but model.vocab_size={model_vocab_size}; "
-        f"set model.vocab_size >= {tokenizer.vocab_size} (e.g. {rounded}) or train a smaller "
-        "tokenizer (data.spm_vocab_size).")
+      f"the tokenizer has {tokenizer.vocab_size} ids ({tokenizer.num_pieces} SentencePiece "
+      f"pieces + {tokenizer.extra_ids} sentinels) but model.vocab_size={model_vocab_size}; "
+      f"set model.vocab_size >= {tokenizer.vocab_size} (e.g. {rounded}) or train a smaller "
+      "tokenizer (data.spm_vocab_size)."
+    )
   tokens = tokenize_corpus(corpus, tokenizer, cache.cache_dir(data_cfg.cache_dir))
   chunks = TokenChunks(tokens, raw_length)
 
   # Split.
   num_chunks = len(chunks)
-  size = (f"{corpus.description} has {len(tokens)} tokens, which make {num_chunks} chunks of "
-          f"{raw_length} tokens (for data.inputs_length={data_cfg.inputs_length})")
+  size = (
+    f"{corpus.description} has {len(tokens)} tokens, which make {num_chunks} chunks of "
+    f"{raw_length} tokens (for data.inputs_length={data_cfg.inputs_length})"
+  )
   if num_chunks == 0:
-    raise ValueError(f"the corpus is too small to make one chunk: {size}. Add text or lower "
-                     "data.inputs_length.")
+    raise ValueError(
+      f"the corpus is too small to make one chunk: {size}. Add text or lower data.inputs_length."
+    )
   num_eval = _num_eval(num_chunks, data_cfg.eval_fraction)
   if num_chunks - num_eval < global_batch_size:
     needed = global_batch_size
     while needed - _num_eval(needed, data_cfg.eval_fraction) < global_batch_size:
       needed += 1
     raise ValueError(
-        f"the corpus is too small for one batch: {size}, {num_eval} of them held out for "
-        f"evaluation (data.eval_fraction={data_cfg.eval_fraction}), but a global batch of "
-        f"{global_batch_size} needs {global_batch_size} training chunks: {needed} chunks, "
-        f"{needed * raw_length} tokens. Add text, or lower the batch size or "
-        "data.inputs_length.")
+      f"the corpus is too small for one batch: {size}, {num_eval} of them held out for "
+      f"evaluation (data.eval_fraction={data_cfg.eval_fraction}), but a global batch of "
+      f"{global_batch_size} needs {global_batch_size} training chunks: {needed} chunks, "
+      f"{needed * raw_length} tokens. Add text, or lower the batch size or "
+      "data.inputs_length."
+    )
   split = ChunkSplit(num_chunks, num_eval)
 
-  task = SpanCorruptionTask(chunks, tokenizer.sentinel_ids, data_cfg.inputs_length,
-                            data_cfg.targets_length, data_cfg.noise_density,
-                            data_cfg.mean_noise_span_length)
+  task = SpanCorruptionTask(
+    chunks,
+    tokenizer.sentinel_ids,
+    data_cfg.inputs_length,
+    data_cfg.targets_length,
+    data_cfg.noise_density,
+    data_cfg.mean_noise_span_length,
+  )
   train = TrainIterator(task, split, global_batch_size, process_index, process_count, int(seed))
   data = PretrainingData(tokenizer, train, task, split, raw_length, len(tokens))
   log.info("Data: %s: %s.", corpus.description, data.describe())

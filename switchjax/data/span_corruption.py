@@ -25,29 +25,35 @@ ordinary pieces below the sentinels.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from switchjax.data.tokenizer import EOS_ID, PAD_ID
 
 
-def random_spans_helper(inputs_length: int = 512, noise_density: float = 0.15,
-                        mean_noise_span_length: float = 3.0,
-                        extra_tokens_per_span_inputs: int = 1,
-                        extra_tokens_per_span_targets: int = 1) -> tuple[int, int]:
+def random_spans_helper(
+  inputs_length: int = 512,
+  noise_density: float = 0.15,
+  mean_noise_span_length: float = 3.0,
+  extra_tokens_per_span_inputs: int = 1,
+  extra_tokens_per_span_targets: int = 1,
+) -> tuple[int, int]:
   """(raw tokens per chunk, targets length) so that the inputs fill `inputs_length` exactly.
 
   T5's function: the largest raw length whose corrupted inputs (non-noise tokens, one sentinel
   per noise span, eos) fit in `inputs_length`, and the length of its targets (noise tokens, one
   sentinel per span, eos). 512 -> (568, 114). Uses Python's round (half to even) as T5 does.
   """
+
   def lengths(tokens_length):
     num_noise_tokens = int(round(tokens_length * noise_density))
     num_nonnoise_tokens = tokens_length - num_noise_tokens
     num_noise_spans = int(round(num_noise_tokens / mean_noise_span_length))
-    return (num_nonnoise_tokens + num_noise_spans * extra_tokens_per_span_inputs + 1,
-            num_noise_tokens + num_noise_spans * extra_tokens_per_span_targets + 1)
+    return (
+      num_nonnoise_tokens + num_noise_spans * extra_tokens_per_span_inputs + 1,
+      num_noise_tokens + num_noise_spans * extra_tokens_per_span_targets + 1,
+    )
 
   tokens_length = inputs_length - 1
   while lengths(tokens_length + 1)[0] <= inputs_length:
@@ -60,8 +66,9 @@ def random_spans_helper(inputs_length: int = 512, noise_density: float = 0.15,
   return tokens_length, targets_length
 
 
-def _noise_counts(length: int, noise_density: float, mean_noise_span_length: float
-                  ) -> tuple[int, int]:
+def _noise_counts(
+  length: int, noise_density: float, mean_noise_span_length: float
+) -> tuple[int, int]:
   """(noise tokens, noise spans) of a chunk of `length` >= 2 tokens, as T5 computes them.
 
   T5 computes these in float32 (tf.round of float32 products), and so do we: float64 differs
@@ -70,19 +77,18 @@ def _noise_counts(length: int, noise_density: float, mean_noise_span_length: flo
   """
   num_noise_tokens = int(np.round(np.float32(length) * np.float32(noise_density)))
   num_noise_tokens = min(max(num_noise_tokens, 1), length - 1)  # Both kinds non-empty.
-  num_noise_spans = int(np.round(np.float32(num_noise_tokens)
-                                 / np.float32(mean_noise_span_length)))
+  num_noise_spans = int(np.round(np.float32(num_noise_tokens) / np.float32(mean_noise_span_length)))
   return num_noise_tokens, max(num_noise_spans, 1)
 
 
-def num_noise_spans(length: int, noise_density: float = 0.15,
-                    mean_noise_span_length: float = 3.0) -> int:
+def num_noise_spans(
+  length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0
+) -> int:
   """Noise spans (= sentinels needed) in a chunk of `length` tokens: 28 for 568."""
   return _noise_counts(max(length, 2), noise_density, mean_noise_span_length)[1]
 
 
-def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Generator
-                         ) -> np.ndarray:
+def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Generator) -> np.ndarray:
   """Random positive segment lengths summing to num_items; all segmentations equally likely."""
   first_in_segment = np.zeros(num_items, dtype=np.int64)  # [num_items]
   first_in_segment[1:] = rng.permutation(np.arange(num_items - 1) < num_segments - 1)
@@ -90,8 +96,9 @@ def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Gener
   return np.bincount(segment_id, minlength=num_segments)  # [num_segments]
 
 
-def random_spans_noise_mask(length: int, noise_density: float, mean_noise_span_length: float,
-                            rng: np.random.Generator) -> np.ndarray:
+def random_spans_noise_mask(
+  length: int, noise_density: float, mean_noise_span_length: float, rng: np.random.Generator
+) -> np.ndarray:
   """Boolean noise mask [length] of alternating non-noise / noise spans (T5's algorithm).
 
   num_noise_tokens = round(length * noise_density) and num_noise_spans =
@@ -114,8 +121,9 @@ def random_spans_noise_mask(length: int, noise_density: float, mean_noise_span_l
   return is_noise[:orig_length]
 
 
-def noise_span_to_unique_sentinel(tokens: np.ndarray, noise_mask: np.ndarray,
-                                  sentinel_ids: Sequence[int]) -> np.ndarray:
+def noise_span_to_unique_sentinel(
+  tokens: np.ndarray, noise_mask: np.ndarray, sentinel_ids: Sequence[int]
+) -> np.ndarray:
   """Replaces the k-th run of noise tokens by sentinel_ids[k] (T5: vocab_size - 1 - k)."""
   tokens = np.asarray(tokens)
   prev_token_is_noise = np.concatenate([[False], noise_mask[:-1]])
@@ -127,8 +135,9 @@ def noise_span_to_unique_sentinel(tokens: np.ndarray, noise_mask: np.ndarray,
   return out[~subsequent_noise_tokens]
 
 
-def nonnoise_span_to_unique_sentinel(tokens: np.ndarray, noise_mask: np.ndarray,
-                                     sentinel_ids: Sequence[int]) -> np.ndarray:
+def nonnoise_span_to_unique_sentinel(
+  tokens: np.ndarray, noise_mask: np.ndarray, sentinel_ids: Sequence[int]
+) -> np.ndarray:
   """Replaces the k-th run of non-noise tokens by sentinel_ids[k]: the targets."""
   return noise_span_to_unique_sentinel(tokens, ~noise_mask, sentinel_ids)
 
@@ -142,28 +151,40 @@ def check_sentinels(sentinels, needed: int) -> None:
   """Raises ValueError unless there are at least `needed` sentinel ids."""
   have = len(_sentinel_array(sentinels))
   if have == 0:
-    raise ValueError(f"tokenizer has no sentinel ids; span corruption needs extra_ids >= "
-                     f"{needed} (T5 uses 100).")
+    raise ValueError(
+      f"tokenizer has no sentinel ids; span corruption needs extra_ids >= {needed} (T5 uses 100)."
+    )
   if have < needed:
-    raise ValueError(f"tokenizer has only {have} sentinel ids, but span corruption makes "
-                     f"{needed} noise spans per chunk; it needs extra_ids >= {needed} (or "
-                     "shorter inputs).")
+    raise ValueError(
+      f"tokenizer has only {have} sentinel ids, but span corruption makes "
+      f"{needed} noise spans per chunk; it needs extra_ids >= {needed} (or "
+      "shorter inputs)."
+    )
 
 
 def _pad(ids: np.ndarray, length: int | None, what: str) -> np.ndarray:
   if length is None:
     return ids
   if len(ids) > length:
-    raise ValueError(f"span corruption made {len(ids)} {what} tokens, more than "
-                     f"{what}_length={length}; cut the raw tokens into chunks of "
-                     "random_spans_helper(inputs_length, ...)[0] tokens.")
+    raise ValueError(
+      f"span corruption made {len(ids)} {what} tokens, more than "
+      f"{what}_length={length}; cut the raw tokens into chunks of "
+      "random_spans_helper(inputs_length, ...)[0] tokens."
+    )
   return np.pad(ids, (0, length - len(ids)), constant_values=PAD_ID)
 
 
-def span_corruption(tokens: Sequence[int], rng: np.random.Generator, sentinels, *,
-                    noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
-                    inputs_length: int | None = None, targets_length: int | None = None,
-                    eos_id: int = EOS_ID) -> tuple[np.ndarray, np.ndarray]:
+def span_corruption(
+  tokens: Sequence[int],
+  rng: np.random.Generator,
+  sentinels,
+  *,
+  noise_density: float = 0.15,
+  mean_noise_span_length: float = 3.0,
+  inputs_length: int | None = None,
+  targets_length: int | None = None,
+  eos_id: int = EOS_ID,
+) -> tuple[np.ndarray, np.ndarray]:
   """T5 span corruption of one chunk of raw tokens.
 
   Args:
@@ -182,13 +203,13 @@ def span_corruption(tokens: Sequence[int], rng: np.random.Generator, sentinels, 
   if len(tokens) == 0:
     raise ValueError("span corruption needs at least one token.")
   sentinel_ids = _sentinel_array(sentinels)
-  check_sentinels(sentinel_ids,
-                  num_noise_spans(len(tokens), noise_density, mean_noise_span_length))
+  check_sentinels(sentinel_ids, num_noise_spans(len(tokens), noise_density, mean_noise_span_length))
   noise_mask = random_spans_noise_mask(len(tokens), noise_density, mean_noise_span_length, rng)
   eos = np.array([eos_id], dtype=np.int32)
   inputs = np.concatenate([noise_span_to_unique_sentinel(tokens, noise_mask, sentinel_ids), eos])
   targets = np.concatenate(
-      [nonnoise_span_to_unique_sentinel(tokens, noise_mask, sentinel_ids), eos])
+    [nonnoise_span_to_unique_sentinel(tokens, noise_mask, sentinel_ids), eos]
+  )
   return _pad(inputs, inputs_length, "inputs"), _pad(targets, targets_length, "targets")
 
 

@@ -28,7 +28,7 @@ import io
 import os
 import pathlib
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -69,8 +69,10 @@ class Tokenizer:
   def __init__(self, spm_path: str | os.PathLike, extra_ids: int = 100):
     path = pathlib.Path(spm_path)
     if not path.is_file():
-      raise ValueError(f"SentencePiece model {str(path)!r} does not exist; give the path of a "
-                       ".model file (e.g. an HF checkpoint's spiece.model).")
+      raise ValueError(
+        f"SentencePiece model {str(path)!r} does not exist; give the path of a "
+        ".model file (e.g. an HF checkpoint's spiece.model)."
+      )
     if extra_ids < 0:
       raise ValueError(f"extra_ids={extra_ids} must be >= 0 (T5 uses 100).")
     self.spm_path = str(path)
@@ -83,8 +85,10 @@ class Tokenizer:
     self.sentinel_ids = np.arange(self.vocab_size - 1, self.num_pieces - 1, -1, dtype=np.int32)
 
   def __repr__(self) -> str:
-    return (f"Tokenizer({self.spm_path!r}, extra_ids={self.extra_ids}) with "
-            f"{self.num_pieces} pieces, vocab_size={self.vocab_size}")
+    return (
+      f"Tokenizer({self.spm_path!r}, extra_ids={self.extra_ids}) with "
+      f"{self.num_pieces} pieces, vocab_size={self.vocab_size}"
+    )
 
   pad_id = property(lambda self: PAD_ID, doc="Padding id (0); also the decoder's start id.")
   eos_id = property(lambda self: EOS_ID, doc="End of sequence id (1).")
@@ -100,9 +104,11 @@ class Tokenizer:
   def sentinel_id(self, k: int) -> int:
     """The id of <extra_id_k>: vocab_size - 1 - k."""
     if not 0 <= k < self.extra_ids:
-      raise ValueError(f"<extra_id_{k}> does not exist: this tokenizer has extra_ids="
-                       f"{self.extra_ids} sentinels (<extra_id_0> .. "
-                       f"<extra_id_{self.extra_ids - 1}>).")
+      raise ValueError(
+        f"<extra_id_{k}> does not exist: this tokenizer has extra_ids="
+        f"{self.extra_ids} sentinels (<extra_id_0> .. "
+        f"<extra_id_{self.extra_ids - 1}>)."
+      )
     return self.vocab_size - 1 - k
 
   def is_sentinel(self, token_id: int) -> bool:
@@ -118,8 +124,9 @@ class Tokenizer:
       ids += [segment] if isinstance(segment, int) else self._sp.encode(segment)
     return ids + [EOS_ID] if add_eos else ids
 
-  def encode_batch(self, texts: Sequence[str], add_eos: bool = False,
-                   num_threads: int | None = None) -> list[list[int]]:
+  def encode_batch(
+    self, texts: Sequence[str], add_eos: bool = False, num_threads: int | None = None
+  ) -> list[list[int]]:
     """`encode` of each text; texts without markers go through SentencePiece in parallel."""
     texts = list(texts)
     plain = [i for i, t in enumerate(texts) if "<extra_id_" not in t]
@@ -140,7 +147,7 @@ class Tokenizer:
       k = int(match.group(1))
       if k >= self.extra_ids:
         continue  # Not a sentinel of this vocabulary: ordinary text, like Hugging Face.
-      parts += [text[start:match.start()], self.vocab_size - 1 - k]
+      parts += [text[start : match.start()], self.vocab_size - 1 - k]
       start = match.end()
     parts.append(text[start:])
     return [p for p in parts if p != ""]
@@ -181,8 +188,9 @@ class Tokenizer:
     flush()
     return " ".join(p for p in parts if p)
 
-  def decode_batch(self, batch: Iterable[Iterable[int]], skip_special_tokens: bool = True
-                   ) -> list[str]:
+  def decode_batch(
+    self, batch: Iterable[Iterable[int]], skip_special_tokens: bool = True
+  ) -> list[str]:
     return [self.decode(ids, skip_special_tokens) for ids in batch]
 
   def id_to_piece(self, token_id: int) -> str:
@@ -195,8 +203,10 @@ def _id_list(ids: Iterable[int]) -> list[int]:
   """A 1-D sequence of ids (list, tuple, NumPy or JAX array) as Python ints."""
   array = np.asarray(ids if hasattr(ids, "__len__") else list(ids))
   if array.ndim != 1:
-    raise ValueError(f"decode takes one sequence of ids, got an array of shape {array.shape}; "
-                     "use decode_batch for a batch.")
+    raise ValueError(
+      f"decode takes one sequence of ids, got an array of shape {array.shape}; "
+      "use decode_batch for a batch."
+    )
   return array.astype(np.int64).tolist()
 
 
@@ -206,14 +216,16 @@ def check_t5_layout(sp: spm.SentencePieceProcessor, name: str) -> None:
   if got != {"pad": PAD_ID, "eos": EOS_ID, "unk": UNK_ID}:
     have = ", ".join(f"{k}={v}" for k, v in got.items())
     raise ValueError(
-        f"SentencePiece model {name} has {have} (-1 = none), but T5's layout needs pad=0, "
-        "eos=1, unk=2. Use a T5 spiece.model, or train a T5-layout model with "
-        "switchjax.data.train_tokenizer (pad_id=0, eos_id=1, unk_id=2, bos_id=-1), or leave "
-        "data.spm_path unset to train one on the corpus.")
+      f"SentencePiece model {name} has {have} (-1 = none), but T5's layout needs pad=0, "
+      "eos=1, unk=2. Use a T5 spiece.model, or train a T5-layout model with "
+      "switchjax.data.train_tokenizer (pad_id=0, eos_id=1, unk_id=2, bos_id=-1), or leave "
+      "data.spm_path unset to train one on the corpus."
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Training.
+
 
 def _sentences(texts: Iterable[str], max_sentences: int, max_chars: int):
   """Non-empty lines of `texts`, long lines cut at spaces, at most `max_sentences` of them.
@@ -237,9 +249,16 @@ def _sentences(texts: Iterable[str], max_sentences: int, max_chars: int):
           return
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, model_prefix_or_path: str | os.PathLike,
-                    *, max_sentences: int = 300_000, character_coverage: float = 0.9995,
-                    num_threads: int = 4, seed: int = 0) -> str:
+def train_tokenizer(
+  texts: Iterable[str],
+  vocab_size: int,
+  model_prefix_or_path: str | os.PathLike,
+  *,
+  max_sentences: int = 300_000,
+  character_coverage: float = 0.9995,
+  num_threads: int = 4,
+  seed: int = 0,
+) -> str:
   """Trains a T5-layout unigram SentencePiece model and returns the path of the .model file.
 
   The model has pad 0, eos 1, unk 2 and no bos, like T5's. Training reads the lines of
@@ -270,23 +289,36 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_prefix_or_path:
   spm.set_random_generator_seed(seed)
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
-        model_type="unigram", character_coverage=character_coverage,
-        pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
-        pad_piece=PAD_PIECE, eos_piece=EOS_PIECE, unk_piece=UNK_PIECE,
-        input_sentence_size=max_sentences, shuffle_input_sentence=False,
-        num_threads=num_threads, minloglevel=2)
+      sentence_iterator=iter(sentences),
+      model_writer=model,
+      vocab_size=vocab_size,
+      model_type="unigram",
+      character_coverage=character_coverage,
+      pad_id=PAD_ID,
+      eos_id=EOS_ID,
+      unk_id=UNK_ID,
+      bos_id=-1,
+      pad_piece=PAD_PIECE,
+      eos_piece=EOS_PIECE,
+      unk_piece=UNK_PIECE,
+      input_sentence_size=max_sentences,
+      shuffle_input_sentence=False,
+      num_threads=num_threads,
+      minloglevel=2,
+    )
   except RuntimeError as e:
     limit = re.search(r"value <= (\d+)", str(e))
     if limit:
       raise VocabularyTooLargeError(
-          f"SentencePiece could not train a {vocab_size}-piece model on {len(sentences)} lines "
-          f"of text: this text allows at most {limit.group(1)} pieces. Lower the vocabulary "
-          f"size (data.spm_vocab_size <= {limit.group(1)}) or give more text.",
-          int(limit.group(1))) from None
-    raise ValueError(f"SentencePiece could not train a {vocab_size}-piece model on "
-                     f"{len(sentences)} lines of text: {str(e).rstrip('.')}.") from None
+        f"SentencePiece could not train a {vocab_size}-piece model on {len(sentences)} lines "
+        f"of text: this text allows at most {limit.group(1)} pieces. Lower the vocabulary "
+        f"size (data.spm_vocab_size <= {limit.group(1)}) or give more text.",
+        int(limit.group(1)),
+      ) from None
+    raise ValueError(
+      f"SentencePiece could not train a {vocab_size}-piece model on "
+      f"{len(sentences)} lines of text: {str(e).rstrip('.')}."
+    ) from None
   path.parent.mkdir(parents=True, exist_ok=True)
   atomic_write_bytes(path, model.getvalue())
   return str(path)
-
