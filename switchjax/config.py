@@ -429,11 +429,14 @@ def _parameter_terms(model: ModelConfig) -> dict[str, int]:
 
 
 def _human_bytes(n: float) -> str:
-  for unit in ("bytes", "KB", "MB", "GB", "TB", "PB", "EB"):
-    if n < 1000 or unit == "EB":
-      return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+  """'3.2 PB' (powers of 1000)."""
+  if n < 1000:
+    return f"{n:.0f} bytes"
+  for unit in ("KB", "MB", "GB", "TB", "PB"):
     n /= 1000
-  raise AssertionError("unreachable")
+    if n < 1000:
+      return f"{n:.1f} {unit}"
+  return f"{n / 1000:.1f} EB"
 
 
 def _implied(config: Config, field: str) -> str:
