@@ -290,12 +290,10 @@ def _parquet_documents(path: pathlib.Path, text_field: str) -> Iterator[str]:
       "Parquet file), or give the text as .txt or .jsonl files."
     )
 
+  # pyarrow's errors: ArrowInvalid (not Parquet, truncated) is a ValueError, IO errors OSError.
   try:
     parquet = pq.ParquetFile(path)
-  except (
-    OSError,
-    ValueError,
-  ) as e:  # pyarrow's ArrowInvalid is a ValueError, its IO errors OSError
+  except (OSError, ValueError) as e:
     raise unreadable(e) from None
   schema = parquet.schema_arrow
   if text_field not in schema.names:
