@@ -9,7 +9,10 @@ setup(
   "pretraining.",
   long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
   long_description_content_type="text/markdown",
-  packages=find_packages(include=["switchjax", "switchjax.*"]),
+  # The presets live in the top-level configs/ (one file per preset) and install as the
+  # package switchjax.configs, so `--config=NAME` works from any install, not only a checkout.
+  packages=find_packages(include=["switchjax", "switchjax.*"]) + ["switchjax.configs"],
+  package_dir={"switchjax.configs": "configs"},
   python_requires=">=3.11",
   install_requires=[
     "jax>=0.10.2",

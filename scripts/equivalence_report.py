@@ -4,13 +4,15 @@
   python scripts/equivalence_report.py fixtures meshes
 
 Sections:
-  fixtures  the MoE layer vs each flaxformer golden case ($SWITCHJAX_FLAXFORMER_FIXTURES):
-            max abs output difference, max relative metric difference;
+  fixtures  the MoE layer vs each flaxformer golden case (tests/fixtures/flaxformer_moe, plus
+            $SWITCHJAX_FLAXFORMER_FIXTURES): max abs output difference, max relative metric
+            difference;
   meshes    the MoE layer's outputs and gradients on 8 emulated devices vs one device, per
             router and mesh, and the all-to-all / all-gather ops of the compiled program;
   training  the tiny preset: exact resume (4 + restart + 4 vs 8 steps), 1 vs 8 devices, and two
             processes x 4 devices (jax.distributed on 127.0.0.1) vs one process x 8.
-It reuses the test helpers (tests/), so it measures exactly what the tests check.
+It uses the helpers the tests use (switchjax.equivalence), so it measures exactly what the tests
+check.
 """
 
 import os
@@ -30,42 +32,34 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+FIXTURES = ROOT / "tests" / "fixtures" / "flaxformer_moe"  # Data, not code: nothing imports tests/.
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def fixtures():
-  from test_flaxformer_parity import CASES, METRICS, load_case
+  from switchjax import equivalence
 
   print("MoE layer vs flaxformer golden cases (max abs output diff, max rel metric diff):")
-  for path in CASES:
-    layer, params, inputs, train, expected, meta = load_case(path)
-    out, state = layer.apply(
-      {"params": params},
-      inputs,
-      enable_dropout=train,
-      mutable=["intermediates"],
-      rngs={"dropout": jax.random.key(0), "jitter": jax.random.key(1)},
-    )
-    sown = state["intermediates"]
+  for path in equivalence.golden_case_paths(FIXTURES):
+    case = equivalence.load_golden_case(path)
+    outputs, metrics = equivalence.run_golden_case(case)
     rel = max(
-      abs(float(sown[m][0]) - meta["metrics"][m]) / max(abs(meta["metrics"][m]), 1e-12)
-      for m in METRICS
+      abs(metrics[m] - case.metrics[m]) / max(abs(case.metrics[m]), 1e-12)
+      for m in equivalence.METRICS
     )
-    print(
-      f"  {path.stem:36s} outputs {np.abs(np.asarray(out) - expected).max():.1e}  metrics {rel:.1e}"
-    )
+    diff = np.abs(outputs - case.outputs).max()
+    print(f"  {case.name:36s} outputs {diff:.1e}  metrics {rel:.1e}")
 
 
 def meshes():
-  from test_sharding import MESHES, _run_on_mesh, _setup
+  from switchjax.equivalence import MESHES, mesh_test_layer, run_on_mesh
 
   print("MoE layer on 8 emulated devices vs one device (max abs diffs):")
   for router in ("tokens_choose_masked", "tokens_choose_scatter", "experts_choose_masked"):
-    boxed, params, x, grad_fn = _setup(router)
+    boxed, params, x, grad_fn = mesh_test_layer(router)
     ref_grads, ref_y = jax.jit(grad_fn)(params, x)
     for shape in MESHES:
-      grads, y, hlo = _run_on_mesh(shape, boxed, params, x, grad_fn)
+      grads, y, hlo = run_on_mesh(shape, boxed, params, x, grad_fn)
       dg = max(
         float(np.abs(np.asarray(a) - np.asarray(b)).max())
         for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads))
@@ -148,5 +142,8 @@ if __name__ == "__main__":
   sections = {"fixtures": fixtures, "meshes": meshes, "training": training}
   for name in sys.argv[1:] or sections:
     if name not in sections:
-      sys.exit(f"unknown section {name!r}; choose from {', '.join(sections)}")
-    sections[name]()
+      sys.exit(f"error: unknown section {name!r}; choose from {', '.join(sections)}")
+    try:
+      sections[name]()
+    except ValueError as e:
+      sys.exit(f"error: {e}")

@@ -44,13 +44,16 @@ def parse_args(argv):
   return parser.parse_args(argv)
 
 
-def find_spm(args, config) -> str:
-  """The SentencePiece model: --spm_path, else DIR/spiece.model, else data.spm_path."""
+def find_spm(args, config) -> tuple[str, str]:
+  """(path, the setting it came from) of the SentencePiece model: --spm_path, else
+  DIR/spiece.model, else data.spm_path. The Tokenizer reports a path that is not a model."""
   if args.spm_path:
-    return args.spm_path  # the Tokenizer reports it if it does not exist
-  for path in (pathlib.Path(args.checkpoint) / "spiece.model", config.data.spm_path):
-    if path and pathlib.Path(path).is_file():
-      return str(path)
+    return args.spm_path, "--spm_path"
+  default = pathlib.Path(args.checkpoint) / "spiece.model"
+  if default.is_file():
+    return str(default), ""
+  if config.data.spm_path and pathlib.Path(config.data.spm_path).is_file():
+    return config.data.spm_path, "data.spm_path"
   raise FileNotFoundError(
     f"No SentencePiece model: pass --spm_path, or put spiece.model in "
     f"{args.checkpoint}, or set data.spm_path in its config.json."
@@ -59,7 +62,8 @@ def find_spm(args, config) -> str:
 
 def run(args) -> list[str]:
   config, params = checkpoint.load_model(args.checkpoint)
-  tokenizer = Tokenizer(find_spm(args, config), extra_ids=100)
+  spm_path, setting = find_spm(args, config)
+  tokenizer = Tokenizer(spm_path, extra_ids=100, setting=setting)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ValueError(
       f"The tokenizer has {tokenizer.vocab_size} ids but the model only "

@@ -192,7 +192,12 @@ def save_model(directory, config: config_lib.Config, params, step: int = 0) -> p
   return directory
 
 
-def load_config(directory) -> config_lib.Config:
+def read_checkpoint_config(directory) -> config_lib.Config:
+  """The Config saved in a checkpoint directory (its config.json), as it was saved.
+
+  Unlike `switchjax.load_config`, which also takes presets and applies overrides, this reads
+  exactly what a training run or a conversion wrote next to the parameters.
+  """
   path = pathlib.Path(directory) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(
@@ -210,7 +215,7 @@ def load_model(directory, step: int | None = None, shardings: Any = None):
   """
   from switchjax.model import SwitchTransformer, init_params  # local: model imports are heavy
 
-  config = load_config(directory)
+  config = read_checkpoint_config(directory)
   store = CheckpointStore(directory, async_save=False)
   steps = store.steps()
   if not steps:

@@ -13,8 +13,11 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import numbers
 import os
 import pathlib
+import pkgutil
+import sys
 import types
 import typing
 from typing import Any
@@ -364,40 +367,192 @@ class Config:
     self.model.validate("model")
     self.data.validate("data")
     self.train.validate("train")
+    check_sizes(self)
     return self
+
+
+# --------------------------------------------------------------------------------------------
+# Size limits: a config no machine can hold is refused before anything is allocated or traced.
+
+MAX_PARAMETERS = 10**13  # 6x switch-c-2048 (1.57e12), the largest released Switch model.
+# field: (limit, why). Each is far beyond any published T5 or Switch model.
+SIZE_LIMITS = {
+  "model.vocab_size": (2**24, "67x mT5's 250,112"),
+  "model.d_model": (2**17, "32x switch-xxl-128's 4096"),
+  "model.d_ff": (2**20, "102x switch-xxl-128's 10240"),
+  "model.expert_d_ff": (2**20, "102x switch-xxl-128's 10240"),
+  "model.num_heads": (2**12, "64x switch-xxl-128's 64"),
+  "model.d_kv": (2**12, "64x T5's 64"),
+  "model.num_layers": (2**10, "43x switch-large-128's 24; every layer is traced and compiled"),
+  "model.num_decoder_layers": (
+    2**10,
+    "43x switch-large-128's 24; every layer is traced and compiled",
+  ),
+  "model.moe.num_experts": (2**16, "32x switch-c-2048's 2048"),
+  "data.spm_vocab_size": (2**24, "67x mT5's 250,112"),
+  "data.inputs_length": (2**16, "128x T5's 512"),
+  "data.targets_length": (2**16, "575x T5's 114"),
+  "train.batch_size": (2**20, "4096x Switch's 256"),
+}
+
+
+def estimate_parameters(model: ModelConfig) -> int:
+  """The number of parameters of a model config, by arithmetic (nothing is built).
+
+  Exact when the sparse layout places exactly num_sparse_*_layers MoE layers (every preset);
+  the 'mixed' and 'hf' layouts place a few more when the count does not divide the depth.
+  """
+  return sum(_parameter_terms(model).values())
+
+
+def _parameter_terms(model: ModelConfig) -> dict[str, int]:
+  """Parameters by the setting that sizes them: experts, dense MLPs, embeddings, attention."""
+  d, moe = model.d_model, model.moe
+  expert = d * model.expert_mlp_dim * (len(model.expert_acts) + 1) + moe.router_bias
+  terms = {
+    "model.moe.num_experts": 0,
+    "model.d_ff": 0,
+    "model.vocab_size": model.vocab_size * d * (1 if model.tie_embeddings else 2),
+    "model.num_heads": 0,
+    "other": 2 * (model.relative_attention_num_buckets * model.num_heads + d),  # final norms
+  }
+  for layers, given, count, attentions in (
+    (model.num_layers, model.sparse_encoder_layers, model.num_sparse_encoder_layers, 1),
+    (model.decoder_layers, model.sparse_decoder_layers, model.num_sparse_decoder_layers, 2),
+  ):
+    num_sparse = len(set(given)) if given is not None else count
+    terms["model.moe.num_experts"] += num_sparse * moe.num_experts * (expert + d)
+    terms["model.d_ff"] += (layers - num_sparse) * d * model.d_ff * (len(model.mlp_activations) + 1)
+    terms["model.num_heads"] += layers * attentions * 4 * d * model.num_heads * model.d_kv
+    terms["other"] += layers * (attentions + 1) * d  # RMS norm scales
+  return terms
+
+
+def _human_bytes(n: float) -> str:
+  """'3.2 PB' (powers of 1000)."""
+  if n < 1000:
+    return f"{n:.0f} bytes"
+  for unit in ("KB", "MB", "GB", "TB", "PB"):
+    n /= 1000
+    if n < 1000:
+      return f"{n:.1f} {unit}"
+  return f"{n / 1000:.1f} EB"
+
+
+def _implied(config: Config, field: str) -> str:
+  """What a size implies, in parameters or memory, for the error message."""
+  if field.startswith("model."):
+    count = estimate_parameters(config.model)
+    size = count * {"float32": 4}.get(config.model.param_dtype, 2)
+    return f"the model would have {count:.2g} parameters ({_human_bytes(size)} of weights)"
+  if field == "data.spm_vocab_size":
+    rows = config.data.spm_vocab_size + config.data.extra_ids
+    return f"its embedding alone would have {rows * config.model.d_model:.2g} parameters"
+  if field == "train.batch_size":
+    tokens = config.train.batch_size * (config.data.inputs_length + config.data.targets_length)
+    return f"one step would read {tokens:.2g} tokens"
+  length = _get(config, field)
+  return (
+    f"the attention scores of one sequence and one head alone would take "
+    f"{_human_bytes(4 * length * length)}"
+  )
+
+
+def check_sizes(config: Config) -> None:
+  """Raises a one-line ValueError for a size no machine can hold (see SIZE_LIMITS).
+
+  Each field has a bound far beyond any published model, and the whole model at most
+  MAX_PARAMETERS; the message names the field, what it implies and the fix.
+  """
+  for field, (limit, why) in SIZE_LIMITS.items():
+    value = _get(config, field)
+    if value is not None and value > limit:
+      raise ValueError(
+        f"{field}={value} is beyond the limit of {limit:,} ({why}): {_implied(config, field)}; "
+        f"lower {field}."
+      )
+  terms = _parameter_terms(config.model)
+  count = sum(terms.values())
+  if count > MAX_PARAMETERS:
+    model = config.model
+    largest = max((k for k in terms if k != "other"), key=terms.get)
+    raise ValueError(
+      f"model: {count:.2g} parameters ({_human_bytes(count * 4)} in float32) is beyond the "
+      f"limit of {MAX_PARAMETERS:.0e}, 6x switch-c-2048 (1.6e+12, the largest released Switch "
+      f"model); {terms[largest]:.2g} of them come from {largest}={_get(config, largest)} "
+      f"(with model.d_model={model.d_model}, {model.num_layers} + {model.decoder_layers} "
+      f"layers): lower {largest}, model.d_model or the layer counts."
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Presets.
 
-CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+PRESETS_PACKAGE = "switchjax.configs"  # The top-level configs/ directory, installed by setup.py.
+
+
+def _presets() -> types.ModuleType:
+  """The package of the presets, `switchjax.configs`.
+
+  setup.py installs the top-level configs/ directory as this package (a wheel copies it; an
+  editable install maps it to configs/). A source tree on sys.path without an install of its
+  own (PYTHONPATH=repo, or an editable install made before configs/ was a package) has no such
+  package: then configs/ next to the switchjax directory is imported under that name.
+  """
+  try:
+    return importlib.import_module(PRESETS_PACKAGE)
+  except ModuleNotFoundError as e:
+    if e.name != PRESETS_PACKAGE:
+      raise
+  source = pathlib.Path(__file__).resolve().parent.parent / "configs" / "__init__.py"
+  if not source.is_file():
+    raise ValueError(
+      f"the presets package {PRESETS_PACKAGE} is not installed; reinstall switchjax "
+      "(pip install . in its source tree), or pass a .py file with get_config()."
+    )
+  spec = importlib.util.spec_from_file_location(
+    PRESETS_PACKAGE, source, submodule_search_locations=[str(source.parent)]
+  )
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[PRESETS_PACKAGE] = module
+  spec.loader.exec_module(module)
+  sys.modules["switchjax"].configs = module  # As the import system does for a subpackage.
+  return module
 
 
 def available_configs() -> list[str]:
-  """Names of the presets in configs/."""
-  return sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("_"))
+  """Names of the presets (the files of configs/, installed as switchjax.configs)."""
+  return sorted(
+    m.name
+    for m in pkgutil.iter_modules(_presets().__path__)
+    if not m.ispkg and not m.name.startswith("_")
+  )
 
 
 def load_config(name_or_path: str, overrides: tuple[str, ...] | list[str] = ()) -> Config:
-  """Loads a config, then applies `a.b=value` overrides.
+  """Loads a config, then applies `a.b=value` overrides and validates the result.
 
   `name_or_path` is a preset name (configs/NAME.py), a .py file with get_config(), a saved
   config.json, or a checkpoint directory (a converted model or a training workdir): its
   config, with train.init_from set to the directory so a new run starts from its parameters.
+  Every problem is a one-line ValueError naming the file or setting and the fix.
   """
   path = pathlib.Path(name_or_path)
   if path.is_dir() and (path / "config.json").is_file():
-    config = read_config(path / "config.json")
+    config = _read_json_config(path / "config.json")
     if config.train.init_from is None:
       config = dataclasses.replace(
         config, train=dataclasses.replace(config.train, init_from=str(path.resolve()))
       )
-    return apply_overrides(config, overrides).validate()
-  if path.suffix == ".json" and path.is_file():
-    return apply_overrides(read_config(path), overrides).validate()
-  if not (path.suffix == ".py" and path.exists()):
-    path = CONFIGS_DIR / f"{name_or_path}.py"
-  if not path.exists():
+  elif path.suffix == ".json" and path.is_file():
+    config = _read_json_config(path)
+  elif path.suffix == ".py":
+    if not path.is_file():
+      raise ValueError(f"config file {str(path)!r} does not exist; check the --config path.")
+    config = _config_from_file(path)
+  elif str(name_or_path) in available_configs():
+    config = _config_from_preset(str(name_or_path))
+  else:
     names = available_configs()
     close = difflib.get_close_matches(str(name_or_path), names, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -406,13 +561,126 @@ def load_config(name_or_path: str, overrides: tuple[str, ...] | list[str] = ()) 
       "(or a .py file with get_config(), a config.json, or a checkpoint "
       "directory)."
     )
+  return apply_overrides(config, overrides).validate()
+
+
+def _one_line(error: BaseException) -> str:
+  return " ".join(str(error).split()) or type(error).__name__
+
+
+def _read_json_config(path: pathlib.Path) -> Config:
+  """A saved config.json; a file that is not one is a ValueError naming it."""
+  try:
+    return read_config(path)
+  except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as e:
+    raise ValueError(
+      f"{path} is not a switchjax config.json ({_one_line(e)}); give a config.json written by "
+      "switchjax (pretrain.py or convert_hf.py), a preset name or a .py file."
+    ) from None
+
+
+def _config_from_file(path: pathlib.Path) -> Config:
+  """get_config() of a Python file (imported under a private module name)."""
   spec = importlib.util.spec_from_file_location(f"switchjax_config_{path.stem}", path)
+  return _config_from_module(path, lambda: _exec_module(spec))
+
+
+def _config_from_preset(name: str) -> Config:
+  """get_config() of configs/NAME.py (the module switchjax.configs.NAME)."""
+  module_name = f"{PRESETS_PACKAGE}.{name}"
+  spec = importlib.util.find_spec(module_name)
+  where = pathlib.Path(spec.origin) if spec and spec.origin else pathlib.Path(f"configs/{name}.py")
+  return _config_from_module(where, lambda: importlib.import_module(module_name))
+
+
+def _exec_module(spec) -> types.ModuleType:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
+  return module
+
+
+def _config_from_module(path: pathlib.Path, load) -> Config:
+  """Runs `load()` (which imports the config file at `path`) and its get_config().
+
+  Whatever goes wrong (a syntax error, a failed import, get_config raising or returning
+  something else than a Config with fields of the declared types) becomes one ValueError that
+  names the file and the problem.
+  """
+  try:
+    module = load()
+  except SyntaxError as e:
+    where = "" if e.filename and pathlib.Path(e.filename) == path else f" in {e.filename}"
+    raise ValueError(
+      f"{path}: syntax error{where} at line {e.lineno}: {e.msg}; fix the file."
+    ) from None
+  except ImportError as e:
+    raise ValueError(
+      f"{path}: an import failed ({_one_line(e)}); fix the import or install what it needs."
+    ) from None
+  except Exception as e:  # noqa: BLE001  (any error of the user's file: report it in one line)
+    raise ValueError(
+      f"{path}: running the file raised {type(e).__name__}: {_one_line(e)}; fix the file."
+    ) from None
+  get_config = getattr(module, "get_config", None)
+  if not callable(get_config):
     raise ValueError(f"{path} has no get_config() function returning a switchjax Config.")
-  config = module.get_config()
-  return apply_overrides(config, overrides).validate()
+  try:
+    config = get_config()
+  except Exception as e:  # noqa: BLE001
+    raise ValueError(
+      f"{path}: get_config() raised {type(e).__name__}: {_one_line(e)}; fix the file."
+    ) from None
+  if not isinstance(config, Config):
+    kind = f"{type(config).__module__}.{type(config).__qualname__}"
+    raise ValueError(
+      f"{path}: get_config() returned a {kind}, not a switchjax.config.Config; return a "
+      "Config (see configs/small.py)."
+    )
+  problem = _type_problem(config)
+  if problem:
+    raise ValueError(f"{path}: get_config() returned a Config whose {problem}; fix the file.")
+  return config
+
+
+def _type_problem(obj, prefix: str = "") -> str | None:
+  """'model.d_model='big' is a str, expected int' for the first field of the wrong type."""
+  hints = typing.get_type_hints(type(obj))
+  for f in dataclasses.fields(obj):
+    value, annotation, name = getattr(obj, f.name), hints[f.name], prefix + f.name
+    if dataclasses.is_dataclass(annotation):
+      if not isinstance(value, annotation):
+        return f"{name} is a {type(value).__name__}, expected a {annotation.__name__}"
+      problem = _type_problem(value, name + ".")
+      if problem:
+        return problem
+    elif not _has_type(value, annotation):
+      return f"{name}={value!r} is a {type(value).__name__}, expected {_type_name(annotation)}"
+  return None
+
+
+def _has_type(value, annotation) -> bool:
+  origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+  if origin in (typing.Union, types.UnionType):
+    return any(_has_type(value, a) for a in args)
+  if annotation is type(None):
+    return value is None
+  if annotation is bool:
+    return isinstance(value, bool)
+  if annotation is int:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+  if annotation is float:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+  if origin is tuple:
+    return isinstance(value, (tuple, list)) and all(_has_type(v, args[0]) for v in value)
+  return isinstance(value, annotation) if isinstance(annotation, type) else True
+
+
+def _type_name(annotation) -> str:
+  if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+    return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+  if typing.get_origin(annotation) is tuple:
+    return f"a tuple of {_type_name(typing.get_args(annotation)[0])}"
+  return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
 
 
 # --------------------------------------------------------------------------------------------

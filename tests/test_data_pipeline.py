@@ -5,6 +5,7 @@ import json
 import logging
 import pydoc_data.topics
 import re
+import time
 import types
 
 import numpy as np
@@ -482,3 +483,165 @@ def test_default_corpus_caps_an_oversized_vocabulary(tmp_path, caplog):
     f"supports at most {tokenizer.num_pieces} SentencePiece pieces; training "
     f"{tokenizer.num_pieces} instead of data.spm_vocab_size=32000"
   ) in caplog.text
+
+
+# ------------------------------------------------------------------------------------------
+# Long lines and files that cannot be read.
+
+
+def _words_text(num_chars, seed=0):
+  """num_chars of space-separated random words from a 300-word vocabulary (no newlines)."""
+  rng = np.random.default_rng(seed)
+  letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+  vocab = ["".join(rng.choice(letters, rng.integers(2, 10))) for _ in range(300)]
+  words = rng.choice(vocab, num_chars // 5)
+  return " ".join(words)[:num_chars].strip()
+
+
+def test_one_long_line_prepares_as_fast_as_ordinary_lines(tmp_path, monkeypatch):
+  # Cutting a long line for the tokenizer trainer once copied the rest of the line at each
+  # cut: quadratic, minutes for 50 MB. Every step must be linear: a corpus that is one 6 MB
+  # line prepares (tokenizer training + tokenization) about as fast as the same text in
+  # ordinary lines. SentencePiece's own trainer is timed apart (its input is the same text in
+  # pieces of at most 2,000 characters either way) and the rest is compared, within one run.
+  import sentencepiece as spm
+
+  text = _words_text(6_000_000)
+  (tmp_path / "one_line.txt").write_text(text + "\n")
+  lines = [text[i : i + 80] for i in range(0, len(text), 80)]
+  paragraphs = ["\n".join(lines[i : i + 10]) for i in range(0, len(lines), 10)]
+  (tmp_path / "lines.txt").write_text("\n\n".join(paragraphs) + "\n")
+
+  trainer_seconds = []
+  train = spm.SentencePieceTrainer.train
+
+  def timed_train(*args, **kwargs):
+    start = time.perf_counter()
+    train(*args, **kwargs)
+    trainer_seconds.append(time.perf_counter() - start)
+
+  monkeypatch.setattr(spm.SentencePieceTrainer, "train", timed_train)
+  seconds = {}
+  for name in ("one_line", "lines"):
+    cfg = DataConfig(
+      paths=(str(tmp_path / f"{name}.txt"),), spm_vocab_size=300, cache_dir=str(tmp_path / name)
+    )
+    corpus = open_corpus(cfg)
+    start = time.perf_counter()
+    tokens = corpus_lib.tokenize_corpus(
+      corpus, corpus_lib.get_tokenizer(cfg, corpus), tmp_path / name
+    )
+    seconds[name] = time.perf_counter() - start - trainer_seconds[-1]
+    assert len(tokens) > 500_000
+  assert seconds["one_line"] < 2.0 * seconds["lines"] + 0.1, seconds
+
+
+def test_error_bad_utf8_names_the_file_and_line(ws, tmp_path):
+  good = b"fine text\n"
+  for name, data in (
+    ("latin1.txt", good * 2 + "caf\xe9 au lait\n".encode("latin-1")),
+    ("latin1.jsonl", b'{"text": "fine"}\n' + '{"text": "caf\xe9"}\n'.encode("latin-1")),
+    ("latin1.txt.gz", gzip.compress(good * 2 + "caf\xe9\n".encode("latin-1"))),
+  ):
+    (tmp_path / name).write_bytes(data)
+    line = 2 if name.endswith(".jsonl") else 3
+    offset = 13 if name.endswith(".jsonl") else 3
+    with pytest.raises(ValueError) as e:
+      list(read_documents(tmp_path / name))
+    assert str(e.value) == (
+      f"{tmp_path / name}, line {line}: not valid UTF-8 (byte 0xe9 at offset {offset} of the "
+      "line); data.paths files must be UTF-8 text: convert the file, e.g. with iconv -f latin1 "
+      "-t utf-8."
+    )
+
+
+def test_line_ends_and_blank_lines_as_in_text_mode(tmp_path):
+  (tmp_path / "ends.txt").write_bytes(b"a\r\nb\r\n\r\nc\rd\r\re\n\nf")
+  assert list(read_documents(tmp_path / "ends.txt")) == ["a\nb", "c\nd", "e", "f"]
+
+
+def test_error_invalid_json_and_non_objects(ws, tmp_path):
+  path = tmp_path / "bad.jsonl"
+  path.write_text('{"text": "fine"}\n\n{"text": "unterminated}\n')
+  with pytest.raises(ValueError) as e:
+    list(read_documents(path))
+  assert str(e.value) == (
+    f"{path}, line 3: not valid JSON (Unterminated string starting at: column 10); "
+    ".jsonl/.json files must hold one JSON object per line (JSON Lines)."
+  )
+  path.write_text('{"text": "fine"}\n["a", "list"]\n')
+  with pytest.raises(ValueError) as e:
+    list(read_documents(path))
+  assert str(e.value) == (
+    f"{path}, line 2: a JSON list, not an object; .jsonl/.json files must hold one JSON object "
+    "per line (JSON Lines), the text in data.text_field."
+  )
+
+
+def test_error_unreadable_files_are_named(ws, tmp_path):
+  gz = gzip.compress(b'{"text": "hello"}\n' * 1000)
+  for name, data, problem, kind in (
+    ("plain.jsonl.gz", b"not gzip", "Not a gzipped file (b'no')", "gzip"),
+    (
+      "cut.jsonl.gz",
+      gz[: len(gz) // 2],
+      "Compressed file ended before the end-of-stream marker was reached",
+      "gzip",
+    ),
+  ):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(ValueError) as e:
+      make_pretraining_data(_cfg(ws, paths=(str(tmp_path / name),), cache_dir=str(tmp_path)), 8)
+    assert str(e.value) == (
+      f"{tmp_path / name}: cannot read the file ({problem}); check that it is a complete, "
+      f"readable {kind} file, or remove it from data.paths."
+    )
+
+
+def test_error_unreadable_parquet(ws, tmp_path):
+  whole = (ws.root / "corpus.parquet").read_bytes()
+  for name, data, problem in (
+    (
+      "text.parquet",
+      b"this is not parquet",
+      "Parquet magic bytes not found in footer. Either the file is corrupted or this is not a "
+      "parquet file.",
+    ),
+    ("empty.parquet", b"", "Parquet file size is 0 bytes"),
+    ("cut.parquet", whole[: len(whole) // 2] + whole[-300:], None),
+  ):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(ValueError) as e:
+      list(read_documents(tmp_path / name, "body"))
+    message = str(e.value)
+    assert message.startswith(f"{tmp_path / name}: not a readable Parquet file (")
+    assert message.endswith(
+      "); check the file (a complete Parquet file), or give the text as .txt or .jsonl files."
+    )
+    assert problem is None or f"({problem})" in message
+  with pytest.raises(ValueError) as e:
+    list(read_documents(ws.root / "corpus.parquet", "n"))
+  assert str(e.value) == (
+    f"{ws.root / 'corpus.parquet'}: column 'n' holds int64, not strings; set --set "
+    "data.text_field=NAME to the column that holds the text."
+  )
+
+
+@pytest.mark.parametrize("kind", ["text", "empty", "directory"])
+def test_error_spm_path_is_not_a_sentencepiece_model(ws, tmp_path, kind):
+  path = tmp_path / "spiece.model"
+  if kind == "directory":
+    path.mkdir()
+    problem = "is a directory, not a SentencePiece model"
+  elif kind == "empty":
+    path.write_bytes(b"")
+    problem = "is an empty file, not a SentencePiece model"
+  else:
+    path.write_text("these are notes, not a model\n")
+    problem = "is not a SentencePiece model (SentencePiece cannot parse its 29 bytes)"
+  with pytest.raises(ValueError) as e:
+    make_pretraining_data(_cfg(ws, spm_path=str(path)), 8)
+  assert str(e.value) == (
+    f"data.spm_path={str(path)!r} {problem}; give the path of a SentencePiece .model file "
+    "(e.g. an HF checkpoint's spiece.model)."
+  )

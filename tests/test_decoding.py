@@ -354,3 +354,25 @@ def test_script_errors_are_one_line(checkpoint_dir, tmp_path, capsys):
   errors = capsys.readouterr().err.splitlines()
   assert len(errors) == 2 and all(e.startswith("generate.py: error:") for e in errors), errors
   assert "not a switchjax checkpoint" in errors[0] and "none.model" in errors[1]
+
+
+def test_script_spm_path_that_is_not_a_model(checkpoint_dir, tmp_path, capsys):
+  spec = importlib.util.spec_from_file_location("generate_script", REPO / "scripts/generate.py")
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  (tmp_path / "notes.txt").write_text("not a model")
+  (tmp_path / "empty.model").write_bytes(b"")
+  for path in (tmp_path / "notes.txt", tmp_path / "empty.model", tmp_path):
+    args = ["--checkpoint", str(checkpoint_dir), "--input", "x", "--spm_path", str(path)]
+    assert script.main(args) == 1
+  not_a_model = "is not a SentencePiece model (SentencePiece cannot parse its 11 bytes)"
+  errors = capsys.readouterr().err.splitlines()
+  assert errors == [
+    f"generate.py: error: --spm_path={str(path)!r} {problem}; give the path of a SentencePiece "
+    ".model file (e.g. an HF checkpoint's spiece.model)."
+    for path, problem in (
+      (tmp_path / "notes.txt", not_a_model),
+      (tmp_path / "empty.model", "is an empty file, not a SentencePiece model"),
+      (tmp_path, "is a directory, not a SentencePiece model"),
+    )
+  ]

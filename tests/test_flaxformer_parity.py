@@ -1,91 +1,78 @@
 """Parity with the original flaxformer MoeLayer on its golden cases.
 
-Every `.npz` in $SWITCHJAX_FLAXFORMER_FIXTURES (default ../shared/fixtures/flaxformer_moe) is one
-run of flaxformer's layer; the format is described in that directory's README. The case is
-rebuilt through switchjax's public API and must give the same outputs (atol 1e-5) and the same
-five routing metrics (rtol 1e-5).
+Every `.npz` in tests/fixtures/flaxformer_moe (and in $SWITCHJAX_FLAXFORMER_FIXTURES, a directory
+of more cases, if set) is one run of flaxformer's layer; the format is described in that
+directory's README. The case is rebuilt through switchjax's public API
+(`switchjax.equivalence.load_golden_case`) and must give the same outputs (atol 1e-5) and the
+same five routing metrics (rtol 1e-5).
 """
 
-import json
-import os
 import pathlib
+import subprocess
+import sys
 
-import jax
 import numpy as np
 import pytest
 
-import switchjax
+from switchjax import equivalence
 
-FIXTURES = pathlib.Path(
-  os.environ.get(
-    "SWITCHJAX_FLAXFORMER_FIXTURES",
-    pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "flaxformer_moe",
-  )
-)
-CASES = sorted(FIXTURES.glob("*.npz"))
-METRICS = (
-  "auxiliary_loss",
-  "router_z_loss",
-  "fraction_tokens_left_behind",
-  "expert_usage",
-  "router_confidence",
-)
-
-
-def load_case(path):
-  """(layer, params, inputs, train, expected outputs, expected metrics) of one golden case."""
-  data = np.load(path)
-  meta = json.loads(bytes(data["meta_json"]))
-  config = switchjax.MoeConfig(
-    num_experts=meta["E"],
-    router_type=meta["router"],
-    num_selected_experts=meta["k"] if meta.get("k") else 1,
-    batch_prioritized_routing=bool(meta.get("bpr", False)),
-    ignore_padding_tokens=bool(meta.get("pad", False)),
-    max_group_size=meta["group"],
-    train_capacity_factor=meta["cf_train"],
-    eval_capacity_factor=meta["cf_eval"],
-    min_expert_capacity=meta["min_cap"],
-  )
-  acts = tuple(meta["acts"])
-  layer = switchjax.MoeLayer(config, d_ff=meta["F"], activations=acts, dropout_rate=0.0)
-  params = {"router": {"kernel": data["router_kernel"]}, "wo": data["expert_wo"]}
-  if len(acts) == 1:
-    params["wi"] = data["expert_wi"]
-  else:
-    params.update({f"wi_{i}": data[f"expert_wi_{i}"] for i in range(len(acts))})
-  return layer, params, data["inputs"], bool(meta["train"]), data["outputs"], meta
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "flaxformer_moe"
+CASES = equivalence.golden_case_paths(FIXTURES)
 
 
 def test_fixture_directory_has_cases():
-  assert CASES, (
-    f"no .npz cases in {FIXTURES}; set SWITCHJAX_FLAXFORMER_FIXTURES to the "
-    "directory of flaxformer golden cases"
-  )
+  assert {p.stem for p in CASES} >= {
+    "experts_choose",
+    "switch_top1_masked_eval",
+    "switch_top1_masked_train_overflow",
+    "top1_masked_padding_geglu",
+    "top1_scatter",
+    "top2_masked_bpr",
+  }, f"the flaxformer golden cases are missing from {FIXTURES}"
 
 
 @pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
 def test_moe_layer_matches_flaxformer(path):
-  layer, params, inputs, train, expected, meta = load_case(path)
-  outputs, state = layer.apply(
-    {"params": params},
-    inputs,
-    enable_dropout=train,
-    mutable=["intermediates"],
-    rngs={"dropout": jax.random.key(0), "jitter": jax.random.key(1)},
-  )
-  np.testing.assert_allclose(np.asarray(outputs), expected, atol=1e-5, rtol=0)
-  sown = state["intermediates"]
-  for name in METRICS:
+  case = equivalence.load_golden_case(path)
+  outputs, metrics = equivalence.run_golden_case(case)
+  np.testing.assert_allclose(outputs, case.outputs, atol=1e-5, rtol=0)
+  for name in equivalence.METRICS:
     np.testing.assert_allclose(
-      float(sown[name][0]), meta["metrics"][name], rtol=1e-5, atol=1e-7, err_msg=name
+      metrics[name], case.metrics[name], rtol=1e-5, atol=1e-7, err_msg=name
     )
 
 
-def test_equivalence_report_prints_every_case():
-  import subprocess
-  import sys
+def test_extra_cases_directory(tmp_path, monkeypatch):
+  # $SWITCHJAX_FLAXFORMER_FIXTURES adds cases after the repository's; a bad value is one line.
+  monkeypatch.delenv(equivalence.FIXTURES_ENV, raising=False)
+  own = equivalence.golden_case_paths(FIXTURES)
+  assert own == sorted(FIXTURES.glob("*.npz")) and len(own) == 6
+  (tmp_path / "extra_case.npz").write_bytes((FIXTURES / "top1_scatter.npz").read_bytes())
+  monkeypatch.setenv(equivalence.FIXTURES_ENV, str(tmp_path))
+  assert equivalence.golden_case_paths(FIXTURES) == [*own, tmp_path / "extra_case.npz"]
+  monkeypatch.setenv(equivalence.FIXTURES_ENV, str(FIXTURES))  # The same files count once.
+  assert equivalence.golden_case_paths(FIXTURES) == own
+  monkeypatch.setenv(equivalence.FIXTURES_ENV, str(tmp_path / "nowhere"))
+  with pytest.raises(ValueError) as e:
+    equivalence.golden_case_paths(FIXTURES)
+  assert str(e.value) == (
+    f"SWITCHJAX_FLAXFORMER_FIXTURES={str(tmp_path / 'nowhere')!r} is not a directory; point it "
+    "at a directory of flaxformer golden cases (.npz), or unset it to use the repository's "
+    "cases only."
+  )
 
+
+def test_a_file_that_is_not_a_case_is_named(tmp_path):
+  np.savez(tmp_path / "other.npz", inputs=np.zeros(3))
+  with pytest.raises(ValueError) as e:
+    equivalence.load_golden_case(tmp_path / "other.npz")
+  assert str(e.value) == (
+    f"{tmp_path / 'other.npz'} is not a flaxformer golden case: it lacks meta_json, outputs, "
+    "router_kernel (the format is described in tests/fixtures/flaxformer_moe/README.md)."
+  )
+
+
+def test_equivalence_report_prints_every_case():
   script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "equivalence_report.py"
   out = subprocess.run(
     [sys.executable, str(script), "fixtures"], capture_output=True, text=True, check=True

@@ -483,7 +483,7 @@ def test_convert_script_both_directions(hf_dirs, tmp_path):
   (source / "spiece.model").write_bytes(b"sentencepiece stand-in")
   done = _run("--hf_dir", source, "--output_dir", tmp_path / "converted")
   assert done.returncode == 0, done.stderr
-  config = checkpoint.load_config(tmp_path / "converted")
+  config = checkpoint.read_checkpoint_config(tmp_path / "converted")
   assert pathlib.Path(config.data.spm_path) == (tmp_path / "converted" / "spiece.model").resolve()
   assert (tmp_path / "converted" / "spiece.model").read_bytes() == b"sentencepiece stand-in"
   done = _run("--checkpoint", tmp_path / "converted", "--hf_output_dir", tmp_path / "hf_out")

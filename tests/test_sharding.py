@@ -1,59 +1,22 @@
 """Expert parallelism: the MoE layer on 8 emulated devices equals the single-device layer."""
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import switchjax
 from switchjax import sharding
-from switchjax.config import MeshConfig, MoeConfig
-
-MESHES = [(1, 8, 1), (2, 4, 1), (4, 2, 1), (2, 2, 2)]
-
-
-def _setup(router_type):
-  config = MoeConfig(
-    num_experts=8,
-    router_type=router_type,
-    num_selected_experts=1,
-    max_group_size=16,
-    train_capacity_factor=1.25,
-    min_expert_capacity=1,
-  )
-  layer = switchjax.MoeLayer(config, d_ff=32, activations=("gelu", "linear"))
-  x = jax.random.normal(jax.random.key(1), (16, 16, 16))
-  boxed = jax.eval_shape(lambda: layer.init(jax.random.key(0), x))["params"]
-  params = nn.unbox(layer.init(jax.random.key(0), x))["params"]
-
-  def loss_and_outputs(params, x):
-    y = layer.apply({"params": params}, x, enable_dropout=True)
-    return jnp.sum(y * jnp.cos(y)), y
-
-  return boxed, params, x, jax.grad(loss_and_outputs, has_aux=True)
-
-
-def _run_on_mesh(shape, boxed, params, x, grad_fn):
-  mesh = sharding.make_mesh(MeshConfig(*shape), num_experts=8)
-  param_sharding = sharding.param_shardings(mesh, boxed)
-  data_sharding = sharding.batch_sharding(mesh)
-  with jax.set_mesh(mesh), sharding.axis_rules():
-    step = jax.jit(grad_fn, in_shardings=(param_sharding, data_sharding))
-    args = jax.device_put(params, param_sharding), jax.device_put(x, data_sharding)
-    grads, y = step(*args)
-    hlo = step.lower(*args).compile().as_text()
-  return grads, y, hlo
+from switchjax.config import MeshConfig
+from switchjax.equivalence import MESHES, mesh_test_layer, run_on_mesh
 
 
 @pytest.mark.parametrize(
   "router_type", ["tokens_choose_masked", "tokens_choose_scatter", "experts_choose_masked"]
 )
 def test_meshes_match_single_device(router_type):
-  boxed, params, x, grad_fn = _setup(router_type)
+  boxed, params, x, grad_fn = mesh_test_layer(router_type)
   ref_grads, ref_y = jax.jit(grad_fn)(params, x)
   for shape in MESHES:
-    grads, y, hlo = _run_on_mesh(shape, boxed, params, x, grad_fn)
+    grads, y, hlo = run_on_mesh(shape, boxed, params, x, grad_fn)
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), atol=1e-5, err_msg=str(shape))
     for (path, g), g_ref in zip(
       jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)
@@ -71,7 +34,7 @@ def test_meshes_match_single_device(router_type):
 
 
 def test_param_specs_follow_the_rules():
-  boxed, *_ = _setup("tokens_choose_masked")
+  boxed, *_ = mesh_test_layer("tokens_choose_masked")
   specs = sharding.param_specs(boxed)
   assert specs["wi_0"] == jax.sharding.PartitionSpec("expert", None, "model")
   assert specs["wo"] == jax.sharding.PartitionSpec("expert", "model", None)

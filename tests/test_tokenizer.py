@@ -177,6 +177,31 @@ def test_missing_model_file(tmp_path):
     Tokenizer(tmp_path / "nope.model")
 
 
+def test_files_that_are_not_models(tmp_path, spm_path):
+  fix = "give the path of a SentencePiece .model file (e.g. an HF checkpoint's spiece.model)."
+  (tmp_path / "notes.txt").write_text("not a model")
+  (tmp_path / "empty.model").write_bytes(b"")
+  (tmp_path / "truncated.model").write_bytes(pathlib.Path(spm_path).read_bytes()[:100])
+  for path, problem in (
+    (tmp_path, "is a directory, not a SentencePiece model"),
+    (tmp_path / "empty.model", "is an empty file, not a SentencePiece model"),
+    (
+      tmp_path / "notes.txt",
+      "is not a SentencePiece model (SentencePiece cannot parse its 11 bytes)",
+    ),
+    (
+      tmp_path / "truncated.model",
+      "is not a SentencePiece model (SentencePiece cannot parse its 100 bytes)",
+    ),
+  ):
+    with pytest.raises(ValueError) as e:
+      Tokenizer(path)
+    assert str(e.value) == f"SentencePiece model {str(path)!r} {problem}; {fix}"
+  with pytest.raises(ValueError) as e:
+    Tokenizer(tmp_path / "notes.txt", setting="--spm_path")
+  assert str(e.value).startswith(f"--spm_path={str(tmp_path / 'notes.txt')!r} is not a")
+
+
 def test_tokenizer_without_sentinels(spm_path):
   tok = Tokenizer(spm_path, extra_ids=0)
   assert tok.vocab_size == tok.num_pieces == 1000 and len(tok.sentinel_ids) == 0

@@ -33,6 +33,7 @@ import pathlib
 import sys
 import sysconfig
 import warnings
+import zlib
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -182,10 +183,42 @@ def _check_suffix(path: pathlib.Path) -> None:
     )
 
 
-def _open_text(path: pathlib.Path):
-  if path.suffix.lower() == ".gz":
-    return gzip.open(path, "rt", encoding="utf-8")
-  return open(path, encoding="utf-8")
+def _lines(path: pathlib.Path) -> Iterator[tuple[int, str]]:
+  """(line number, line without its end) of a UTF-8 text file, gzipped if it ends in .gz.
+
+  The file is read as bytes and decoded line by line, so an encoding error names its line (a
+  text-mode reader decodes ahead in blocks). Lines end at \n, \r\n or \r, as in text mode.
+  Read and decode errors are ValueErrors naming the file (and the line) and the fix.
+  """
+  opener = gzip.open if path.suffix.lower() == ".gz" else open
+  try:
+    with opener(path, "rb") as f:
+      for number, raw in enumerate(f, start=1):
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          raise ValueError(
+            f"{path}, line {number}: not valid UTF-8 (byte {raw[e.start]:#04x} at offset "
+            f"{e.start} of the line); data.paths files must be UTF-8 text: convert the file, "
+            "e.g. with iconv -f latin1 -t utf-8."
+          ) from None
+        line = line[:-1] if line.endswith("\n") else line
+        line = line[:-1] if line.endswith("\r") else line
+        if "\r" in line:  # Old Mac line ends.
+          for part in line.split("\r"):
+            yield number, part
+        else:
+          yield number, line
+  except (OSError, EOFError, zlib.error) as e:
+    kind = "gzip" if opener is gzip.open else "text"
+    raise ValueError(
+      f"{path}: cannot read the file ({_one_line(e)}); check that it is a complete, readable "
+      f"{kind} file, or remove it from data.paths."
+    ) from None
+
+
+def _one_line(error: BaseException) -> str:
+  return " ".join(str(error).split()) or type(error).__name__
 
 
 def read_documents(path: str | os.PathLike, text_field: str = "text") -> Iterator[str]:
@@ -203,58 +236,86 @@ def read_documents(path: str | os.PathLike, text_field: str = "text") -> Iterato
 def _txt_documents(path: pathlib.Path) -> Iterator[str]:
   """Paragraphs: runs of non-blank lines."""
   paragraph: list[str] = []
-  with _open_text(path) as f:
-    for line in f:
-      if line.strip():
-        paragraph.append(line.rstrip("\n"))
-      elif paragraph:
-        yield "\n".join(paragraph)
-        paragraph = []
+  for _, line in _lines(path):
+    if line.strip():
+      paragraph.append(line)
+    elif paragraph:
+      yield "\n".join(paragraph)
+      paragraph = []
   if paragraph:
     yield "\n".join(paragraph)
 
 
 def _jsonl_documents(path: pathlib.Path, text_field: str) -> Iterator[str]:
-  with _open_text(path) as f:
-    for line_number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(
-          f"{path}, line {line_number}: not valid JSON ({e}); .jsonl/.json "
-          "files must hold one JSON object per line (JSON Lines)."
-        ) from None
-      if not isinstance(record, dict) or text_field not in record:
-        fields = ", ".join(map(repr, record)) if isinstance(record, dict) else "not an object"
-        raise ValueError(
-          f"{path}, line {line_number}: no field {text_field!r} (the line has: "
-          f"{fields}); set --set data.text_field=NAME to the field that holds "
-          "the text."
-        )
-      text = record[text_field]
-      if not isinstance(text, str):
-        raise ValueError(
-          f"{path}, line {line_number}: field {text_field!r} is a "
-          f"{type(text).__name__}, not a string; set --set data.text_field=NAME "
-          "to the field that holds the text."
-        )
-      if text.strip():
-        yield text
+  for line_number, line in _lines(path):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(
+        f"{path}, line {line_number}: not valid JSON ({e.msg}: column {e.colno}); "
+        ".jsonl/.json files must hold one JSON object per line (JSON Lines)."
+      ) from None
+    if not isinstance(record, dict):
+      raise ValueError(
+        f"{path}, line {line_number}: a JSON {type(record).__name__}, not an object; "
+        ".jsonl/.json files must hold one JSON object per line (JSON Lines), the text in "
+        "data.text_field."
+      )
+    if text_field not in record:
+      raise ValueError(
+        f"{path}, line {line_number}: no field {text_field!r} (the line has: "
+        f"{', '.join(map(repr, record))}); set --set data.text_field=NAME to the field that "
+        "holds the text."
+      )
+    text = record[text_field]
+    if not isinstance(text, str):
+      raise ValueError(
+        f"{path}, line {line_number}: field {text_field!r} is a "
+        f"{type(text).__name__}, not a string; set --set data.text_field=NAME "
+        "to the field that holds the text."
+      )
+    if text.strip():
+      yield text
 
 
 def _parquet_documents(path: pathlib.Path, text_field: str) -> Iterator[str]:
+  import pyarrow as pa
   import pyarrow.parquet as pq
 
-  parquet = pq.ParquetFile(path)
-  columns = parquet.schema_arrow.names
-  if text_field not in columns:
+  def unreadable(e: Exception) -> ValueError:
+    return ValueError(
+      f"{path}: not a readable Parquet file ({_one_line(e)}); check the file (a complete "
+      "Parquet file), or give the text as .txt or .jsonl files."
+    )
+
+  # pyarrow's errors: ArrowInvalid (not Parquet, truncated) is a ValueError, IO errors OSError.
+  try:
+    parquet = pq.ParquetFile(path)
+  except (OSError, ValueError) as e:
+    raise unreadable(e) from None
+  schema = parquet.schema_arrow
+  if text_field not in schema.names:
     raise ValueError(
-      f"{path}: no column {text_field!r} (columns: {', '.join(columns)}); set "
+      f"{path}: no column {text_field!r} (columns: {', '.join(schema.names)}); set "
       "--set data.text_field=NAME to the column that holds the text."
     )
-  for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+  kind = schema.field(text_field).type
+  value_kind = kind.value_type if pa.types.is_dictionary(kind) else kind
+  if not (pa.types.is_string(value_kind) or pa.types.is_large_string(value_kind)):
+    raise ValueError(
+      f"{path}: column {text_field!r} holds {kind}, not strings; set --set "
+      "data.text_field=NAME to the column that holds the text."
+    )
+  batches = parquet.iter_batches(columns=[text_field], batch_size=1024)
+  while True:
+    try:
+      batch = next(batches, None)
+    except (OSError, ValueError) as e:
+      raise unreadable(e) from None
+    if batch is None:
+      return
     for text in batch.column(0).to_pylist():
       if isinstance(text, str) and text.strip():
         yield text
@@ -295,13 +356,15 @@ def get_tokenizer(data_cfg, corpus=None) -> Tokenizer:
   """
   extra_ids = data_cfg.extra_ids
   if data_cfg.spm_path:
-    if not os.path.isfile(os.path.expanduser(data_cfg.spm_path)):
+    if not os.path.exists(os.path.expanduser(data_cfg.spm_path)):
       raise ValueError(
         f"data.spm_path={data_cfg.spm_path!r} does not exist; point it at a "
         "SentencePiece .model file (e.g. an HF checkpoint's spiece.model), or "
         "leave it unset to train a tokenizer on the corpus."
       )
-    return Tokenizer(os.path.expanduser(data_cfg.spm_path), extra_ids=extra_ids)
+    return Tokenizer(
+      os.path.expanduser(data_cfg.spm_path), extra_ids=extra_ids, setting="data.spm_path"
+    )
   corpus = corpus or open_corpus(data_cfg)
   vocab = data_cfg.spm_vocab_size
   key = cache.fingerprint("spm-v1", corpus.fingerprint(), vocab, TOKENIZER_TRAINING_SENTENCES)

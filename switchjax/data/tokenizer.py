@@ -66,18 +66,15 @@ class Tokenizer:
     sentinel_ids: int32 array [extra_ids]; sentinel_ids[k] = V - 1 - k is <extra_id_k>.
   """
 
-  def __init__(self, spm_path: str | os.PathLike, extra_ids: int = 100):
-    path = pathlib.Path(spm_path)
-    if not path.is_file():
-      raise ValueError(
-        f"SentencePiece model {str(path)!r} does not exist; give the path of a "
-        ".model file (e.g. an HF checkpoint's spiece.model)."
-      )
+  def __init__(self, spm_path: str | os.PathLike, extra_ids: int = 100, *, setting: str = ""):
+    """Loads `spm_path`; `setting` (e.g. 'data.spm_path', '--spm_path') names where the path
+    came from in error messages."""
     if extra_ids < 0:
       raise ValueError(f"extra_ids={extra_ids} must be >= 0 (T5 uses 100).")
+    path = pathlib.Path(spm_path)
     self.spm_path = str(path)
-    self._model_bytes = path.read_bytes()
-    self._sp = spm.SentencePieceProcessor(model_proto=self._model_bytes)
+    self._model_bytes = _read_model(path, setting)
+    self._sp = _parse_model(self._model_bytes, path, setting)
     check_t5_layout(self._sp, self.spm_path)
     self.extra_ids = extra_ids
     self.num_pieces = self._sp.get_piece_size()
@@ -210,6 +207,43 @@ def _id_list(ids: Iterable[int]) -> list[int]:
   return array.astype(np.int64).tolist()
 
 
+def _where(path: pathlib.Path, setting: str) -> str:
+  return f"{setting}={str(path)!r}" if setting else f"SentencePiece model {str(path)!r}"
+
+
+_MODEL_FIX = "give the path of a SentencePiece .model file (e.g. an HF checkpoint's spiece.model)"
+
+
+def _read_model(path: pathlib.Path, setting: str) -> bytes:
+  """The bytes of a model file; a missing, empty or unreadable one is a one-line ValueError."""
+  where = _where(path, setting)
+  if path.is_dir():
+    raise ValueError(f"{where} is a directory, not a SentencePiece model; {_MODEL_FIX}.")
+  if not path.is_file():
+    raise ValueError(f"{where} does not exist; {_MODEL_FIX}.")
+  try:
+    data = path.read_bytes()
+  except OSError as e:
+    raise ValueError(f"{where} cannot be read ({e.strerror}); {_MODEL_FIX}.") from None
+  if not data:
+    raise ValueError(f"{where} is an empty file, not a SentencePiece model; {_MODEL_FIX}.")
+  return data
+
+
+def _parse_model(data: bytes, path: pathlib.Path, setting: str) -> spm.SentencePieceProcessor:
+  """The loaded model; bytes SentencePiece cannot parse (a text file...) are a ValueError."""
+  try:
+    sp = spm.SentencePieceProcessor(model_proto=data)
+  except RuntimeError:
+    sp = None
+  if sp is None or sp.get_piece_size() == 0:
+    raise ValueError(
+      f"{_where(path, setting)} is not a SentencePiece model (SentencePiece cannot parse "
+      f"its {len(data):,} bytes); {_MODEL_FIX}."
+    )
+  return sp
+
+
 def check_t5_layout(sp: spm.SentencePieceProcessor, name: str) -> None:
   """Raises ValueError unless the model has T5's pad 0, eos 1, unk 2."""
   got = {"pad": sp.pad_id(), "eos": sp.eos_id(), "unk": sp.unk_id()}
@@ -230,23 +264,34 @@ def check_t5_layout(sp: spm.SentencePieceProcessor, name: str) -> None:
 def _sentences(texts: Iterable[str], max_sentences: int, max_chars: int):
   """Non-empty lines of `texts`, long lines cut at spaces, at most `max_sentences` of them.
 
-  SentencePiece's trainer silently skips lines over 4192 bytes, hence the cut.
+  SentencePiece's trainer silently skips lines over 4192 bytes, hence the cut. The cut walks an
+  index along the line (it never copies the rest of the line), so a line of n characters takes
+  O(n) time: a corpus that is one 50 MB line costs what 50 MB of ordinary lines cost.
   """
   count = 0
   for text in texts:
     for line in text.splitlines():
-      line = line.strip()
-      while line:
-        if len(line) <= max_chars:
-          piece, line = line, ""
-        else:
-          cut = line.rfind(" ", 0, max_chars)
-          cut = max_chars if cut <= 0 else cut
-          piece, line = line[:cut], line[cut:].lstrip()
+      for piece in _cut(line.strip(), max_chars):
         yield piece
         count += 1
         if count >= max_sentences:
           return
+
+
+def _cut(line: str, max_chars: int):
+  """`line` (stripped) in pieces of at most max_chars, cut at the last space before the limit
+  (or at the limit if the piece has none); the whitespace at a cut is dropped."""
+  start, end = 0, len(line)
+  while start < end:
+    if end - start <= max_chars:
+      yield line[start:]
+      return
+    cut = line.rfind(" ", start, start + max_chars)
+    cut = start + max_chars if cut <= start else cut
+    yield line[start:cut]
+    start = cut
+    while start < end and line[start].isspace():
+      start += 1
 
 
 def train_tokenizer(
