@@ -66,11 +66,12 @@ from switchjax.decoding import generate
 from switchjax.model import SwitchTransformer, init_params
 from switchjax.moe import MoeLayer, group_layout
 from switchjax.train import (
+  expert_counts,
   make_optimizer,
   make_train_step,
   opt_state_specs,
   resolve_microbatches,
-  routing_group_warnings,
+  routing_summary,
   train_flops_per_example,
 )
 
@@ -382,12 +383,12 @@ def bench_train(args, config) -> dict:
   )
   for name, shape in meshes.items():
     mesh = sharding.make_mesh(
-      MeshConfig(*shape), config.model.moe.num_experts, devices[: math.prod(shape)]
+      MeshConfig(*shape), expert_counts(config.model), devices[: math.prod(shape)]
     )
     step, state, dev_batch, tcfg = compile_train_step(config, mesh, params, opt_state, batch)
     shards = mesh.shape["data"] * mesh.shape["expert"]
-    for warning in routing_group_warnings(dataclasses.replace(config, train=tcfg), shards):
-      print(f"Warning ({name}): {warning}")
+    for line in routing_summary(dataclasses.replace(config, train=tcfg), shards):
+      print(f"{name}: {line}")
     runs[name] = {
       "mesh": list(shape),
       "devices": math.prod(shape),

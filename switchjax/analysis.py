@@ -211,10 +211,10 @@ def routing_report(model, params, batch: dict) -> dict[str, LayerRouting]:
   Layers are ordered encoder first, then by depth.
   """
   _, layers = forward(model, params, batch)
-  moe_cfg = model.config.moe
   report = {}
   for path in sorted(layers, key=_layer_order):
     mask = real_token_mask(batch, path)
+    moe_cfg = model.config.moe_for(path.split("/")[0])
     layout = group_layout(*mask.shape, moe_cfg, train=False)
     report[path] = _layer_routing(path, layers[path], mask, layout)
   return report
@@ -306,10 +306,13 @@ def format_affinity(affinity: dict[int, list[tuple[str, int, float]]]) -> str:
 
 
 def replace_moe(model, **changes):
-  """The same model class with `model.config.moe` fields replaced (routing, capacity, k, ...);
-  the parameters stay valid as long as the number of experts and router bias do not change."""
-  moe = dataclasses.replace(model.config.moe, **changes)
-  return type(model)(dataclasses.replace(model.config, moe=moe))
+  """The same model class with the MoE fields of both stacks replaced (routing, capacity,
+  k, ...); the parameters stay valid as long as the number of experts and router bias do not
+  change."""
+  cfg = model.config
+  moe = dataclasses.replace(cfg.moe, **changes)
+  decoder = None if cfg.decoder_moe is None else dataclasses.replace(cfg.decoder_moe, **changes)
+  return type(model)(dataclasses.replace(cfg, moe=moe, decoder_moe=decoder))
 
 
 @dataclasses.dataclass
@@ -334,7 +337,7 @@ def capacity_sweep(model, params, batch: dict, factors: Sequence[float]) -> Capa
   The capacity is max(round(cf * tokens_per_group / E), moe.min_expert_capacity), so at small
   factors the floor, not the factor, sets it (see `CapacitySweep.capacity`).
   """
-  if model.config.moe.expert_capacity is not None:
+  if any(model.config.moe_for(s).expert_capacity is not None for s in ("encoder", "decoder")):
     raise ValueError(
       "moe.expert_capacity is set (Hugging Face mode): capacity factors are "
       "unused; sweep moe.expert_capacity with replace_moe instead."

@@ -24,6 +24,7 @@ from typing import Any
 
 ROUTER_TYPES = ("tokens_choose_masked", "tokens_choose_scatter", "experts_choose_masked")
 SPARSE_LAYOUTS = ("mixed", "top", "bottom", "middle", "hf")
+PRECISIONS = ("default", "high", "highest")
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_exact", "silu", "linear")
 
 
@@ -37,8 +38,8 @@ class MoeConfig:
       tokens_choose_scatter (same choices, dispatch by scatter/gather) or experts_choose_masked
       (each expert takes its top-C tokens; encoder only: it breaks causality in a decoder).
     num_selected_experts: k, experts per token for the tokens-choose routers.
-    batch_prioritized_routing: route the most confident tokens first (V-MoE BPR). Applied in
-      the encoder only; the decoder never uses it (it breaks autoregression), as in flaxformer.
+    batch_prioritized_routing: route the most confident tokens first (V-MoE BPR). Encoder
+      only: it breaks causality in a decoder (refused there, as flaxformer never uses it).
     ignore_padding_tokens: flaxformer's option: tokens whose inputs are all zero are not routed.
     jitter_noise: multiplicative U(1-eps, 1+eps) noise on the router's copy of the inputs
       (training only).
@@ -48,6 +49,17 @@ class MoeConfig:
     min_expert_capacity: lower bound on the capacity.
     expert_capacity: Hugging Face mode when set: every sequence is one group and each expert
       takes at most this many tokens of it (switch-base-*: 64); the factors are then unused.
+    group_multiple: the number of routing groups is a multiple of this. 0 (default): of the
+      data x expert devices of the mesh the layer runs on (1 without a mesh), so groups always
+      split over the devices (flaxformer's rule; routing then depends on the mesh). N > 0:
+      a fixed multiple, so a run routes identically on every mesh whose data x expert
+      devices divide the group count (others are refused). flaxformer on one device is N = E.
+    router_precision: matmul precision of the router logits: 'default' (flaxformer; one
+      bfloat16 pass on TPUs), 'high' or 'highest' (exact float32).
+    combine_dtype: dtype of the combine weights and so of the layer's output: 'float32'
+      (flaxformer's tokens-choose routers: the residual stream is float32 from the first
+      sparse layer on, even in a bfloat16 model) or 'bfloat16' (faster, keeps activations in
+      bfloat16, as flaxformer's experts-choose configs do).
   """
 
   num_experts: int = 8
@@ -62,6 +74,9 @@ class MoeConfig:
   eval_capacity_factor: float = 2.0
   min_expert_capacity: int = 4
   expert_capacity: int | None = None
+  group_multiple: int = 0
+  router_precision: str = "default"
+  combine_dtype: str = "float32"
 
   def validate(self, prefix: str = "moe") -> None:
     """Raises ValueError naming the field and the fix."""
@@ -98,6 +113,47 @@ class MoeConfig:
       )
     if not 0.0 <= self.jitter_noise < 1.0:
       raise ValueError(f"{p}.jitter_noise={self.jitter_noise} must be in [0, 1).")
+    if self.group_multiple < 0:
+      raise ValueError(
+        f"{p}.group_multiple={self.group_multiple} must be >= 0 (0 follows the mesh)."
+      )
+    if self.router_precision not in PRECISIONS:
+      raise ValueError(
+        f"{p}.router_precision={self.router_precision!r}; use one of {', '.join(PRECISIONS)}."
+      )
+    if self.combine_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"{p}.combine_dtype={self.combine_dtype!r}; use float32 or bfloat16.")
+
+  def validate_causal(self, prefix: str) -> None:
+    """Refuses routing that lets a decoder token's routing depend on later tokens."""
+    fix = (
+      f"use --set {prefix}.router_type=tokens_choose_masked (flaxformer's experts-choose "
+      f"models route their decoders with top-2: --set {prefix}.num_selected_experts=2)"
+    )
+    if self.router_type == "experts_choose_masked":
+      raise ValueError(
+        f"{prefix}.router_type='experts_choose_masked' cannot route a decoder: each expert "
+        f"picks its tokens from the whole group, so a token's routing depends on later "
+        f"tokens; {fix}."
+      )
+    if self.batch_prioritized_routing:
+      raise ValueError(
+        f"{prefix}.batch_prioritized_routing=True cannot route a decoder: tokens are served "
+        f"by confidence, so a token's slot depends on later tokens; set "
+        f"{prefix}.batch_prioritized_routing=False."
+      )
+
+
+def causal_moe(moe: MoeConfig) -> MoeConfig:
+  """The decoder's default MoE settings: the encoder's, made causal.
+
+  Batch-prioritized routing is turned off and experts-choose routing becomes tokens-choose
+  top-2, as flaxformer's experts_choose_*.gin route their decoders.
+  """
+  changes = {"batch_prioritized_routing": False}
+  if moe.router_type == "experts_choose_masked":
+    changes.update(router_type="tokens_choose_masked", num_selected_experts=2)
+  return dataclasses.replace(moe, **changes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +179,9 @@ class ModelConfig:
     mask_padding_activations: flaxformer zeroes the normalised inputs of every sublayer at
       padding positions (so padding is routed as all-zero tokens); Hugging Face does not.
     remat: rematerialise each layer in the backward pass ('none' | 'full').
+    moe: the encoder's MoE settings (and the decoder's, made causal, unless decoder_moe is set).
+    decoder_moe: the decoder's own MoE settings; None derives them from `moe` (see
+      `causal_moe`). `--set model.decoder_moe.FIELD=...` starts from that derived default.
   """
 
   vocab_size: int = 32128
@@ -152,6 +211,17 @@ class ModelConfig:
   mask_padding_activations: bool = True
   remat: str = "none"
   moe: MoeConfig = MoeConfig()
+  decoder_moe: MoeConfig | None = None
+
+  def default_decoder_moe(self) -> MoeConfig:
+    """The decoder's MoE settings when decoder_moe is not set: the encoder's, made causal."""
+    return causal_moe(self.moe)
+
+  def moe_for(self, stack: str) -> MoeConfig:
+    """The MoE settings of the 'encoder' or 'decoder' stack."""
+    if stack == "encoder":
+      return self.moe
+    return self.default_decoder_moe() if self.decoder_moe is None else self.decoder_moe
 
   @property
   def decoder_layers(self) -> int:
@@ -211,6 +281,9 @@ class ModelConfig:
       if not 0.0 <= getattr(self, name) < 1.0:
         raise ValueError(f"{p}.{name}={getattr(self, name)} must be in [0, 1).")
     self.moe.validate(f"{p}.moe")
+    if self.decoder_moe is not None:
+      self.decoder_moe.validate(f"{p}.decoder_moe")
+      self.decoder_moe.validate_causal(f"{p}.decoder_moe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -687,16 +760,46 @@ def _type_name(annotation) -> str:
 # Dotted overrides.
 
 
+def _optional_dataclass(annotation) -> type | None:
+  """The dataclass D of an `Optional[D]` annotation, else None."""
+  args = [a for a in typing.get_args(annotation) if a is not type(None)]
+  return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
+
+
+def _derived(obj, name: str):
+  """The value an unset (None) dataclass field takes when one of its fields is overridden:
+  `obj.default_<name>()` if the class defines it (e.g. ModelConfig.default_decoder_moe), else
+  the field class's defaults."""
+  maker = getattr(obj, f"default_{name}", None)
+  return maker() if maker else _optional_dataclass(typing.get_type_hints(type(obj))[name])()
+
+
 def _all_paths(obj, prefix="") -> list[str]:
+  """Every overridable dotted name; unset optional sub-configs list theirs too."""
   out = []
+  hints = typing.get_type_hints(type(obj))
   for f in dataclasses.fields(obj):
     value = getattr(obj, f.name)
     path = f"{prefix}{f.name}"
+    if value is None and _optional_dataclass(hints[f.name]):
+      out.append(path)  # may be set back to none
+      value = _derived(obj, f.name)
     if dataclasses.is_dataclass(value):
       out += _all_paths(value, path + ".")
     else:
       out.append(path)
   return out
+
+
+def _derives(config, key: str) -> bool:
+  """Does `key` go through an unset sub-config whose default derives from other fields?"""
+  obj = config
+  for part in key.split(".")[:-1]:
+    value = getattr(obj, part, None)
+    if value is None and hasattr(obj, f"default_{part}"):
+      return True
+    obj = value
+  return False
 
 
 def _parse_value(text: str, annotation, field: str):
@@ -744,13 +847,21 @@ def _parse_value(text: str, annotation, field: str):
 
 
 def apply_overrides(config, overrides) -> Any:
-  """Returns `config` with each `a.b.c=value` applied (type checked)."""
+  """Returns `config` with each `a.b.c=value` applied (type checked).
+
+  Overrides of an unset sub-config whose default derives from other fields (e.g.
+  model.decoder_moe.* from model.moe) are applied last, so the order of --set flags does not
+  matter.
+  """
+  items = []
   for item in overrides:
     if "=" not in item:
       raise ValueError(
         f"--set {item!r}: expected the form field.path=value, e.g. train.batch_size=32."
       )
-    key, text = (s.strip() for s in item.split("=", 1))
+    items.append(tuple(s.strip() for s in item.split("=", 1)))
+  items.sort(key=lambda kv: _derives(config, kv[0]))  # stable: derived ones last
+  for key, text in items:
     valid = _all_paths(config)
     if key not in valid:
       raise ValueError(f"Unknown config field {key!r}.{_suggest(key, valid)}")
@@ -771,6 +882,8 @@ def _suggest(key: str, valid: list[str]) -> str:
 def _set_path(obj, parts, text, full):
   name = parts[0]
   current = getattr(obj, name)
+  if current is None and len(parts) > 1:
+    current = _derived(obj, name)
   if len(parts) == 1:
     value = _parse_value(text, typing.get_type_hints(type(obj))[name], full)
   else:
@@ -794,6 +907,7 @@ def from_dict(cls, data: dict):
     if f.name not in data:
       continue
     value, ann = data[f.name], hints[f.name]
+    ann = _optional_dataclass(ann) if value is not None and _optional_dataclass(ann) else ann
     if dataclasses.is_dataclass(ann):
       value = from_dict(ann, value)
     elif isinstance(value, list):
@@ -814,11 +928,23 @@ def read_config(path: str | os.PathLike) -> Config:
 
 
 def format_config(config, prefix="") -> str:
-  """One `path = value` line per field, for printing the resolved config."""
-  return "\n".join(f"{p} = {_get(config, p)!r}" for p in _all_paths(config, prefix))
+  """One `path = value` line per field, for printing the resolved config; an unset optional
+  sub-config shows the values it derives."""
+  paths = _all_paths(config, prefix)
+  lines = []
+  for i, p in enumerate(paths):
+    derived = i + 1 < len(paths) and paths[i + 1].startswith(p + ".")
+    lines.append(
+      f"{p} = {_get(config, p)!r}" + ("  (derived: the values below)" if derived else "")
+    )
+  return "\n".join(lines)
 
 
 def _get(obj, path):
-  for part in path.split("."):
-    obj = getattr(obj, part)
+  """The value at a dotted path, through the derived defaults of unset sub-configs."""
+  parts = path.split(".")
+  for i, part in enumerate(parts):
+    parent, obj = obj, getattr(obj, part)
+    if obj is None and i < len(parts) - 1:
+      obj = _derived(parent, part)
   return obj

@@ -119,6 +119,8 @@ def load_golden_case(path: str | os.PathLike) -> GoldenCase:
     train_capacity_factor=meta["cf_train"],
     eval_capacity_factor=meta["cf_eval"],
     min_expert_capacity=meta["min_cap"],
+    # flaxformer's default NUM_EXPERT_PARTITIONS = E: on one device, groups are a multiple of E.
+    group_multiple=meta["E"],
   )
   acts = tuple(meta["acts"])
   layer = MoeLayer(config, d_ff=meta["F"], activations=acts, dropout_rate=0.0)

@@ -256,6 +256,11 @@ def config_to_hf(cfg: ModelConfig) -> dict:
       "batch-prioritized routing: HF fills the experts in position order; set "
       "model.moe.batch_prioritized_routing=False"
     )
+  if cfg.decoder_moe is not None and cfg.decoder_moe != moe:
+    refusals.append(
+      "the decoder has its own MoE settings (model.decoder_moe): HF routes both stacks with "
+      "one router configuration; unset model.decoder_moe"
+    )
   if moe.ignore_padding_tokens:
     refusals.append(
       "moe.ignore_padding_tokens=True: HF routes padding like any token; set it to False"

@@ -77,17 +77,20 @@ class RelativePositionBias(nn.Module):
   Attributes:
     num_heads, num_buckets, max_distance: T5 uses 32 buckets up to distance 128.
     bidirectional: True in the encoder, False (causal buckets) in the decoder.
+    init_scale: the model's variance-scaling factor (Switch: 0.1).
   """
 
   num_heads: int
   num_buckets: int = 32
   max_distance: int = 128
   bidirectional: bool = True
+  init_scale: float = 1.0
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   def setup(self):
-    init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+    # flaxformer: variance_scaling(SCALE, 'fan_avg', 'uniform') on [heads, buckets].
+    init = nn.initializers.variance_scaling(self.init_scale, "fan_avg", "uniform")
     self.rel_embedding = self.param(
       "rel_embedding",
       nn.with_logical_partitioning(init, ("heads", "relpos_buckets")),
@@ -126,8 +129,9 @@ class MultiHeadAttention(nn.Module):
     dropout_rate: dropout on the attention weights.
     cross_attention: attends to the encoder (its decoding cache holds the encoder's keys and
       values, computed once).
-    kernel_init: initialiser of the projections; the query's is divided by sqrt(d_kv), which
-      is equivalent to scaling the logits under Adafactor (T5's convention).
+    init_scale: variance scaling of the projections (Switch: 0.1), as flaxformer's 2-D
+      kernels: fan-in d_model for query/key/value, heads * d_kv for the output; the query's
+      is further divided by sqrt(d_kv) (T5 folds the logit scaling into it).
   """
 
   num_heads: int
@@ -136,9 +140,14 @@ class MultiHeadAttention(nn.Module):
   cross_attention: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
-  kernel_init: nn.initializers.Initializer = nn.initializers.variance_scaling(
-    1.0, "fan_in", "normal"
-  )
+  init_scale: float = 1.0
+
+  @property
+  def kernel_init(self) -> nn.initializers.Initializer:
+    """Key/value (and, scaled, query) kernels [d_model, heads, d_kv]: fan-in d_model."""
+    return nn.initializers.variance_scaling(
+      self.init_scale, "fan_in", "normal", in_axis=0, out_axis=(1, 2)
+    )
 
   def _project(self, name, x, init):
     kernel = self.param(
@@ -191,13 +200,21 @@ class MultiHeadAttention(nn.Module):
     if bias is not None:
       logits = logits + bias.astype(jnp.float32)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    weights = nn.Dropout(self.dropout_rate, broadcast_dims=(0, 1))(
+    # One dropout mask per (row, head, key), shared by all queries (flaxformer's
+    # broadcast_dropout).
+    weights = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(
       weights, deterministic=not enable_dropout
     )
     out = jnp.einsum("bhqv,bvhk->bqhk", weights, v)
     out_kernel = self.param(
       "out",
-      nn.with_logical_partitioning(self.kernel_init, ("heads", "kv", "embed")),
+      nn.with_logical_partitioning(
+        # [heads, d_kv, d_model]: fan-in heads * d_kv.
+        nn.initializers.variance_scaling(
+          self.init_scale, "fan_in", "normal", in_axis=(0, 1), out_axis=2
+        ),
+        ("heads", "kv", "embed"),
+      ),
       (self.num_heads, self.d_kv, d_model),
       self.param_dtype,
     )

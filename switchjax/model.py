@@ -109,7 +109,7 @@ def _mlp(cfg: ModelConfig, sparse: bool, causal: bool, name: str) -> nn.Module:
   dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
   if sparse:
     return MoeLayer(
-      cfg.moe,
+      cfg.moe_for("decoder" if causal else "encoder"),
       d_ff=cfg.expert_mlp_dim,
       activations=cfg.expert_acts,
       dropout_rate=cfg.expert_dropout,
@@ -138,7 +138,7 @@ def _attention(cfg: ModelConfig, name: str, cross: bool = False) -> layers.Multi
     cross_attention=cross,
     dtype=jnp.dtype(cfg.dtype),
     param_dtype=jnp.dtype(cfg.param_dtype),
-    kernel_init=nn.initializers.variance_scaling(cfg.init_scale, "fan_in", "normal"),
+    init_scale=cfg.init_scale,
     name=name,
   )
 
@@ -284,6 +284,7 @@ class Encoder(nn.Module):
       cfg.relative_attention_num_buckets,
       cfg.relative_attention_max_distance,
       bidirectional=True,
+      init_scale=cfg.init_scale,
       dtype=jnp.dtype(cfg.dtype),
       param_dtype=jnp.dtype(cfg.param_dtype),
       name="relpos_bias",
@@ -330,6 +331,7 @@ class Decoder(nn.Module):
       cfg.relative_attention_num_buckets,
       cfg.relative_attention_max_distance,
       bidirectional=False,
+      init_scale=cfg.init_scale,
       dtype=dtype,
       param_dtype=jnp.dtype(cfg.param_dtype),
       name="relpos_bias",

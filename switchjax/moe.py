@@ -19,13 +19,15 @@ Expert parallelism: buffers are laid out [groups, experts, capacity, d] with gro
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from switchjax import routing
+from switchjax import routing, sharding
 from switchjax.config import MoeConfig
 
 Array = jax.Array
@@ -41,9 +43,10 @@ class GroupLayout:
 
   Attributes:
     padded_batch, padded_length: the token block after flaxformer's padding (zero tokens are
-      added along batch or length when the token count is not a multiple of E).
+      added along batch or length when the token count is not a multiple of the group count's
+      multiple).
     num_groups, tokens_per_group: the routing groups (contiguous runs of flattened tokens).
-    expert_capacity: slots per expert per group.
+    expert_capacity: flaxformer's capacity per expert per group (what expert_usage counts).
   """
 
   padded_batch: int
@@ -52,51 +55,92 @@ class GroupLayout:
   tokens_per_group: int
   expert_capacity: int
 
+  @property
+  def slots(self) -> int:
+    """Buffer slots per expert per group: the capacity, but never more than the group's
+    tokens (an expert cannot receive more), so small groups do not pad the expert buffers."""
+    return min(self.expert_capacity, self.tokens_per_group)
 
-def num_groups(num_tokens: int, max_group_size: int, num_experts: int) -> int:
-  """flaxformer's rule: the fewest groups of at most `max_group_size` tokens that divide the
-  tokens evenly, at least E of them and a multiple of E (so groups split evenly over experts).
 
-  Unlike flaxformer, the count does not depend on the number of devices, so a layer gives the
-  same result on every mesh.
-  """
+def num_groups(num_tokens: int, max_group_size: int, multiple: int) -> int:
+  """flaxformer's `_num_groups`: the fewest groups, at least num_tokens // max_group_size and
+  at least `multiple`, that divide the tokens evenly and are a multiple of `multiple` (so the
+  groups split evenly over the devices that hold the batch)."""
   if max_group_size < 1:
     raise ValueError(f"moe.max_group_size={max_group_size} must be >= 1 token.")
-  n = max(num_tokens // max_group_size, num_experts)
-  while n < num_tokens and not (num_tokens % n == 0 and n % num_experts == 0):
+  n = max(num_tokens // max_group_size, multiple)
+  while n < num_tokens and not (num_tokens % n == 0 and n % multiple == 0):
     n += 1
-  if num_tokens % n:
+  if num_tokens % n or n % multiple:
     raise ValueError(
-      f"Cannot split {num_tokens} tokens into groups for {num_experts} experts; "
-      "use a batch size or sequence length whose product is a multiple of "
-      "moe.num_experts."
+      f"Cannot split {num_tokens} tokens into a multiple of {multiple} routing groups; use a "
+      "batch size or sequence length whose product is a multiple of it."
     )
   return n
 
 
-def _padding_for_experts(batch: int, length: int, num_experts: int) -> tuple[int, int]:
-  """flaxformer's `_maybe_pad`: extra (batch, length) so that tokens % E == 0, along the
+def _padding_for(batch: int, length: int, multiple: int) -> tuple[int, int]:
+  """flaxformer's `_maybe_pad`: extra (batch, length) so that tokens % multiple == 0, along the
   dimension that needs fewer padding tokens (length on ties)."""
-  if (batch * length) % num_experts == 0:
+  if (batch * length) % multiple == 0:
     return 0, 0
-  pad_b = next(p for p in range(1, num_experts + 1) if (batch + p) * length % num_experts == 0)
-  pad_l = next(p for p in range(1, num_experts + 1) if batch * (length + p) % num_experts == 0)
+  pad_b = next(p for p in range(1, multiple + 1) if (batch + p) * length % multiple == 0)
+  pad_l = next(p for p in range(1, multiple + 1) if batch * (length + p) % multiple == 0)
   return (0, pad_l) if pad_l * batch <= pad_b * length else (pad_b, 0)
 
 
-def group_layout(batch: int, length: int, config: MoeConfig, train: bool) -> GroupLayout:
-  """Groups and capacity for a [batch, length] input."""
+def mesh_group_shards() -> int:
+  """The data x expert devices of the mesh set by `jax.set_mesh` (1 without one): the devices
+  the batch, and so the routing groups, are split over."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  return math.prod(mesh.shape.get(axis, 1) for axis in sharding.BATCH_MESH_AXES)
+
+
+def group_layout(
+  batch: int, length: int, config: MoeConfig, train: bool, num_shards: int = 1
+) -> GroupLayout:
+  """Groups and capacity for a [batch, length] input whose batch is split over `num_shards`
+  devices.
+
+  The group count is a multiple of `config.group_multiple`, or of `num_shards` when that is 0;
+  a fixed multiple whose groups cannot split over `num_shards` devices is refused.
+  Capacity = max(round(cf * tokens_per_group / E), min_expert_capacity).
+  """
   if config.expert_capacity is not None:  # Hugging Face: one group per sequence.
     return GroupLayout(batch, length, batch, length, config.expert_capacity)
-  pad_b, pad_l = _padding_for_experts(batch, length, config.num_experts)
+  multiple = config.group_multiple or num_shards
+  pad_b, pad_l = _padding_for(batch, length, multiple)
   tokens = (batch + pad_b) * (length + pad_l)
-  groups = num_groups(tokens, config.max_group_size, config.num_experts)
+  groups = num_groups(tokens, config.max_group_size, multiple)
+  if groups % num_shards:
+    raise ValueError(
+      f"moe.group_multiple={config.group_multiple} gives {groups} routing groups, which do not "
+      f"split over the {num_shards} data x expert devices of the mesh; set moe.group_multiple "
+      f"to a multiple of {num_shards}, or to 0 so that groups follow the mesh."
+    )
   tokens_per_group = tokens // groups
   factor = config.train_capacity_factor if train else config.eval_capacity_factor
   capacity = max(
     int(round(factor * tokens_per_group / config.num_experts)), config.min_expert_capacity
   )
   return GroupLayout(batch + pad_b, length + pad_l, groups, tokens_per_group, capacity)
+
+
+def causal_token_order(layout: GroupLayout) -> np.ndarray | None:
+  """[groups, tokens] order in which a decoder's tokens take expert slots: by position in
+  their sequence, then by place in the group, so a token's slot never depends on later
+  positions (of its own or another sequence of its group). None when that is the group's own
+  order (every group within one sequence)."""
+  positions = np.arange(layout.num_groups * layout.tokens_per_group) % layout.padded_length
+  positions = positions.reshape(layout.num_groups, layout.tokens_per_group)
+  order = np.argsort(positions, axis=1, kind="stable")
+  return (
+    None
+    if np.array_equal(order, np.broadcast_to(np.arange(order.shape[1]), order.shape))
+    else order
+  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,10 +177,13 @@ class MoeLayer(nn.Module):
     config: routing and capacity settings.
     d_ff: hidden width of each expert.
     activations: ('relu',), ('gelu',), or two for a gated unit: act(x @ wi_0) * (x @ wi_1).
-    dropout_rate: dropout on the experts' hidden activations (broadcast along capacity).
-    causal: the layer sits in a decoder: batch-prioritized routing is turned off (it would let
-      a token's routing depend on later tokens).
-    dtype: activation and expert compute dtype; the router always uses float32.
+    dropout_rate: dropout on the experts' hidden activations, one mask per expert shared by all
+      its slots (flaxformer's vmapped expert MLPs with dropout broadcast along their tokens).
+    causal: the layer sits in a decoder: tokens take expert slots in position order (see
+      `causal_token_order`), top-k choices token by token; routers that cannot be causal
+      (experts-choose, batch-prioritized) are refused.
+    dtype: activation and expert compute dtype; the router always computes in float32 and the
+      output has the config's combine dtype (float32 by default, as flaxformer).
     param_dtype: dtype of the expert kernels.
     kernel_init: initialiser of the [E, in, out] expert kernels.
   """
@@ -168,7 +215,9 @@ class MoeLayer(nn.Module):
         f"MoeLayer expects inputs [batch, length, d_model]; got shape {inputs.shape}."
       )
     batch, length, d_model = inputs.shape
-    layout = group_layout(batch, length, cfg, train=enable_dropout)
+    if self.causal:
+      cfg.validate_causal("the decoder's moe")
+    layout = group_layout(batch, length, cfg, enable_dropout, mesh_group_shards())
     x = inputs
     if (layout.padded_batch, layout.padded_length) != (batch, length):
       x = jnp.pad(x, ((0, layout.padded_batch - batch), (0, layout.padded_length - length), (0, 0)))
@@ -180,13 +229,17 @@ class MoeLayer(nn.Module):
       num_experts=cfg.num_experts,
       router_type=cfg.router_type,
       num_selected_experts=cfg.num_selected_experts,
-      batch_prioritized_routing=cfg.batch_prioritized_routing and not self.causal,
+      batch_prioritized_routing=cfg.batch_prioritized_routing,
       jitter_noise=cfg.jitter_noise,
       use_bias=cfg.router_bias,
       ignore_padding_tokens=cfg.ignore_padding_tokens,
+      precision=cfg.router_precision,
       name="router",
     )
-    route, router_logits = router(x, layout.expert_capacity, apply_jitter=enable_dropout)
+    order = causal_token_order(layout) if self.causal else None
+    route, router_logits = router(
+      x, layout.slots, apply_jitter=enable_dropout, causal=self.causal, order=order
+    )
 
     if isinstance(route, routing.RouterIndices):
       y, routed = self._scatter_dispatch_and_combine(x, route, layout, enable_dropout)
@@ -196,7 +249,7 @@ class MoeLayer(nn.Module):
     self._sow_metrics(x, route, routed, router_logits, layout, batch, length)
 
     y = y.reshape(layout.padded_batch, layout.padded_length, d_model)[:batch, :length]
-    return nn.with_logical_constraint(y.astype(inputs.dtype), ("batch", "length", "embed"))
+    return nn.with_logical_constraint(y, ("batch", "length", "embed"))
 
   # ------------------------------------------------------------------------------------------
 
@@ -207,8 +260,9 @@ class MoeLayer(nn.Module):
     # [groups, experts, capacity, d_model]
     expert_inputs = jnp.einsum("gtd,gtec->gecd", x.astype(self.dtype), dispatch)
     expert_outputs = self._experts(expert_inputs, enable_dropout)
-    # [groups, tokens, d_model]
-    y = jnp.einsum("gecd,gtec->gtd", expert_outputs, route.combine_array.astype(self.dtype))
+    # [groups, tokens, d_model], in the combine dtype (float32 by default).
+    combine = route.combine_array.astype(self.config.combine_dtype)
+    y = jnp.einsum("gecd,gtec->gtd", expert_outputs, combine)
     routed = jnp.sum(route.dispatch_mask, axis=(2, 3))
     return y, routed
 
@@ -216,7 +270,7 @@ class MoeLayer(nn.Module):
     """Scatter dispatch and gather combine (cheaper than one-hot einsums on CPU/GPU)."""
     groups, tokens, d_model = x.shape
     k = route.dispatch_indices.shape[2]
-    capacity = layout.expert_capacity
+    capacity = layout.slots
     expert_index = route.dispatch_indices[..., 0]  # [groups, tokens, k]
     slot = route.dispatch_indices[..., 1]  # [groups, tokens, k]
     is_routed = slot < capacity  # [groups, tokens, k]
@@ -240,7 +294,9 @@ class MoeLayer(nn.Module):
 
     # [groups, tokens, k, d_model]
     gathered = jax.vmap(gather)(expert_index, slot, expert_outputs)
-    y = jnp.einsum("gtkd,gtk->gtd", gathered, route.combine_weights.astype(self.dtype))
+    y = jnp.einsum(
+      "gtkd,gtk->gtd", gathered, route.combine_weights.astype(self.config.combine_dtype)
+    )
     routed = jnp.sum(is_routed, axis=-1)
     return y, routed
 
@@ -281,7 +337,8 @@ class MoeLayer(nn.Module):
         h = h * activation_fn(act)(jnp.einsum("egcd,edf->egcf", x, wi))
     # [experts, groups, capacity, d_ff]
     h = nn.with_logical_constraint(h, ("expert", "expert_replicas", "length", "expert_mlp"))
-    h = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(h, deterministic=not enable_dropout)
+    # One dropout mask per expert, shared by its groups and slots (flaxformer).
+    h = nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2))(h, deterministic=not enable_dropout)
     wo = kernel("wo", (num_experts, self.d_ff, d_model), out_axes)
     y = jnp.einsum("egcf,efd->egcd", h, wo)
     y = nn.with_logical_constraint(y, ("expert", "expert_replicas", "length", "embed"))
@@ -306,7 +363,7 @@ class MoeLayer(nn.Module):
     if isinstance(route, routing.RouterIndices):
       combine_total = jnp.sum(route.combine_weights)
       chosen = jnp.where(
-        route.dispatch_indices[..., 1] < layout.expert_capacity, route.dispatch_indices[..., 0], -1
+        route.dispatch_indices[..., 1] < layout.slots, route.dispatch_indices[..., 0], -1
       )
       tokens_per_expert = jnp.sum(
         jax.nn.one_hot(chosen, cfg.num_experts, dtype=jnp.int32), axis=(0, 1, 2)

@@ -5,6 +5,8 @@ The files in `configs/` call these; `--set a.b=value` changes any field afterwar
 
 from __future__ import annotations
 
+import dataclasses
+
 from switchjax.config import Config, DataConfig, MeshConfig, ModelConfig, MoeConfig, TrainConfig
 
 
@@ -142,3 +144,32 @@ def switch_c_2048() -> Config:
     min_expert_capacity=2,
     tie_embeddings=False,
   )
+
+
+def experts_choose_base(num_experts: int = 64) -> Config:
+  """flaxformer's experts_choose_base.gin (Zhou et al., 2022): T5-Base with 2048-wide GEGLU
+  MLPs and untied logits (moe.gin), every other MLP sparse with 64 experts; the encoder routes
+  by experts choose (capacity factor 1.0, combine weights in bfloat16 as that gin's router
+  dtype), the decoder by tokens-choose top-2 (float32 router), groups of 4096 tokens."""
+  config = switch(
+    f"ec_base{num_experts}",
+    num_experts=num_experts,
+    d_model=768,
+    d_ff=2048,
+    num_heads=12,
+    num_layers=12,
+    num_sparse_layers=6,
+    group_size=4096,
+    train_capacity_factor=1.0,
+    eval_capacity_factor=1.0,
+    activations=("gelu", "linear"),
+    tie_embeddings=False,
+  )
+  encoder = dataclasses.replace(
+    config.model.moe, router_type="experts_choose_masked", combine_dtype="bfloat16"
+  )
+  decoder = dataclasses.replace(
+    config.model.moe, router_type="tokens_choose_masked", num_selected_experts=2
+  )
+  model = dataclasses.replace(config.model, moe=encoder, decoder_moe=decoder)
+  return dataclasses.replace(config, model=model)

@@ -118,24 +118,51 @@ def top_k(x: Array, k: int) -> tuple[Array, Array]:
   return jnp.stack(values, axis=-1), jnp.stack(indices, axis=-1).astype(jnp.int32)
 
 
-def _priority_of_choices(expert_index: Array, num_experts: int) -> Array:
-  """Position of each (token, choice) in its expert's buffer, first choices first.
+def _priority_of_choices(expert_index: Array, num_experts: int, choice_major: bool) -> Array:
+  """Position of each (token, choice) in its expert's buffer.
 
   Args:
     expert_index: <int32>[groups, tokens, k], negative for choices that go nowhere.
+    choice_major: every token's first choice outranks every token's second choice
+      (flaxformer); else token by token, each token's choices in order (causal).
 
   Returns:
     <int32>[groups, tokens, k, experts]: the buffer slot at the chosen expert, -1 elsewhere.
   """
   num_groups, tokens, k = expert_index.shape
-  # Make k the leading axis so that all top-1 choices outrank all top-2 choices.
-  # [groups, k * tokens]
-  flat_index = jnp.swapaxes(expert_index, 1, 2).reshape(num_groups, k * tokens)
+  if choice_major:  # [groups, k * tokens], k leading
+    flat_index = jnp.swapaxes(expert_index, 1, 2).reshape(num_groups, k * tokens)
+  else:  # [groups, tokens * k], tokens leading
+    flat_index = expert_index.reshape(num_groups, tokens * k)
   # [groups, k * tokens, experts]
   expert_mask = jax.nn.one_hot(flat_index, num_experts, dtype=jnp.int32)
   priority = jnp.cumsum(expert_mask, axis=1) * expert_mask - 1
+  if not choice_major:
+    return priority.reshape(num_groups, tokens, k, num_experts)
   # [groups, tokens, k, experts]
   return jnp.swapaxes(priority.reshape(num_groups, k, tokens, num_experts), 1, 2)
+
+
+def choice_priorities(
+  expert_index: Array, num_experts: int, order: Array | None = None, choice_major: bool = True
+) -> Array:
+  """Slots of each token's choices when tokens are served in `order`.
+
+  Args:
+    expert_index: <int32>[groups, tokens, k], negative for choices that go nowhere.
+    order: <int>[groups, tokens], the tokens in the order they take slots (batch-prioritized:
+      by confidence; causal: by position), or None for the group's own order.
+    choice_major: see `_priority_of_choices`.
+
+  Returns:
+    <int32>[groups, tokens, k, experts]: the slot at the chosen expert, -1 elsewhere.
+  """
+  if order is None:
+    return _priority_of_choices(expert_index, num_experts, choice_major)
+  expert_index = jnp.take_along_axis(expert_index, order[..., None], axis=1)
+  priority = _priority_of_choices(expert_index, num_experts, choice_major)
+  inverse = jnp.argsort(order, axis=-1)  # back to the group's order
+  return jnp.take_along_axis(priority, inverse[..., None, None], axis=1)
 
 
 def tokens_choose_masked(
@@ -144,6 +171,8 @@ def tokens_choose_masked(
   expert_capacity: int,
   num_selected_experts: int = 1,
   batch_prioritized_routing: bool = False,
+  order: Array | None = None,
+  choice_major: bool = True,
 ) -> RouterMask:
   """Each token picks its top-k experts; experts take tokens in priority order up to capacity.
 
@@ -153,11 +182,12 @@ def tokens_choose_masked(
     expert_capacity: slots per expert per group.
     num_selected_experts: k (1 = Switch, 2 = GShard).
     batch_prioritized_routing: route tokens in decreasing order of their top gate (BPR).
+    order, choice_major: the serving order (see `choice_priorities`); a causal decoder passes
+      its position order and choice_major=False.
   """
-  num_groups, tokens, num_experts = router_probs.shape
-  k = num_selected_experts
+  num_experts = router_probs.shape[-1]
   # [groups, tokens, k]
-  expert_gate, expert_index = top_k(router_probs, k)
+  expert_gate, expert_index = top_k(router_probs, num_selected_experts)
 
   if padding_mask is not None:
     gate_mask = padding_mask[..., None]  # [groups, tokens, 1]
@@ -167,18 +197,11 @@ def tokens_choose_masked(
     router_probs = router_probs * gate_mask  # so the load-balancing loss ignores padding
 
   auxiliary_loss = load_balancing_loss(router_probs, expert_index)
-
-  if batch_prioritized_routing:
-    # [groups, tokens]: tokens in decreasing order of their top-1 gate.
-    permutation = jnp.argsort(-expert_gate[..., 0], axis=-1)
-    expert_index = jnp.take_along_axis(expert_index, permutation[..., None], axis=1)
-
+  if batch_prioritized_routing:  # [groups, tokens]: by decreasing top-1 gate
+    order = jnp.argsort(-expert_gate[..., 0], axis=-1)
   # [groups, tokens, experts]: each token's slot at each expert it chose, -1 elsewhere.
-  token_priority = jnp.max(_priority_of_choices(expert_index, num_experts), axis=2)
-
-  if batch_prioritized_routing:
-    inverse_permutation = jnp.argsort(permutation, axis=-1)
-    token_priority = jnp.take_along_axis(token_priority, inverse_permutation[..., None], axis=1)
+  priority = choice_priorities(expert_index, num_experts, order, choice_major)
+  token_priority = jnp.max(priority, axis=2)
 
   # One-hot drops slots outside [0, capacity): overflowing tokens are not dispatched.
   # [groups, tokens, experts, capacity]
@@ -193,32 +216,26 @@ def tokens_choose_scatter(
   expert_capacity: int,
   num_selected_experts: int = 1,
   batch_prioritized_routing: bool = False,
+  order: Array | None = None,
+  choice_major: bool = True,
 ) -> RouterIndices:
   """The same choices and priorities as `tokens_choose_masked`, kept as (expert, slot) indices.
 
   As in flaxformer, padding tokens are down-weighted (probability 0), not excluded: they may
   still take a slot.
   """
-  num_groups, tokens, num_experts = router_probs.shape
-  k = num_selected_experts
+  num_experts = router_probs.shape[-1]
   if padding_mask is not None:
     router_probs = router_probs * padding_mask[..., None]
 
   # [groups, tokens, k]
-  combine_weights, expert_index = top_k(router_probs, k)
+  combine_weights, expert_index = top_k(router_probs, num_selected_experts)
   auxiliary_loss = load_balancing_loss(router_probs, expert_index)
-
-  ordered_index = expert_index
   if batch_prioritized_routing:
-    permutation = jnp.argsort(-combine_weights[..., 0], axis=-1)
-    ordered_index = jnp.take_along_axis(expert_index, permutation[..., None], axis=1)
-
+    order = jnp.argsort(-combine_weights[..., 0], axis=-1)
   # [groups, tokens, k]: the slot of each choice at its expert.
-  token_priority = jnp.max(_priority_of_choices(ordered_index, num_experts), axis=-1)
-
-  if batch_prioritized_routing:
-    inverse_permutation = jnp.argsort(permutation, axis=-1)
-    token_priority = jnp.take_along_axis(token_priority, inverse_permutation[..., None], axis=1)
+  priority = choice_priorities(expert_index, num_experts, order, choice_major)
+  token_priority = jnp.max(priority, axis=-1)
 
   combine_weights = combine_weights * (token_priority < expert_capacity)
   # [groups, tokens, k, 2]
@@ -267,6 +284,7 @@ class Router(nn.Module):
     use_bias: add a bias to the logits.
     ignore_padding_tokens: treat all-zero input tokens as padding (flaxformer's rule: T5 zeroes
       the sublayer inputs at padding positions).
+    precision: 'default' (flaxformer), 'high' or 'highest': the logits matmul's precision.
     kernel_init: initialiser of the [d_model, experts] kernel (normal(0.02)).
   """
 
@@ -277,11 +295,17 @@ class Router(nn.Module):
   jitter_noise: float = 0.0
   use_bias: bool = False
   ignore_padding_tokens: bool = False
+  precision: str = "default"
   kernel_init: nn.initializers.Initializer = default_router_init
 
   @nn.compact
   def __call__(
-    self, token_inputs: Array, expert_capacity: int, apply_jitter: bool = False
+    self,
+    token_inputs: Array,
+    expert_capacity: int,
+    apply_jitter: bool = False,
+    causal: bool = False,
+    order: Array | None = None,
   ) -> tuple[RouterMask | RouterIndices, Array]:
     """Routes a batch of token groups.
 
@@ -289,6 +313,9 @@ class Router(nn.Module):
       token_inputs: <float>[groups, tokens, d_model].
       expert_capacity: slots per expert per group.
       apply_jitter: apply jitter noise (training).
+      causal: a decoder's routing: tokens take slots in `order` (their positions), each
+        token's k choices before the next token's, so no slot depends on a later token.
+      order: <int>[groups, tokens] serving order of a causal layer (None: the group's order).
 
     Returns:
       The routing instructions (with both losses) and the router logits
@@ -313,7 +340,10 @@ class Router(nn.Module):
     )
     # [groups, tokens, experts]
     router_logits = jnp.einsum(
-      "gtd,de->gte", x, jnp.asarray(kernel, jnp.float32), precision=jax.lax.Precision.HIGHEST
+      "gtd,de->gte",
+      x,
+      jnp.asarray(kernel, jnp.float32),
+      precision=jax.lax.Precision[self.precision.upper()],
     )
     if self.use_bias:
       bias = self.param(
@@ -334,21 +364,24 @@ class Router(nn.Module):
       padding_mask = (jnp.sum(jnp.abs(token_inputs), axis=-1) > 0).astype(jnp.float32)
       router_logits = router_logits * padding_mask[..., None]  # as flaxformer, for the z-loss
 
-    if self.router_type == "tokens_choose_masked":
-      out = tokens_choose_masked(
-        router_probs,
-        padding_mask,
-        expert_capacity,
-        self.num_selected_experts,
-        self.batch_prioritized_routing,
+    if causal and (self.batch_prioritized_routing or self.router_type == "experts_choose_masked"):
+      raise ValueError(
+        f"{self.router_type} routing with batch_prioritized_routing="
+        f"{self.batch_prioritized_routing} is not causal; a decoder cannot use it."
       )
-    elif self.router_type == "tokens_choose_scatter":
-      out = tokens_choose_scatter(
+    if self.router_type in ("tokens_choose_masked", "tokens_choose_scatter"):
+      algorithm = {
+        "tokens_choose_masked": tokens_choose_masked,
+        "tokens_choose_scatter": tokens_choose_scatter,
+      }[self.router_type]
+      out = algorithm(
         router_probs,
         padding_mask,
         expert_capacity,
         self.num_selected_experts,
         self.batch_prioritized_routing,
+        order=order,
+        choice_major=not causal,
       )
     elif self.router_type == "experts_choose_masked":
       out = experts_choose_masked(router_probs, padding_mask, expert_capacity)

@@ -45,6 +45,10 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+# The mesh axes the batch (and the routing groups) are split over.
+BATCH_MESH_AXES: tuple[str, ...] = dict(LOGICAL_AXIS_RULES)["batch"]
+
+
 def resolve_mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
   """Sizes of ('data', 'expert', 'model'), with one -1 filled in from the device count."""
   sizes = [mesh_cfg.data, mesh_cfg.expert, mesh_cfg.model]
@@ -75,18 +79,19 @@ def resolve_mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int
 
 def make_mesh(
   mesh_cfg: MeshConfig | None = None,
-  num_experts: int | None = None,
+  num_experts: int | Sequence[int] | None = None,
   devices: Sequence[jax.Device] | None = None,
 ) -> Mesh:
   """Builds the ('data', 'expert', 'model') mesh with Auto axis types (which Linen's logical
   constraints need) and checks it against the devices and the expert count."""
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(mesh_cfg or MeshConfig(), len(devices))
-  if num_experts is not None and num_experts % shape[1]:
-    raise ValueError(
-      f"mesh.expert={shape[1]} does not divide moe.num_experts={num_experts}; "
-      f"choose an expert axis size that divides {num_experts}."
-    )
+  for count in (num_experts,) if isinstance(num_experts, int) else (num_experts or ()):
+    if count % shape[1]:
+      raise ValueError(
+        f"mesh.expert={shape[1]} does not divide moe.num_experts={count}; "
+        f"choose an expert axis size that divides {count}."
+      )
   return jax.make_mesh(
     shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices
   )

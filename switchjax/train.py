@@ -147,26 +147,27 @@ def train_flops_per_example(config: Config) -> float:
   s, t = d.inputs_length, d.targets_length
   attn_proj = 4 * m.d_model * m.num_heads * m.d_kv
   mlp = (len(m.mlp_activations) + 1) * m.d_model * m.d_ff
-  k = (
-    m.moe.num_selected_experts
-    if m.moe.router_type != "experts_choose_masked"
-    else m.moe.eval_capacity_factor
-  )
-  expert = (
-    k * (len(m.expert_acts) + 1) * m.d_model * m.expert_mlp_dim + m.d_model * m.moe.num_experts
-  )
 
-  def stack(num_layers, sparse, length, cross):
+  def expert(moe):  # MACs of one token through the router and its experts
+    k = (
+      moe.num_selected_experts
+      if moe.router_type != "experts_choose_masked"
+      else moe.train_capacity_factor  # experts-choose: cf experts per token on average
+    )
+    return k * (len(m.expert_acts) + 1) * m.d_model * m.expert_mlp_dim + m.d_model * moe.num_experts
+
+  def stack(name, num_layers, sparse, length, cross):
+    sparse_mlp = expert(m.moe_for(name))
     per_layer = [
-      (attn_proj * (2 if cross else 1)) + (expert if i in sparse else mlp)
+      (attn_proj * (2 if cross else 1)) + (sparse_mlp if i in sparse else mlp)
       for i in range(num_layers)
     ]
     attention = num_layers * 2 * m.num_heads * m.d_kv * (length + (s if cross else 0))
     return length * (sum(per_layer) + attention)
 
   forward_macs = (
-    stack(m.num_layers, set(encoder_sparse_layers(m)), s, False)
-    + stack(m.decoder_layers, set(decoder_sparse_layers(m)), t, True)
+    stack("encoder", m.num_layers, set(encoder_sparse_layers(m)), s, False)
+    + stack("decoder", m.decoder_layers, set(decoder_sparse_layers(m)), t, True)
     + t * m.d_model * m.vocab_size
   )
   return 3 * 2 * forward_macs
@@ -387,7 +388,7 @@ def _train(
     workdir.mkdir(parents=True, exist_ok=True)
     say(f"Config {cfg.name}:\n{format_config(cfg)}")
 
-  mesh = sharding.make_mesh(cfg.mesh, cfg.model.moe.num_experts, devices)
+  mesh = sharding.make_mesh(cfg.mesh, expert_counts(cfg.model), devices)
   batch_shards = mesh.shape["data"] * mesh.shape["expert"]
   say(
     f"Mesh {dict(mesh.shape)} over {mesh.devices.size} devices "
@@ -400,8 +401,8 @@ def _train(
       f"Gradient accumulation: {tcfg.num_microbatches} microbatches of "
       f"{tcfg.batch_size // tcfg.num_microbatches} sequences per step."
     )
-  for warning in routing_group_warnings(cfg, batch_shards):
-    say(f"Warning: {warning}")
+  for line in routing_summary(cfg, batch_shards):
+    say(line)
 
   data = make_pretraining_data(
     cfg.data,
@@ -610,32 +611,42 @@ def resolve_microbatches(cfg: TrainConfig, batch_shards: int) -> int:
   return n
 
 
-def routing_group_warnings(config: Config, batch_shards: int) -> list[str]:
-  """Warns when the routing groups do not split evenly over the batch shards.
+def expert_counts(model_cfg) -> tuple[int, ...]:
+  """The expert counts of the encoder and decoder MoE layers (the mesh's expert axis must
+  divide each)."""
+  return tuple(sorted({model_cfg.moe.num_experts, model_cfg.moe_for("decoder").num_experts}))
 
-  The group count depends on the tokens, E and moe.max_group_size only (never on the mesh), so
-  a run routes identically on every mesh. When the groups do not divide over the
-  data x expert devices, groups straddle devices (slower); flaxformer instead shrinks groups
-  with the device count. The fix is an explicit, smaller moe.max_group_size.
-  """
+
+def routing_summary(config: Config, batch_shards: int) -> list[str]:
+  """Start-up log lines: each stack's routing groups, tokens per group and capacity, in
+  training (per microbatch) and evaluation (per batch), for a batch split over
+  `batch_shards` data x expert devices. Raises ValueError for a fixed moe.group_multiple
+  that cannot split over them."""
   from switchjax.moe import group_layout
 
-  moe_cfg, micro = config.model.moe, config.train.batch_size // config.train.num_microbatches
-  warnings = []
-  for stack, length in (
-    ("encoder", config.data.inputs_length),
-    ("decoder", config.data.targets_length),
-  ):
-    layout = group_layout(micro, length, moe_cfg, train=True)
-    if layout.num_groups % batch_shards:
-      per_device = micro * length // batch_shards
-      warnings.append(
-        f"the {stack}'s {layout.num_groups} routing groups of {layout.tokens_per_group} "
-        f"tokens do not split over the {batch_shards} data x expert devices, so groups "
-        f"straddle devices; set moe.max_group_size to at most {per_device} (tokens per "
-        "device) for local routing, as flaxformer does."
+  model, train_cfg, data = config.model, config.train, config.data
+  micro = train_cfg.batch_size // max(train_cfg.num_microbatches, 1)
+  lines = []
+  for stack, length in (("encoder", data.inputs_length), ("decoder", data.targets_length)):
+    moe = model.moe_for(stack)
+    parts = []
+    for mode, batch in (("train", micro), ("eval", train_cfg.batch_size)):
+      layout = group_layout(batch, length, moe, train=mode == "train", num_shards=batch_shards)
+      parts.append(
+        f"{mode}: {layout.num_groups} x {layout.tokens_per_group}-token groups per "
+        f"{batch} x {length} tokens, capacity {layout.expert_capacity}"
       )
-  return warnings
+    rule = (
+      f"a multiple of moe.group_multiple={moe.group_multiple}"
+      if moe.group_multiple
+      else f"a multiple of the {batch_shards} data x expert devices"
+    )
+    lines.append(
+      f"Routing, {stack} ({moe.router_type}, {moe.num_experts} experts, groups {rule}): "
+      + "; ".join(parts)
+      + "."
+    )
+  return lines
 
 
 def _keep_tokenizer(tokenizer, workdir: pathlib.Path) -> None:

@@ -266,20 +266,64 @@ def test_gradients_reach_router_and_experts(case):
 
 
 def test_group_layout_rules():
-  cfg = MoeConfig(num_experts=8, max_group_size=64, eval_capacity_factor=2.0, min_expert_capacity=4)
+  # flaxformer on one device (NUM_EXPERT_PARTITIONS = E): groups a multiple of E.
+  cfg = MoeConfig(
+    num_experts=8,
+    max_group_size=64,
+    eval_capacity_factor=2.0,
+    min_expert_capacity=4,
+    group_multiple=8,
+  )
   assert moe.group_layout(4, 32, cfg, train=False) == moe.GroupLayout(4, 32, 8, 16, 4)
-  # flaxformer's rule: groups a multiple of E that divide the tokens.
   assert moe.num_groups(80, 8, 8) == 16
   assert moe.num_groups(8192 * 16, 8192, 8) == 16
-  # Token counts that E does not divide are padded along the cheaper dimension.
-  four = MoeConfig(num_experts=4, max_group_size=64)
+  # Token counts that the multiple does not divide are padded along the cheaper dimension.
+  four = MoeConfig(num_experts=4, max_group_size=64, group_multiple=4)
   padded = moe.group_layout(3, 5, four, train=True)  # +1 row (5 tokens) beats +3 columns (9)
   assert (padded.padded_batch, padded.padded_length) == (4, 5)
   padded = moe.group_layout(2, 7, four, train=True)  # +1 column (2 tokens) beats +2 rows (14)
   assert (padded.padded_batch, padded.padded_length) == (2, 8)
-  # HF mode: one group per sequence, fixed capacity.
+  # HF mode: one group per sequence, fixed capacity; buffers never exceed the group's tokens.
   hf = MoeConfig(num_experts=8, expert_capacity=64)
   assert moe.group_layout(3, 20, hf, train=True) == moe.GroupLayout(3, 20, 3, 20, 64)
+  assert moe.group_layout(3, 20, hf, train=True).slots == 20
+
+
+def test_groups_follow_the_devices_of_the_batch():
+  """Default (group_multiple 0): the group count is a multiple of the data x expert devices,
+  at least tokens // max_group_size; groups shrink as devices grow (flaxformer's rule with the
+  expert partitions actually used)."""
+  cfg = MoeConfig(num_experts=8, max_group_size=8192, train_capacity_factor=1.25)
+  # 256 x 512 tokens on 1, 16, 32 and 64 devices.
+  layouts = [moe.group_layout(256, 512, cfg, train=True, num_shards=n) for n in (1, 16, 32, 64)]
+  assert [(g.num_groups, g.tokens_per_group) for g in layouts] == [
+    (16, 8192),
+    (16, 8192),
+    (32, 4096),
+    (64, 2048),
+  ]
+  assert [g.expert_capacity for g in layouts] == [1280, 1280, 640, 320]  # round(1.25 * T / E)
+  # One device needs no multiple of E: 8 x 16 tokens with E = 128 make one group of 128
+  # tokens (flaxformer: 128 groups of one token, each padding 128 experts x 4 slots).
+  wide = MoeConfig(num_experts=128, max_group_size=4096, min_expert_capacity=4)
+  assert moe.group_layout(8, 16, wide, train=False) == moe.GroupLayout(8, 16, 1, 128, 4)
+  # Buffers never exceed the group's tokens: a group of 2 tokens gets 2 slots per expert.
+  assert moe.group_layout(1, 2, wide, train=False).slots == 2
+  # Tokens that the devices do not divide are padded, as flaxformer pads for E.
+  padded = moe.group_layout(8, 114, cfg, train=True, num_shards=16)
+  assert padded.num_groups % 16 == 0 and (padded.padded_batch * padded.padded_length) % 16 == 0
+
+
+def test_a_fixed_group_multiple_routes_the_same_on_every_mesh_or_is_refused():
+  fixed = MoeConfig(num_experts=8, max_group_size=8192, group_multiple=16)
+  for shards in (1, 2, 8, 16):
+    assert moe.group_layout(256, 512, fixed, train=True, num_shards=shards).num_groups == 16
+  with pytest.raises(
+    ValueError,
+    match=r"moe.group_multiple=16 gives 16 routing groups, which "
+    r"do not split over the 32 data x expert devices.*multiple of 32, or to 0",
+  ):
+    moe.group_layout(256, 512, fixed, train=True, num_shards=32)
 
 
 def test_odd_token_counts_are_padded_and_sliced_back():
