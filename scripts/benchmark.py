@@ -65,11 +65,10 @@ from switchjax.config import MeshConfig, MoeConfig, load_config
 from switchjax.decoding import generate
 from switchjax.model import SwitchTransformer, init_params
 from switchjax.moe import MoeLayer, group_layout
+from switchjax.optimizers import make_optimizer, opt_state_specs
 from switchjax.train import (
   expert_counts,
-  make_optimizer,
   make_train_step,
-  opt_state_specs,
   resolve_microbatches,
   routing_summary,
   train_flops_per_example,
@@ -321,10 +320,11 @@ def compile_train_step(config, mesh, params, opt_state, batch):
   tcfg = dataclasses.replace(
     tcfg, num_microbatches=resolve_microbatches(tcfg, mesh.shape["data"] * mesh.shape["expert"])
   )
-  model, tx = SwitchTransformer(config.model), make_optimizer(tcfg)
+  model = SwitchTransformer(config.model)
   with jax.set_mesh(mesh), sharding.axis_rules():
     boxed = jax.eval_shape(lambda: init_model(config))
-    specs = sharding.param_specs(boxed)
+    specs, axes = sharding.param_specs(boxed), nn.get_partition_spec(boxed)
+    tx = make_optimizer(tcfg, axes)
     named = lambda tree: jax.tree.map(
       lambda s: NamedSharding(mesh, s), tree, is_leaf=lambda x: isinstance(x, P)
     )
@@ -333,7 +333,7 @@ def compile_train_step(config, mesh, params, opt_state, batch):
       "step": scalar,
       "params": named(specs),
       "nonfinite": scalar,
-      "opt_state": named(opt_state_specs(tx, sharding.unbox(boxed), specs)),
+      "opt_state": named(opt_state_specs(tcfg, sharding.unbox(boxed), axes)),
     }
     state = jax.device_put(
       {"step": np.int32(0), "params": params, "opt_state": opt_state, "nonfinite": np.int32(0)},
@@ -368,7 +368,8 @@ def bench_train(args, config) -> dict:
   tokens = config.train.batch_size * (config.data.inputs_length + config.data.targets_length)
   flops = train_flops_per_example(config) * config.train.batch_size
   params = jax.jit(lambda: nn.unbox(init_model(config)))()
-  opt_state = jax.jit(make_optimizer(config.train).init)(params)
+  axes = nn.get_partition_spec(jax.eval_shape(lambda: init_model(config)))
+  opt_state = jax.jit(make_optimizer(config.train, axes).init)(params)
   runs, fns, out = (
     {},
     {},

@@ -348,7 +348,7 @@ class TrainConfig:
     num_train_steps: total steps of the run.
     learning_rate: peak learning rate 'rsqrt' schedule: lr = learning_rate / sqrt(max(step,
       warmup_steps)) (T5X: 1.0 and 10000); 'constant' uses learning_rate as it is.
-    optimizer: 'adafactor' (T5X recipe) or 'adamw'.
+    optimizer: 'adafactor' (T5X's MoE Adafactor, `optimizers.t5x_adafactor`) or 'adamw'.
     adafactor_decay_rate, clipping_threshold, factored, multiply_by_parameter_scale: Adafactor.
     weight_decay: AdamW only.
     z_loss: output logits z-loss (T5X 1e-4); label_smoothing: 0 in T5X.

@@ -1,11 +1,12 @@
-"""Pretraining: train state, optimizer, sharded train and eval steps, and the training loop.
+"""Pretraining: train state, sharded train and eval steps, and the training loop.
 
 The loop (`train`) builds the mesh, the data pipeline and the model, restores the newest
 complete checkpoint of the workdir (parameters, optimizer state and the data position) or
 initialises from scratch (or from `train.init_from`), then runs jit-compiled steps whose
 inputs and outputs are sharded by the logical-axis rules. It saves asynchronously every
 `checkpoint_every` steps, at the end, and on SIGTERM / Ctrl-C; a non-finite loss stops the run
-without saving the broken state.
+without saving the broken state. The optimizer, its schedule and the sharding of its state come
+from `switchjax.optimizers` (re-exported here).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import pathlib
 import signal
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -35,82 +35,13 @@ from switchjax.model import (
   encoder_sparse_layers,
   init_params,
 )
+from switchjax.optimizers import learning_rate_schedule, make_optimizer, opt_state_specs
 
 Array = jax.Array
 
 
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-# --------------------------------------------------------------------------------------------
-# Optimizer.
-
-
-def learning_rate_schedule(cfg: TrainConfig) -> Callable[[Array], Array]:
-  """T5X's rsqrt schedule: learning_rate / sqrt(max(step, warmup_steps)), or a constant."""
-  if cfg.schedule == "constant":
-    return lambda step: jnp.float32(cfg.learning_rate)
-  return lambda step: (
-    cfg.learning_rate / jnp.sqrt(jnp.maximum(step.astype(jnp.float32), cfg.warmup_steps))
-  )
-
-
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-  """Adafactor as in T5X (decay_rate 0.8, factored second moments, update clipping 1.0,
-  updates scaled by the parameter RMS), or AdamW.
-
-  optax factors the two largest dimensions of a tensor, so the [E, d_model, d_ff] expert
-  kernels are factored per expert, as T5X's factor rules do, whenever E is not among the two
-  largest dimensions (true for every released configuration).
-  """
-  schedule = learning_rate_schedule(cfg)
-  if cfg.optimizer == "adafactor":
-    return optax.adafactor(
-      learning_rate=schedule,
-      decay_rate=cfg.adafactor_decay_rate,
-      clipping_threshold=cfg.clipping_threshold,
-      factored=cfg.factored,
-      multiply_by_parameter_scale=cfg.multiply_by_parameter_scale,
-      min_dim_size_to_factor=128,
-    )
-  return optax.adamw(schedule, weight_decay=cfg.weight_decay)
-
-
-def opt_state_specs(tx: optax.GradientTransformation, param_shapes, param_specs) -> Any:
-  """PartitionSpecs of the optimizer state, derived from the parameters' specs.
-
-  Leaves shaped like their parameter take its spec; Adafactor's factored row/column statistics
-  (the parameter's shape with one axis removed) take the spec without that axis; everything
-  else (counts, placeholders) is replicated.
-  """
-  state_shapes = jax.eval_shape(tx.init, param_shapes)
-
-  def spec_for(leaf, param, spec):
-    if not hasattr(leaf, "shape"):
-      return P()
-    spec = tuple(spec) + (None,) * (len(param.shape) - len(spec))
-    if tuple(leaf.shape) == tuple(param.shape):
-      return P(*spec)
-    if len(leaf.shape) == len(param.shape) - 1:
-      candidates = {
-        tuple(np.delete(np.array(spec, dtype=object), i))
-        for i in range(len(param.shape))
-        if tuple(np.delete(param.shape, i)) == tuple(leaf.shape)
-      }
-      if len(candidates) == 1:
-        return P(*candidates.pop())
-    return P()
-
-  return optax.tree_map_params(
-    tx,
-    spec_for,
-    state_shapes,
-    param_shapes,
-    param_specs,
-    transform_non_params=lambda _: P(),
-    is_leaf=lambda x: isinstance(x, P),
-  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,15 +347,16 @@ def _train(
     _keep_tokenizer(data.tokenizer, workdir)
 
   model = SwitchTransformer(cfg.model)
-  tx = make_optimizer(tcfg)
   with jax.set_mesh(mesh), sharding.axis_rules():
     boxed = jax.eval_shape(functools.partial(init_params, model), jax.random.key(tcfg.seed))
     param_shapes = sharding.unbox(boxed)
+    param_axes = nn.get_partition_spec(boxed)  # logical axis names
     param_specs = sharding.param_specs(boxed)
     param_shardings = jax.tree.map(
       lambda s: NamedSharding(mesh, s), param_specs, is_leaf=lambda x: isinstance(x, P)
     )
-    opt_specs = opt_state_specs(tx, param_shapes, param_specs)
+    tx = make_optimizer(tcfg, param_axes)
+    opt_specs = opt_state_specs(tcfg, param_shapes, param_axes)
     opt_shardings = jax.tree.map(
       lambda s: NamedSharding(mesh, s), opt_specs, is_leaf=lambda x: isinstance(x, P)
     )

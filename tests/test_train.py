@@ -333,19 +333,17 @@ def test_empty_corpus_is_an_error(tmp_path):
 def test_adafactor_state_of_expert_kernels_is_sharded_over_experts():
   from jax.sharding import PartitionSpec as P
 
-  from switchjax.train import make_optimizer, opt_state_specs
+  from switchjax.train import opt_state_specs
 
-  tx = make_optimizer(tiny().train)
   shapes = {
     "wi": jax.ShapeDtypeStruct((8, 256, 512), np.float32),
     "scale": jax.ShapeDtypeStruct((256,), np.float32),
   }
-  specs = {"wi": P("expert", None, "model"), "scale": P(None)}
-  state = opt_state_specs(tx, shapes, specs)
-  factored = state[0]  # scale_by_factored_rms: row and column statistics per expert
-  assert factored.v_row["wi"] == P("expert", None)  # [E, d_model]
-  assert factored.v_col["wi"] == P("expert", "model")  # [E, d_ff]
-  assert factored.v["scale"] == P(None)
+  axes = {"wi": P("expert", "embed", "expert_mlp"), "scale": P("embed")}
+  state = opt_state_specs(tiny().train, shapes, axes)
+  assert state.v_row["wi"] == P("expert", None)  # [E, d_model], statistics per expert
+  assert state.v_col["wi"] == P("expert", "model")  # [E, d_ff]
+  assert state.v["scale"] == P(None)
 
 
 def test_microbatches_give_the_full_batch_update(tmp_path):
