@@ -22,7 +22,6 @@ import types
 import typing
 from typing import Any
 
-ROUTER_TYPES = ("tokens_choose_masked", "tokens_choose_scatter", "experts_choose_masked")
 SPARSE_LAYOUTS = ("mixed", "top", "bottom", "middle", "hf")
 PRECISIONS = ("default", "high", "highest")
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_exact", "silu", "linear")
@@ -34,9 +33,10 @@ class MoeConfig:
 
   Attributes:
     num_experts: experts per sparse layer (E).
-    router_type: tokens_choose_masked (Switch top-1 / GShard top-k by one-hot einsum),
-      tokens_choose_scatter (same choices, dispatch by scatter/gather) or experts_choose_masked
-      (each expert takes its top-C tokens; encoder only: it breaks causality in a decoder).
+    router_type: a registered router (switchjax.routing): tokens_choose_masked (Switch top-1 /
+      GShard top-k by one-hot einsum), tokens_choose_scatter (same choices, dispatch by
+      scatter/gather) or experts_choose_masked (each expert takes its top-C tokens; encoder
+      only: it breaks causality in a decoder).
     num_selected_experts: k, experts per token for the tokens-choose routers.
     batch_prioritized_routing: route the most confident tokens first (V-MoE BPR). Encoder
       only: it breaks causality in a decoder (refused there, as flaxformer never uses it).
@@ -83,17 +83,9 @@ class MoeConfig:
     p = prefix
     if self.num_experts < 1:
       raise ValueError(f"{p}.num_experts={self.num_experts}: need at least 1 expert.")
-    if self.router_type not in ROUTER_TYPES:
-      raise ValueError(
-        f"{p}.router_type={self.router_type!r} is not a router; use one of "
-        f"{', '.join(ROUTER_TYPES)}."
-      )
-    if self.router_type != "experts_choose_masked":
-      if not 1 <= self.num_selected_experts <= self.num_experts:
-        raise ValueError(
-          f"{p}.num_selected_experts={self.num_selected_experts} must be between 1 and "
-          f"{p}.num_experts={self.num_experts}; lower k or add experts."
-        )
+    router = self.router()  # ValueError naming the registered routers
+    if problem := router.config_problem(self, p):
+      raise ValueError(problem)
     for name in ("train_capacity_factor", "eval_capacity_factor"):
       if getattr(self, name) <= 0:
         raise ValueError(
@@ -126,22 +118,14 @@ class MoeConfig:
 
   def validate_causal(self, prefix: str) -> None:
     """Refuses routing that lets a decoder token's routing depend on later tokens."""
-    fix = (
-      f"use --set {prefix}.router_type=tokens_choose_masked (flaxformer's experts-choose "
-      f"models route their decoders with top-2: --set {prefix}.num_selected_experts=2)"
-    )
-    if self.router_type == "experts_choose_masked":
-      raise ValueError(
-        f"{prefix}.router_type='experts_choose_masked' cannot route a decoder: each expert "
-        f"picks its tokens from the whole group, so a token's routing depends on later "
-        f"tokens; {fix}."
-      )
-    if self.batch_prioritized_routing:
-      raise ValueError(
-        f"{prefix}.batch_prioritized_routing=True cannot route a decoder: tokens are served "
-        f"by confidence, so a token's slot depends on later tokens; set "
-        f"{prefix}.batch_prioritized_routing=False."
-      )
+    if problem := self.router().causal_problem(self, prefix):
+      raise ValueError(problem)
+
+  def router(self):
+    """The Router class of `router_type` (switchjax.routing's registry)."""
+    from switchjax import routing  # local: routing imports this module
+
+    return routing.router_class(self.router_type)
 
 
 def causal_moe(moe: MoeConfig) -> MoeConfig:
@@ -151,7 +135,8 @@ def causal_moe(moe: MoeConfig) -> MoeConfig:
   top-2, as flaxformer's experts_choose_*.gin route their decoders.
   """
   changes = {"batch_prioritized_routing": False}
-  if moe.router_type == "experts_choose_masked":
+  causal = dataclasses.replace(moe, **changes)
+  if causal.router().causal_problem(causal, "moe"):
     changes.update(router_type="tokens_choose_masked", num_selected_experts=2)
   return dataclasses.replace(moe, **changes)
 

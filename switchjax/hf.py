@@ -241,21 +241,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
       "sequence with a fixed number of slots per expert; set "
       "model.moe.expert_capacity (switch-base-*: 64)"
     )
-  if moe.router_type == "experts_choose_masked":
-    refusals.append(
-      "experts-choose routing: HF has only the tokens-choose top-1 router; set "
-      "model.moe.router_type='tokens_choose_masked'"
-    )
-  elif moe.num_selected_experts != 1:
-    refusals.append(
-      f"top-{moe.num_selected_experts} routing: HF routes each token to one "
-      "expert; set model.moe.num_selected_experts=1"
-    )
-  if moe.batch_prioritized_routing:
-    refusals.append(
-      "batch-prioritized routing: HF fills the experts in position order; set "
-      "model.moe.batch_prioritized_routing=False"
-    )
+  if router_problem := moe.router().hf_problem(moe):
+    refusals.append(router_problem)
   if cfg.decoder_moe is not None and cfg.decoder_moe != moe:
     refusals.append(
       "the decoder has its own MoE settings (model.decoder_moe): HF routes both stacks with "

@@ -216,7 +216,7 @@ class MoeLayer(nn.Module):
       )
     batch, length, d_model = inputs.shape
     if self.causal:
-      cfg.validate_causal("the decoder's moe")
+      cfg.validate_causal("model.decoder_moe")
     layout = group_layout(batch, length, cfg, enable_dropout, mesh_group_shards())
     x = inputs
     if (layout.padded_batch, layout.padded_length) != (batch, length):
@@ -225,17 +225,7 @@ class MoeLayer(nn.Module):
     x = x.reshape(layout.num_groups, layout.tokens_per_group, d_model)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-    router = routing.Router(
-      num_experts=cfg.num_experts,
-      router_type=cfg.router_type,
-      num_selected_experts=cfg.num_selected_experts,
-      batch_prioritized_routing=cfg.batch_prioritized_routing,
-      jitter_noise=cfg.jitter_noise,
-      use_bias=cfg.router_bias,
-      ignore_padding_tokens=cfg.ignore_padding_tokens,
-      precision=cfg.router_precision,
-      name="router",
-    )
+    router = routing.make_router(cfg, name="router")
     order = causal_token_order(layout) if self.causal else None
     route, router_logits = router(
       x, layout.slots, apply_jitter=enable_dropout, causal=self.causal, order=order
@@ -246,7 +236,7 @@ class MoeLayer(nn.Module):
     else:
       y, routed = self._masked_dispatch_and_combine(x, route, enable_dropout)
 
-    self._sow_metrics(x, route, routed, router_logits, layout, batch, length)
+    self._sow_metrics(x, route, routed, router_logits, layout, batch, length, type(router))
 
     y = y.reshape(layout.padded_batch, layout.padded_length, d_model)[:batch, :length]
     return nn.with_logical_constraint(y, ("batch", "length", "embed"))
@@ -347,7 +337,7 @@ class MoeLayer(nn.Module):
       jnp.swapaxes(y, 0, 1), ("batch", "unmodeled", "length", "embed")
     )
 
-  def _sow_metrics(self, x, route, routed, router_logits, layout, batch, length):
+  def _sow_metrics(self, x, route, routed, router_logits, layout, batch, length, router_cls):
     """Sows flaxformer's five routing metrics plus per-expert token counts and the logits.
 
     `routed` [groups, tokens] counts the experts that took each token.
@@ -372,7 +362,7 @@ class MoeLayer(nn.Module):
       combine_total = jnp.sum(route.combine_array)
       tokens_per_expert = jnp.sum(route.dispatch_mask, axis=(0, 1, 3), dtype=jnp.int32)
 
-    if cfg.router_type == "experts_choose_masked":
+    if router_cls.fills_capacity:
       expert_usage = jnp.float32(1.0)  # experts always fill their buffers
     else:
       expert_usage = num_dispatched / (cfg.num_experts * layout.expert_capacity * layout.num_groups)

@@ -80,11 +80,7 @@ def train_flops_per_example(config: Config) -> float:
   mlp = (len(m.mlp_activations) + 1) * m.d_model * m.d_ff
 
   def expert(moe):  # MACs of one token through the router and its experts
-    k = (
-      moe.num_selected_experts
-      if moe.router_type != "experts_choose_masked"
-      else moe.train_capacity_factor  # experts-choose: cf experts per token on average
-    )
+    k = moe.router().experts_per_token(moe, train=True)
     return k * (len(m.expert_acts) + 1) * m.d_model * m.expert_mlp_dim + m.d_model * moe.num_experts
 
   def stack(name, num_layers, sparse, length, cross):

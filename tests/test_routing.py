@@ -128,9 +128,9 @@ def test_no_expert_exceeds_capacity(case):
   assert layout.expert_capacity == 2 and layout.num_groups == 4
   # Per group each expert holds at most `capacity` tokens.
   x_groups = x.reshape(layout.num_groups, layout.tokens_per_group, -1)
-  route, _ = routing.Router(
-    num_experts=4, router_type=config.router_type, num_selected_experts=config.num_selected_experts
-  ).apply({"params": params["router"]}, x_groups, layout.expert_capacity)
+  route, _ = routing.make_router(config).apply(
+    {"params": params["router"]}, x_groups, layout.expert_capacity
+  )
   if isinstance(route, routing.RouterMask):
     per_group_expert = route.dispatch_mask.sum(axis=(1, 3))  # [groups, experts]
     assert int(route.dispatch_mask.sum(axis=1).max()) <= 1  # one token per slot
