@@ -2,7 +2,8 @@
 
 The public API:
   configs     Config, ModelConfig, MoeConfig, DataConfig, TrainConfig, MeshConfig, load_config
-  modules     SwitchTransformer, SwitchEncoder, MoeLayer, Router
+  modules     SwitchTransformer, SwitchEncoder, MoeLayer
+  routers     Router (base class), register_router, make_router
   Hugging Face  from_hf, to_hf
   generation  generate
   checkpoints save_model, load_model
@@ -23,5 +24,5 @@ from switchjax.decoding import generate
 from switchjax.hf import from_hf, to_hf
 from switchjax.model import SwitchEncoder, SwitchTransformer
 from switchjax.moe import MoeLayer
-from switchjax.routing import Router
+from switchjax.routing import Router, make_router, register_router
 from switchjax.train import train

@@ -79,7 +79,7 @@ def test_top1_router_hf_fixture_two_experts_capacity_four():
       [0.02335377, -0.02971946],
     ]
   )
-  router = switchjax.Router(num_experts=2)
+  router = switchjax.make_router(MoeConfig(num_experts=2))  # tokens-choose top-1
   route, _ = router.apply({"params": {"kernel": kernel}}, tokens, 4)
   np.testing.assert_allclose(float(route.auxiliary_loss), 1.000308, atol=1e-5)
   np.testing.assert_allclose(float(route.router_z_loss), 0.4789799, atol=1e-5)
@@ -356,3 +356,67 @@ def test_bad_moe_settings_raise_clear_errors(overrides, message):
   layer = switchjax.MoeLayer(config, d_ff=8)
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
     layer.init(jax.random.key(0), jnp.ones((2, 8, 4)))
+
+
+# --------------------------------------------------------------------------------------------
+# A new router is one class.
+
+
+@switchjax.register_router("test_renormalized_top_k")
+class RenormalizedTopKRouter(switchjax.Router):
+  """Tokens-choose top-k whose combine weights are renormalised over the experts that took the
+  token (as Mixtral-style routers do), defined here, outside the library."""
+
+  @classmethod
+  def experts_per_token(cls, config, train=True):
+    return float(config.num_selected_experts)
+
+  def route(self, router_probs, padding_mask, expert_capacity, causal, order):
+    route = routing.tokens_choose_masked(
+      router_probs,
+      padding_mask,
+      expert_capacity,
+      self.config.num_selected_experts,
+      order=order,
+      choice_major=not causal,
+    )
+    total = jnp.sum(route.combine_array, axis=(2, 3), keepdims=True)  # [groups, tokens, 1, 1]
+    return route.replace(combine_array=route.combine_array / jnp.where(total > 0, total, 1.0))
+
+
+def test_a_router_defined_outside_the_library_trains_through_the_config(tmp_path):
+  import json
+
+  from switchjax.train import train, train_flops_per_example
+
+  config = switchjax.load_config(
+    "tiny",
+    [
+      "model.moe.router_type=test_renormalized_top_k",
+      "train.num_train_steps=2",
+      "train.log_every=1",
+      "train.eval_every=0",
+    ],
+  )
+  assert config.model.moe_for("decoder").router_type == "test_renormalized_top_k"
+  assert train_flops_per_example(config) == train_flops_per_example(
+    switchjax.load_config("tiny")
+  )  # the class says one expert per token, as top-1
+  result = train(config, tmp_path, progress=False, log=lambda _: None)
+  assert result.step == 2 and all(np.isfinite(list(result.losses.values())))
+  logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  # Top-1 weights renormalised over the one expert that took each token are exactly 1.
+  assert logged[0]["router_confidence"] == pytest.approx(1.0)
+  with pytest.raises(
+    ValueError, match="test_renormalized_top_k routing: HF has only the tokens-choose top-1 router"
+  ):
+    switchjax.hf.config_to_hf(config.model)
+
+
+def test_an_unknown_router_names_the_registered_ones():
+  with pytest.raises(
+    ValueError,
+    match=r"moe.router_type='top9' is not a router; use one of "
+    r"tokens_choose_masked, tokens_choose_scatter, experts_choose_masked",
+  ):
+    switchjax.load_config("tiny", ["model.moe.router_type=top9"])
