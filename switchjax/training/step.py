@@ -25,8 +25,15 @@ Array = jax.Array
 
 
 def split_microbatches(batch: dict[str, Array], n: int) -> dict[str, Array]:
-  """[batch, ...] -> [n, batch / n, ...]."""
-  return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
+  """[batch, ...] -> [n, batch / n, ...], microbatch i holding rows i, i + n, i + 2n, ...
+
+  Strided, not contiguous: every device holds a contiguous block of the batch's rows, so each
+  microbatch takes rows from every device's block and splitting needs no communication (a
+  contiguous split would gather each microbatch's tokens onto the devices).
+  """
+  return jax.tree.map(
+    lambda x: jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1), batch
+  )
 
 
 def accumulate_gradients(
