@@ -14,15 +14,24 @@ over a newest checkpoint that fails to load, and says so.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
 import functools
+import json
 import logging
 import pathlib
+import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
 from switchjax import config as config_lib
 from switchjax import sharding
@@ -178,18 +187,276 @@ class CheckpointStore:
 
 
 # --------------------------------------------------------------------------------------------
+# Streaming: arrays written one block at a time, so that a model bigger than memory converts.
+
+
+# Bytes of blocks being read and written at once by `save_model`: small arrays are written
+# together (so that the writes share commits), big ones a block at a time.
+WRITE_BUDGET = 8 << 20
+
+
+@functools.cache
+def _malloc_trim() -> Callable | None:
+  try:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+  except (OSError, AttributeError):  # not glibc
+    return None
+
+
+def release_freed_memory() -> None:
+  """Returns freed heap memory to the OS (glibc's malloc_trim; a no-op elsewhere). glibc keeps
+  what each thread frees in that thread's arena, so without this the resident memory of a
+  streaming conversion grows with the number of blocks written, not with one block."""
+  if trim := _malloc_trim():
+    trim(0)
+
+
+class LazyArray:
+  """An array read on demand, in blocks along one axis, and never whole unless asked.
+
+  `save_model` writes it block by block (a block is read, written, committed and released,
+  with at most WRITE_BUDGET bytes of blocks in flight), stored exactly as a numpy array would
+  be, one zarr chunk per block.
+
+  Attributes:
+    shape, dtype: of the whole array.
+    read: read(start, stop) -> the array's [start:stop] along `axis`, of `dtype`.
+    axis: the axis the blocks split.
+    block: the length of a block along `axis` (the last may be shorter).
+    source: the directory it is read from, if any (converters never write there).
+  """
+
+  def __init__(
+    self,
+    shape,
+    dtype,
+    read: Callable,
+    axis: int = 0,
+    block: int | None = None,
+    source: pathlib.Path | None = None,
+  ):
+    self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+    self.read, self.axis, self.source = read, axis, source
+    self.block = max(1, min(block or self.length, self.length))
+
+  @classmethod
+  def of(cls, array) -> LazyArray:
+    """A host-addressable array as one block, read (for a jax.Array: copied to the host)
+    only when it is written."""
+    return cls(array.shape, array.dtype, lambda start, stop: np.asarray(array))
+
+  def __repr__(self) -> str:
+    return f"LazyArray({self.shape}, {self.dtype}, blocks of {self.block} along axis {self.axis})"
+
+  @property
+  def length(self) -> int:
+    return self.shape[self.axis] if self.shape else 1
+
+  @property
+  def nbytes(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+  @property
+  def block_shape(self) -> tuple[int, ...]:
+    shape = list(self.shape)
+    if shape:
+      shape[self.axis] = self.block
+    return tuple(shape)
+
+  def block_ranges(self) -> list[tuple[int, int]]:
+    return [(i, min(i + self.block, self.length)) for i in range(0, self.length, self.block)]
+
+  def index(self, start: int, stop: int) -> tuple:
+    """The index of the block [start:stop) in the whole array."""
+    return (slice(None),) * self.axis + (slice(start, stop),) if self.shape else ()
+
+  def read_block(self, start: int, stop: int) -> np.ndarray:
+    """The block [start:stop) along `axis`, checked."""
+    block = np.asarray(self.read(start, stop), self.dtype)
+    expected = self.shape[: self.axis] + (stop - start,) + self.shape[self.axis + 1 :]
+    if self.shape and block.shape != expected:
+      raise ValueError(f"a block of shape {block.shape} where {expected} was expected")
+    return block.reshape(self.shape) if not self.shape else block
+
+  def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    if len(self.block_ranges()) == 1:
+      out = self.read_block(0, self.length)
+    else:
+      out = np.empty(self.shape, self.dtype)
+      for start, stop in self.block_ranges():
+        out[self.index(start, stop)] = self.read_block(start, stop)
+    return out if dtype is None else out.astype(dtype)
+
+
+class _ByteBudget:
+  """At most `limit` bytes held at once (a request for more than the limit takes it all)."""
+
+  def __init__(self, limit: int):
+    self.limit, self.free = limit, limit
+    self.changed = asyncio.Condition()
+
+  @contextlib.asynccontextmanager
+  async def hold(self, nbytes: int):
+    nbytes = min(nbytes, self.limit)
+    async with self.changed:
+      await self.changed.wait_for(lambda: self.free >= nbytes)
+      self.free -= nbytes
+    try:
+      yield
+    finally:
+      async with self.changed:
+        self.free += nbytes
+        self.changed.notify_all()
+
+
+class _LazyArrayHandler(ocp.type_handlers.NumpyHandler):
+  """Writes LazyArrays block by block: a block is read just before its write and released
+  once committed, with at most WRITE_BUDGET bytes of blocks in flight. The stored array is what
+  Orbax's NumpyHandler writes for a numpy array of the same shape and dtype (typestr
+  'np.ndarray', zarr chunks of one block), so every restore path reads it as usual."""
+
+  async def serialize(self, values, infos, args=None):
+    args = args or [ocp.type_handlers.SaveArgs()] * len(values)
+    ocp.type_handlers.check_input_arguments(values, infos, args)
+    return [
+      ocp.future.CommitFutureAwaitingContractedSignals(
+        self._write_all(values, infos, args), name="lazy_array_handler"
+      )
+    ]
+
+  async def _write_all(self, values, infos, args) -> None:
+    budget = _ByteBudget(WRITE_BUDGET)
+    await asyncio.gather(*(self._write(v, i, a, budget) for v, i, a in zip(values, infos, args)))
+
+  async def _write(self, value: LazyArray, info, arg, budget: _ByteBudget) -> None:
+    await info.await_path_creation()
+    spec = ocp.type_handlers.get_json_tspec_write(
+      info,
+      use_ocdbt=info.is_ocdbt_checkpoint,
+      global_shape=value.shape,
+      local_shape=value.block_shape,
+      dtype=value.dtype,
+      process_index=jax.process_index() if info.is_ocdbt_checkpoint else None,
+      arg=arg,
+    )
+    if jax.process_index() != 0:
+      return
+    store = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
+    row_bytes = value.nbytes // max(value.length, 1)
+    for start, stop in value.block_ranges():
+      async with budget.hold((stop - start) * row_bytes):
+        await store[value.index(start, stop)].write(value.read_block(start, stop))
+      release_freed_memory()
+
+
+class _StreamingHandler(ocp.PyTreeCheckpointHandler):
+  """PyTreeCheckpointHandler that also saves LazyArray leaves. It writes the layout of
+  StandardCheckpointHandler and records itself under that name: the checkpoint is an ordinary
+  one, restored by `CheckpointStore` and `load_model` as any other."""
+
+  def __init__(self):
+    registry = ocp.type_handlers.create_type_handler_registry(
+      *[(ty, ocp.type_handlers.get_type_handler(ty)) for ty in ocp.type_handlers.supported_types()],
+      (LazyArray, _LazyArrayHandler()),
+    )
+    super().__init__(type_handler_registry=registry)
+
+
+@ocp.args.register_with_handler(_StreamingHandler, for_save=True)
+@dataclasses.dataclass
+class _StreamingSave(ocp.args.PyTreeSave):
+  """Save arguments of _StreamingHandler (Orbax finds a handler by the class of its args)."""
+
+
+@ocp.args.register_with_handler(_StreamingHandler, for_restore=True)
+@dataclasses.dataclass
+class _StreamingRestore(ocp.args.PyTreeRestore):
+  """Restore arguments of _StreamingHandler (Orbax wants both registered)."""
+
+
+def check_output_dir(out, sources=(), overwrite: bool = False, flag: str = "output") -> None:
+  """Refuses (ValueError naming the directory and the fix) to write a conversion into `out`
+  when it is, holds or lies inside one of `sources`, or when it is not empty (unless
+  `overwrite`); checked before anything is read or written."""
+  out = pathlib.Path(out)
+  target = out.resolve()
+  for source in sources:
+    source = pathlib.Path(source).resolve()
+    if target == source or source in target.parents or target in source.parents:
+      raise ValueError(
+        f"{out} would overlap the input {source}: a conversion never writes into its input; "
+        f"choose a {flag} outside it."
+      )
+  if out.exists() and not out.is_dir():
+    raise ValueError(f"{out} is a file, not a directory: choose another {flag}.")
+  if not overwrite and out.is_dir() and any(out.iterdir()):
+    raise ValueError(
+      f"{out} is not empty: choose a new or empty {flag}, or pass --overwrite "
+      "(overwrite=True) to replace the files a conversion writes there."
+    )
+
+
+def clear_output_dir(out, patterns) -> None:
+  """Removes the files and directories of `out` that match `patterns` (a previous
+  conversion's outputs, when overwriting); everything else stays."""
+  out = pathlib.Path(out)
+  for pattern in patterns:
+    for path in out.glob(pattern) if out.is_dir() else ():
+      if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+      else:
+        path.unlink()
+
+
+# --------------------------------------------------------------------------------------------
 # Model checkpoints (parameters plus config), for conversion, generation and fine-tuning.
 
 
+def _lazy_host_array(x) -> LazyArray:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    raise ValueError(
+      "save_model writes host-addressable parameters; a multi-host run saves its sharded "
+      "parameters with CheckpointStore.save."
+    )
+  return LazyArray.of(x)
+
+
 def save_model(directory, config: config_lib.Config, params, step: int = 0) -> pathlib.Path:
-  """Writes config.json and the parameters as checkpoint `step` (synchronously)."""
+  """Writes config.json and the parameters as checkpoint `step` (synchronously).
+
+  Leaves may be numpy or jax arrays or LazyArrays; numpy arrays and LazyArrays are written
+  one at a time (LazyArrays one block at a time), so that saving needs no copy of the model.
+  """
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   config_lib.save_config(config, directory / CONFIG_FILE)
-  store = CheckpointStore(directory, async_save=False)
-  store.save(step, params)
-  store.close()
+  params = jax.tree.map(lambda x: x if isinstance(x, LazyArray) else _lazy_host_array(x), params)
+  manager = ocp.CheckpointManager(
+    directory.resolve() / CHECKPOINTS,
+    options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
+    item_handlers={"params": _StreamingHandler(), "meta": ocp.JsonCheckpointHandler()},
+  )
+  manager.save(
+    int(step),
+    args=ocp.args.Composite(
+      params=_StreamingSave(params), meta=ocp.args.JsonSave({"step": int(step)})
+    ),
+  )
+  manager.wait_until_finished()
+  manager.close()
+  if jax.process_index() == 0:
+    _record_standard_handler(directory / CHECKPOINTS / str(int(step)))
   return directory
+
+
+def _record_standard_handler(step_dir: pathlib.Path) -> None:
+  """Records the params item as StandardCheckpointHandler's (whose layout _StreamingHandler
+  writes), so that Orbax restores it without switchjax's handler, like any checkpoint."""
+  path = step_dir / "_CHECKPOINT_METADATA"
+  metadata = json.loads(path.read_text())
+  metadata["item_handlers"]["params"] = ocp.StandardCheckpointHandler.typestr()
+  path.with_suffix(".tmp").write_text(json.dumps(metadata))
+  path.with_suffix(".tmp").replace(path)
 
 
 def load_config(directory) -> config_lib.Config:
@@ -202,15 +469,21 @@ def load_config(directory) -> config_lib.Config:
   return config_lib.read_config(path)
 
 
-def load_model(directory, step: int | None = None, shardings: Any = None):
+def load_model(directory, step: int | None = None, shardings: Any = None, dtype=None):
   """(Config, params) of a checkpoint directory: the given or newest step, parameters only.
 
   Without `shardings` the parameters land on the default device; with a tree of shardings
-  (matching the parameters) they are restored sharded.
+  (matching the parameters, e.g. on a mesh) each process reads only the slices of its own
+  devices and places them there, never a whole copy of the model. `dtype` ('float32',
+  'bfloat16') casts every parameter while restoring (and sets model.param_dtype); None keeps
+  the config's param_dtype (a converted checkpoint's is its stored dtype).
   """
   from switchjax.model import SwitchTransformer, init_params  # local: model imports are heavy
 
   config = load_config(directory)
+  if dtype is not None:
+    model = dataclasses.replace(config.model, param_dtype=jax.numpy.dtype(dtype).name)
+    config = dataclasses.replace(config, model=model).validate()
   store = CheckpointStore(directory, async_save=False)
   steps = store.steps()
   if not steps:
@@ -232,6 +505,45 @@ def load_model(directory, step: int | None = None, shardings: Any = None):
       errors.append(f"step {s}: {type(e).__name__}: {str(e)[:200]}")
   store.close()
   raise ValueError(f"Could not restore parameters from {directory}: " + "; ".join(errors))
+
+
+def lazy_params(directory, step: int | None = None) -> tuple[config_lib.Config, Any]:
+  """(Config, params) of a checkpoint directory (the given or newest step) whose leaves are
+  LazyArrays of the stored shapes and dtypes, read a stored chunk (e.g. one expert) at a time
+  when used: converting (`hf.to_hf`) or copying (`save_model`) them holds a few chunks in
+  memory, never the model. Reads what Orbax's NumpyHandler reads, with the same specs."""
+  config = load_config(directory)
+  store = CheckpointStore(directory, async_save=False)
+  steps = store.steps()
+  if not steps:
+    raise FileNotFoundError(f"No checkpoint under {pathlib.Path(directory) / CHECKPOINTS}.")
+  step = steps[-1] if step is None else int(step)
+  metadata = store.manager.item_metadata(step)["params"]
+  store.close()
+  params_dir = store.directory / CHECKPOINTS / str(step) / "params"
+  layout = json.loads((params_dir / "_METADATA").read_text())
+  use_ocdbt = bool(layout.get("use_ocdbt", True))
+  context = ocp.type_handlers.get_ts_context(use_ocdbt=use_ocdbt)
+
+  def leaf(meta) -> LazyArray:
+    info = ocp.type_handlers.ParamInfo(
+      name=meta.name,
+      parent_dir=params_dir,
+      is_ocdbt_checkpoint=use_ocdbt,
+      use_zarr3=bool(layout.get("use_zarr3", False)),
+      ts_context=context,
+    )
+    spec = ts.Spec(ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt))
+    opened = functools.cache(lambda: ts.open(spec, open=True, context=context).result())
+
+    def read(start: int, stop: int) -> np.ndarray:
+      return (opened()[start:stop] if meta.shape else opened()).read().result()
+
+    chunk = meta.storage.chunk_shape if meta.storage else None
+    block = chunk[0] if chunk and meta.shape else None
+    return LazyArray(meta.shape, meta.dtype, read, block=block, source=pathlib.Path(directory))
+
+  return config, jax.tree.map(leaf, metadata)
 
 
 def params_equal(a, b) -> bool:
