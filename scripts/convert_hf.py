@@ -105,6 +105,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  checkpoint.release_memory_eagerly()  # freed tensors go back to the OS at once
   try:
     if args.hf_dir:
       hf_to_switchjax(args)

@@ -82,17 +82,28 @@ class CheckpointStore:
     directory: the workdir; checkpoints go to `directory/checkpoints`.
   """
 
-  def __init__(self, directory, keep: int | None = None, async_save: bool = True):
+  def __init__(
+    self,
+    directory,
+    keep: int | None = None,
+    async_save: bool = True,
+    restore_concurrent_bytes: int | None = None,
+  ):
+    """`restore_concurrent_bytes` bounds the bytes being read at once while restoring (the
+    host buffers a shard passes through on its way to its devices); Orbax's default is 96 GB."""
     self.directory = pathlib.Path(directory).resolve()
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=async_save
     )
+    limit = {}
+    if restore_concurrent_bytes:
+      limit = dict(restore_concurrent_gb=restore_concurrent_bytes / 1e9)  # Orbax takes GB
     self.manager = ocp.CheckpointManager(
       self.directory / CHECKPOINTS,
       options=options,
       item_handlers={
-        "params": ocp.StandardCheckpointHandler(),
-        "opt_state": ocp.StandardCheckpointHandler(),
+        "params": ocp.StandardCheckpointHandler(**limit),
+        "opt_state": ocp.StandardCheckpointHandler(**limit),
         "meta": ocp.JsonCheckpointHandler(),
       },
     )
@@ -196,10 +207,11 @@ WRITE_BUDGET = 8 << 20
 
 
 @functools.cache
-def _malloc_trim() -> Callable | None:
+def _glibc():
   try:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-  except (OSError, AttributeError):  # not glibc
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+  except OSError:  # not glibc
     return None
 
 
@@ -207,8 +219,18 @@ def release_freed_memory() -> None:
   """Returns freed heap memory to the OS (glibc's malloc_trim; a no-op elsewhere). glibc keeps
   what each thread frees in that thread's arena, so without this the resident memory of a
   streaming conversion grows with the number of blocks written, not with one block."""
-  if trim := _malloc_trim():
-    trim(0)
+  if libc := _glibc():
+    libc.malloc_trim(0)
+
+
+def release_memory_eagerly(threshold: int = 256 << 10) -> None:
+  """Makes glibc serve allocations of `threshold` bytes or more from their own mappings,
+  returned to the OS when freed (mallopt M_MMAP_THRESHOLD, which also stops glibc from raising
+  the threshold as big blocks are freed). For processes that stream a model through memory
+  (scripts/convert_hf.py, scripts/generate.py): freed tensors then leave no holes in the heap,
+  and resident memory stays at what is live, at the cost of a page fault per big allocation."""
+  if libc := _glibc():
+    libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
 
 
 class LazyArray:
@@ -469,49 +491,109 @@ def load_config(directory) -> config_lib.Config:
   return config_lib.read_config(path)
 
 
+def _abstract_params(model):
+  """The boxed parameter shapes of `model`. The key is made inside the trace: a concrete key
+  would run (and compile) a first XLA computation, which costs ~50 MB before any restore."""
+  from switchjax.model import init_params
+
+  return jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+
+
 def load_model(directory, step: int | None = None, shardings: Any = None, dtype=None):
   """(Config, params) of a checkpoint directory: the given or newest step, parameters only.
 
-  Without `shardings` the parameters land on the default device; with a tree of shardings
-  (matching the parameters, e.g. on a mesh) each process reads only the slices of its own
-  devices and places them there, never a whole copy of the model. `dtype` ('float32',
-  'bfloat16') casts every parameter while restoring (and sets model.param_dtype); None keeps
-  the config's param_dtype (a converted checkpoint's is its stored dtype).
+  Parameters are restored one at a time, each device's slice read from the checkpoint and
+  placed on that device (`jax.make_array_from_callback`): without `shardings` on the default
+  device; with a tree of shardings (e.g. from `sharding.param_shardings` on a mesh) each
+  process reads only its own devices' slices, so no host ever holds a copy of the model.
+  `dtype` ('float32', 'bfloat16') casts every parameter while reading (and sets
+  model.param_dtype); None keeps the config's (a converted checkpoint's is its stored dtype).
+  A newest step that fails to load is reported in the error of the step tried after it.
   """
-  from switchjax.model import SwitchTransformer, init_params  # local: model imports are heavy
+  from switchjax.model import SwitchTransformer  # local: model imports are heavy
 
   config = load_config(directory)
   if dtype is not None:
     model = dataclasses.replace(config.model, param_dtype=jax.numpy.dtype(dtype).name)
     config = dataclasses.replace(config, model=model).validate()
-  store = CheckpointStore(directory, async_save=False)
-  steps = store.steps()
+  steps = CheckpointStore(directory, async_save=False).steps()
   if not steps:
     raise FileNotFoundError(f"No checkpoint under {pathlib.Path(directory) / CHECKPOINTS}.")
   model = SwitchTransformer(config.model)
-  shapes = sharding.unbox(jax.eval_shape(functools.partial(init_params, model), jax.random.key(0)))
+  shapes = sharding.unbox(_abstract_params(model))
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, shapes)
   abstract = sharding.abstract_tree(shapes, shardings)
-  candidates = [step] if step is not None else list(reversed(steps))
   errors = []
-  for s in candidates:
+  for s in [step] if step is not None else list(reversed(steps)):
     try:
-      restored = store.restore(s, abstract)
-      store.close()
-      return config, restored["params"]
-    except Exception as e:  # noqa: BLE001
+      return config, _place(lazy_params(directory, s)[1], abstract, directory)
+    except IncompatibleCheckpointError:
+      raise
+    except Exception as e:  # noqa: BLE001  (any read failure: try the previous step)
       errors.append(f"step {s}: {type(e).__name__}: {str(e)[:200]}")
-  store.close()
   raise ValueError(f"Could not restore parameters from {directory}: " + "; ".join(errors))
+
+
+def _place(stored, abstract, directory) -> Any:
+  """Stored arrays onto the shapes, dtypes and shardings of `abstract`, one at a time."""
+  difference = _first_difference(_shapes_by_name(stored), _shapes_by_name(abstract))
+  if difference:
+    raise IncompatibleCheckpointError(
+      f"{directory} holds parameters of another model ({difference})."
+    )
+
+  def place(array: StoredArray, target: jax.ShapeDtypeStruct) -> jax.Array:
+    read = lambda index: np.asarray(array[index], target.dtype)  # noqa: E731
+    placed = jax.make_array_from_callback(target.shape, target.sharding, read)
+    release_freed_memory()
+    return placed
+
+  return jax.tree.map(place, stored, abstract)
+
+
+def load_model_on_mesh(directory, mesh_config, step: int | None = None, dtype=None):
+  """(Config, params, mesh): the parameters restored onto the mesh that `mesh_config` (e.g.
+  MeshConfig(expert=8)) makes of all devices (of every process), sharded by the logical-axis
+  rules: each process reads only its devices' slices and places them there. Run the model
+  under `jax.set_mesh(mesh)` and `sharding.axis_rules()`."""
+  from switchjax.model import SwitchTransformer  # local: model imports are heavy
+
+  config = load_config(directory)
+  mesh = sharding.make_mesh(mesh_config, config.model.moe.num_experts)
+  model = SwitchTransformer(config.model)
+  boxed = _abstract_params(model)
+  config, params = load_model(directory, step, sharding.param_shardings(mesh, boxed), dtype)
+  return config, params, mesh
+
+
+class StoredArray(LazyArray):
+  """An array of an Orbax checkpoint, read when used: `x[index]` reads one slice (what a
+  device holds), the blocks of a LazyArray are the stored chunks along the first axis (one
+  expert for a converted model). Read with the spec Orbax's NumpyHandler reads with."""
+
+  def __init__(self, meta, spec: ts.Spec, context, source: pathlib.Path):
+    chunk = meta.storage.chunk_shape if meta.storage else None
+    block = chunk[0] if chunk and meta.shape else None
+    super().__init__(meta.shape, meta.dtype, self._rows, block=block, source=source)
+    self._spec, self._context = spec, context
+
+  @functools.cached_property
+  def _store(self):
+    return ts.open(self._spec, open=True, context=self._context).result()
+
+  def __getitem__(self, index) -> np.ndarray:
+    return np.asarray(self._store[index].read().result(), self.dtype)
+
+  def _rows(self, start: int, stop: int) -> np.ndarray:
+    return self[start:stop] if self.shape else self[()]
 
 
 def lazy_params(directory, step: int | None = None) -> tuple[config_lib.Config, Any]:
   """(Config, params) of a checkpoint directory (the given or newest step) whose leaves are
-  LazyArrays of the stored shapes and dtypes, read a stored chunk (e.g. one expert) at a time
-  when used: converting (`hf.to_hf`) or copying (`save_model`) them holds a few chunks in
-  memory, never the model. Reads what Orbax's NumpyHandler reads, with the same specs."""
+  StoredArrays of the stored shapes and dtypes, read when used: converting (`hf.to_hf`) or
+  copying (`save_model`) them holds a stored chunk (one expert) at a time, never the model."""
   config = load_config(directory)
   store = CheckpointStore(directory, async_save=False)
   steps = store.steps()
@@ -520,12 +602,15 @@ def lazy_params(directory, step: int | None = None) -> tuple[config_lib.Config, 
   step = steps[-1] if step is None else int(step)
   metadata = store.manager.item_metadata(step)["params"]
   store.close()
+  metadata = getattr(metadata, "tree", metadata)  # the plain tree of ArrayMetadata
+  if metadata is None:
+    raise FileNotFoundError(f"Step {step} of {directory} has no readable parameters.")
   params_dir = store.directory / CHECKPOINTS / str(step) / "params"
   layout = json.loads((params_dir / "_METADATA").read_text())
   use_ocdbt = bool(layout.get("use_ocdbt", True))
   context = ocp.type_handlers.get_ts_context(use_ocdbt=use_ocdbt)
 
-  def leaf(meta) -> LazyArray:
+  def leaf(meta) -> StoredArray:
     info = ocp.type_handlers.ParamInfo(
       name=meta.name,
       parent_dir=params_dir,
@@ -534,14 +619,7 @@ def lazy_params(directory, step: int | None = None) -> tuple[config_lib.Config, 
       ts_context=context,
     )
     spec = ts.Spec(ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt))
-    opened = functools.cache(lambda: ts.open(spec, open=True, context=context).result())
-
-    def read(start: int, stop: int) -> np.ndarray:
-      return (opened()[start:stop] if meta.shape else opened()).read().result()
-
-    chunk = meta.storage.chunk_shape if meta.storage else None
-    block = chunk[0] if chunk and meta.shape else None
-    return LazyArray(meta.shape, meta.dtype, read, block=block, source=pathlib.Path(directory))
+    return StoredArray(meta, spec, context, pathlib.Path(directory))
 
   return config, jax.tree.map(leaf, metadata)
 

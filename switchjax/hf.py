@@ -725,7 +725,7 @@ def _jax_layout(spec: TensorSpec, x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(x.T.reshape(spec.jax_shape) if spec.transpose else x)
 
 
-def _lazy_leaf(tensors: Tensors, specs: list[TensorSpec], dtype: np.dtype) -> LazyArray:
+def _lazy_leaf(tensors: Tensors, specs: list[TensorSpec], dtype: np.dtype, source) -> LazyArray:
   """One switchjax parameter read from its HF tensors on demand: a layer's experts stacked one
   expert per block, big 2-D tensors a block of HF rows at a time, anything else whole."""
   spec = specs[0]
@@ -739,13 +739,16 @@ def _lazy_leaf(tensors: Tensors, specs: list[TensorSpec], dtype: np.dtype) -> La
     def read_experts(start, stop):
       return np.stack([_jax_layout(s, rows(s.name)) for s in experts[start:stop]])
 
-    return LazyArray((len(experts), *spec.jax_shape), dtype, read_experts, axis=0, block=1)
+    shape = (len(experts), *spec.jax_shape)
+    return LazyArray(shape, dtype, read_experts, axis=0, block=1, source=source)
   block = _rows_per_block(spec.hf_shape, dtype.itemsize)
   if not spec.transpose:  # leaf rows = HF rows
-    return LazyArray(spec.jax_shape, dtype, lambda a, b: rows(spec.name, a, b), 0, block)
-  if len(spec.hf_shape) == 2 and spec.jax_shape == spec.hf_shape[::-1]:  # leaf columns = HF rows
-    return LazyArray(spec.jax_shape, dtype, lambda a, b: rows(spec.name, a, b).T, 1, block)
-  return LazyArray(spec.jax_shape, dtype, lambda a, b: _jax_layout(spec, rows(spec.name)))
+    read, axis = (lambda a, b: rows(spec.name, a, b)), 0
+  elif len(spec.hf_shape) == 2 and spec.jax_shape == spec.hf_shape[::-1]:  # columns = HF rows
+    read, axis = (lambda a, b: rows(spec.name, a, b).T), 1
+  else:  # whole
+    read, axis, block = (lambda a, b: _jax_layout(spec, rows(spec.name))), 0, None
+  return LazyArray(spec.jax_shape, dtype, read, axis=axis, block=block, source=source)
 
 
 def _leaf_specs(cfg: ModelConfig) -> dict[tuple[str, ...], list[TensorSpec]]:
@@ -756,11 +759,12 @@ def _leaf_specs(cfg: ModelConfig) -> dict[tuple[str, ...], list[TensorSpec]]:
   return groups
 
 
-def lazy_params_from_tensors(tensors: Tensors, cfg: ModelConfig, dtype) -> dict:
-  """switchjax params whose leaves are LazyArrays of `dtype` over checked HF tensors."""
+def lazy_params_from_tensors(tensors: Tensors, cfg: ModelConfig, dtype, source=None) -> dict:
+  """switchjax params whose leaves are LazyArrays of `dtype` over checked HF tensors (of the
+  directory `source`)."""
   params: dict[str, Any] = {}
   for path, specs in _leaf_specs(cfg).items():
-    _set(params, path, _lazy_leaf(tensors, specs, np.dtype(dtype)))
+    _set(params, path, _lazy_leaf(tensors, specs, np.dtype(dtype), source))
   return params
 
 
@@ -842,7 +846,7 @@ def lazy_from_hf(path, dtype=None) -> tuple[SwitchTransformer, dict]:
   _check_names_and_shapes(tensor_specs(cfg), tensors.shapes, ignored)
   dtype = _numpy_dtype(_stored_dtype(tensors, cfg) if dtype is None else dtype)
   cfg = dataclasses.replace(cfg, param_dtype=dtype.name)
-  return SwitchTransformer(cfg), lazy_params_from_tensors(tensors, cfg, dtype)
+  return SwitchTransformer(cfg), lazy_params_from_tensors(tensors, cfg, dtype, path)
 
 
 def from_hf(path, dtype="float32") -> tuple[SwitchTransformer, dict]:
