@@ -302,7 +302,7 @@ class LazyArray:
 
   def __array__(self, dtype=None, copy=None) -> np.ndarray:
     if len(self.block_ranges()) == 1:
-      out = self.read_block(0, self.length)
+      out = np.ascontiguousarray(self.read_block(0, self.length))
     else:
       out = np.empty(self.shape, self.dtype)
       for start, stop in self.block_ranges():

@@ -721,8 +721,9 @@ def _rows_per_block(shape: tuple[int, ...], itemsize: int) -> int:
 
 
 def _jax_layout(spec: TensorSpec, x: np.ndarray) -> np.ndarray:
-  """One HF tensor in switchjax's layout: torch's (out, in) transposed and reshaped."""
-  return np.ascontiguousarray(x.T.reshape(spec.jax_shape) if spec.transpose else x)
+  """One HF tensor in switchjax's layout: torch's (out, in) transposed and reshaped (a view
+  where numpy can make one: the writer and LazyArray.__array__ copy it once anyway)."""
+  return x.T.reshape(spec.jax_shape) if spec.transpose else x
 
 
 def _lazy_leaf(tensors: Tensors, specs: list[TensorSpec], dtype: np.dtype, source) -> LazyArray:
@@ -736,7 +737,9 @@ def _lazy_leaf(tensors: Tensors, specs: list[TensorSpec], dtype: np.dtype, sourc
   if spec.expert is not None:
     experts = sorted(specs, key=lambda s: s.expert)
 
-    def read_experts(start, stop):
+    def read_experts(start, stop):  # [stop - start, in, out]
+      if stop - start == 1:  # the usual block: a view, no copy
+        return _jax_layout(experts[start], rows(experts[start].name))[None]
       return np.stack([_jax_layout(s, rows(s.name)) for s in experts[start:stop]])
 
     shape = (len(experts), *spec.jax_shape)
@@ -1016,9 +1019,22 @@ def _safetensors_prefix(entries: list[_Entry]) -> bytes:
   return len(text).to_bytes(8, "little") + text
 
 
-def _hf_layout(spec: TensorSpec, x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-  """One switchjax parameter (an expert's slice for experts) as its HF tensor."""
-  return np.ascontiguousarray(x.reshape(spec.hf_shape[::-1]).T if spec.transpose else x, dtype)
+def _hf_view(spec: TensorSpec, x) -> np.ndarray:
+  """One switchjax parameter (an expert's slice for experts) as its HF tensor (a view)."""
+  x = np.asarray(x)
+  return x.reshape(spec.hf_shape[::-1]).T if spec.transpose else x
+
+
+def _stored_rows(spec: TensorSpec, leaf) -> Callable[[slice], np.ndarray] | None:
+  """rows(slice) reading HF rows straight from a stored parameter, when a slice of it holds
+  them (not transposed, or a transposed 2-D matrix); else None."""
+  if not isinstance(leaf, checkpoint.StoredArray) or spec.expert is not None:
+    return None
+  if not spec.transpose:
+    return leaf.__getitem__
+  if len(spec.hf_shape) == 2 and leaf.shape == spec.hf_shape[::-1]:
+    return lambda rows: leaf[:, rows].T
+  return None
 
 
 def _blocks(leaf) -> Iterator[tuple[int, np.ndarray]]:
@@ -1031,9 +1047,10 @@ def _blocks(leaf) -> Iterator[tuple[int, np.ndarray]]:
     yield 0, np.asarray(leaf)
 
 
-def _hf_arrays(params, cfg: ModelConfig, plan) -> Iterator[tuple[str, np.ndarray]]:
-  """(name, tensor) in plan order, each HF tensor made just before it is written: stacked
-  experts are read a block (one expert) at a time, other parameters one at a time."""
+def _hf_arrays(params, cfg: ModelConfig, plan) -> Iterator[tuple[str, Callable]]:
+  """(name, rows) in plan order, where rows(slice) gives those rows of the HF tensor: stacked
+  experts are read a stored block (one expert) at a time, parameters stored in slices that hold
+  HF rows a slice at a time, other parameters whole, one at a time."""
   specs = _leaf_specs(cfg)
   for path, entries in plan:
     by_name = {s.name: s for s in specs[path]}
@@ -1043,12 +1060,26 @@ def _hf_arrays(params, cfg: ModelConfig, plan) -> Iterator[tuple[str, np.ndarray
         for i, x in enumerate(block):
           spec = by_name[entries[start + i].name]
           assert spec.expert == start + i, (spec, start + i)
-          yield spec.name, _hf_layout(spec, x, entries[start + i].dtype)
+          yield spec.name, _hf_view(spec, x).__getitem__
     else:
-      x = np.asarray(leaf)
+      spec = by_name.get("shared.weight", specs[path][0])
+      rows = _stored_rows(spec, leaf) or _hf_view(spec, leaf).__getitem__
       for e in entries:
-        yield e.name, _hf_layout(by_name.get(e.name, by_name.get("shared.weight")), x, e.dtype)
+        yield e.name, rows
     checkpoint.release_freed_memory()
+
+
+def _write_tensor(fh, entry: _Entry, rows: Callable) -> None:
+  """Writes one tensor from rows(slice) in blocks of BLOCK_BYTES (a transposed tensor is made
+  contiguous a block at a time, not whole)."""
+  if not entry.shape:
+    np.asarray(rows(()), entry.dtype).tofile(fh)
+    return
+  step = _rows_per_block(entry.shape, entry.dtype.itemsize)
+  for a in range(0, entry.shape[0], step):
+    block = np.ascontiguousarray(rows(slice(a, min(a + step, entry.shape[0]))), entry.dtype)
+    assert block.shape == (min(step, entry.shape[0] - a), *entry.shape[1:]), (entry, block.shape)
+    block.tofile(fh)
 
 
 def _write_safetensors(out: pathlib.Path, shards, arrays) -> None:
@@ -1057,9 +1088,9 @@ def _write_safetensors(out: pathlib.Path, shards, arrays) -> None:
     with open(out / shard[0].file, "wb") as fh:
       fh.write(_safetensors_prefix(shard))
       for e in shard:
-        name, x = next(arrays)
-        assert (name, x.shape, x.dtype) == (e.name, e.shape, e.dtype), (name, x.shape, e)
-        x.tofile(fh)
+        name, rows = next(arrays)
+        assert name == e.name, (name, e)
+        _write_tensor(fh, e, rows)
   if len(shards) > 1:
     entries = [e for shard in shards for e in shard]
     index = {

@@ -112,6 +112,7 @@ def source_tensors(hf_dir) -> dict[str, np.ndarray]:
   return {k: v for f in sorted(hf_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
+@pytest.mark.slow
 def test_conversion_memory_is_bounded_and_values_exact(medium):
   hf_dir, out, peak, baseline = medium
   size = sum(f.stat().st_size for f in hf_dir.glob("*.safetensors"))
@@ -130,6 +131,7 @@ def test_conversion_memory_is_bounded_and_values_exact(medium):
     assert np.array_equal(x, expected), spec.name
 
 
+@pytest.mark.slow
 def test_experts_are_stored_one_per_chunk(medium):
   _, stored = checkpoint.lazy_params(medium[1])
   wi = stored["encoder"]["layers_1"]["mlp"]["wi"]
@@ -137,6 +139,7 @@ def test_experts_are_stored_one_per_chunk(medium):
   assert stored["token_embedder"]["embedding"].block == hf.BLOCK_BYTES // (512 * 4)
 
 
+@pytest.mark.slow
 def test_to_hf_memory_is_bounded_and_round_trip_exact(medium, tmp_path):
   hf_dir, ckpt, _, baseline = medium
   status, out, peak = run(
