@@ -10,6 +10,11 @@ A checkpoint directory (a training workdir or the output of `scripts/convert_hf.
 Orbax writes each step to a temporary directory and renames it when complete, so a run killed
 while saving leaves the previous steps intact; `CheckpointStore.restore_latest` also steps back
 over a newest checkpoint that fails to load, and says so.
+
+Models bigger than memory: `save_model` writes `LazyArray` leaves one block at a time (an Orbax
+type handler of its own, storing what Orbax's NumpyHandler stores), `lazy_params` reads a
+checkpoint's arrays on demand (`StoredArray`), and `load_model` restores one parameter at a time,
+each device reading only its own slices.
 """
 
 from __future__ import annotations

@@ -8,11 +8,17 @@ builds computes what transformers computes: each sequence is one routing group w
 `expert_capacity`, HF's sparse-layer placement, padding routed like any token (no
 `mask_padding_activations`), tied or untied logits.
 
-`to_hf(model_or_config, params, out_dir)` writes `config.json` (5.x layout) and
-`model.safetensors` for `SwitchTransformersForConditionalGeneration.from_pretrained`, and refuses
-(ValueError) what that model cannot express: gated MLPs, capacity-factor routing, k > 1,
-experts-choose or batch-prioritized routing, ignored padding tokens, expert widths or
-activations that differ from the dense ones, sparse placements HF's rule cannot produce.
+`to_hf(model_or_config, params, out_dir)` writes `config.json` (5.x layout) and safetensors
+(`model.safetensors`, or shards with their index) for
+`SwitchTransformersForConditionalGeneration.from_pretrained`, and refuses (ValueError) what that
+model cannot express: gated MLPs, capacity-factor routing, k > 1, experts-choose or
+batch-prioritized routing, ignored padding tokens, expert widths or activations that differ from
+the dense ones, sparse placements HF's rule cannot produce.
+
+Both directions stream for checkpoints bigger than memory: `lazy_from_hf` checks everything and
+returns `checkpoint.LazyArray` leaves that read their HF tensors a block (one expert, or a few
+MiB of rows) at a time, which `convert_from_hf` writes into an Orbax checkpoint block by block;
+`to_hf` takes lazily read leaves (`checkpoint.lazy_params`) and writes each tensor in row blocks.
 
 Notes on transformers 5.x: `save_pretrained` omits tied tensors (4.x files contain them); with
 `tie_word_embeddings=False` it does not tie `encoder/decoder.embed_tokens` to `shared` either, so
