@@ -87,28 +87,17 @@ class CheckpointStore:
     directory: the workdir; checkpoints go to `directory/checkpoints`.
   """
 
-  def __init__(
-    self,
-    directory,
-    keep: int | None = None,
-    async_save: bool = True,
-    restore_concurrent_bytes: int | None = None,
-  ):
-    """`restore_concurrent_bytes` bounds the bytes being read at once while restoring (the
-    host buffers a shard passes through on its way to its devices); Orbax's default is 96 GB."""
+  def __init__(self, directory, keep: int | None = None, async_save: bool = True):
     self.directory = pathlib.Path(directory).resolve()
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, enable_async_checkpointing=async_save
     )
-    limit = {}
-    if restore_concurrent_bytes:
-      limit = dict(restore_concurrent_gb=restore_concurrent_bytes / 1e9)  # Orbax takes GB
     self.manager = ocp.CheckpointManager(
       self.directory / CHECKPOINTS,
       options=options,
       item_handlers={
-        "params": ocp.StandardCheckpointHandler(**limit),
-        "opt_state": ocp.StandardCheckpointHandler(**limit),
+        "params": ocp.StandardCheckpointHandler(),
+        "opt_state": ocp.StandardCheckpointHandler(),
         "meta": ocp.JsonCheckpointHandler(),
       },
     )
@@ -378,8 +367,8 @@ class _LazyArrayHandler(ocp.type_handlers.NumpyHandler):
 
 class _StreamingHandler(ocp.PyTreeCheckpointHandler):
   """PyTreeCheckpointHandler that also saves LazyArray leaves. It writes the layout of
-  StandardCheckpointHandler and records itself under that name: the checkpoint is an ordinary
-  one, restored by `CheckpointStore` and `load_model` as any other."""
+  StandardCheckpointHandler (which StandardCheckpointHandler wraps), and `save_model` records the
+  step as written by that: an ordinary checkpoint, restored like any other."""
 
   def __init__(self):
     registry = ocp.type_handlers.create_type_handler_registry(

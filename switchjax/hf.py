@@ -438,10 +438,6 @@ class Tensors:
       return self._read_rows(name, 0, 1).reshape(())
     return self._read_rows(name, start, shape[0] if stop is None else min(stop, shape[0]))
 
-  def read(self, name: str) -> np.ndarray:
-    """The whole tensor as float32."""
-    return self.rows(name).astype(np.float32)
-
 
 def _safetensors_dtypes() -> dict:
   import ml_dtypes  # comes with jax; numpy itself has no bfloat16
@@ -560,7 +556,8 @@ def _read_torch(files: list[pathlib.Path]) -> Tensors:
     if where[name] not in current:
       current.clear()  # drops the previous shard's mapping first
       current[where[name]] = _torch_load(where[name], mmap=True)
-    return _torch_numpy(current[where[name]][name][start:stop]).copy()
+    tensor = current[where[name]][name]
+    return _torch_numpy(tensor.reshape(-1) if tensor.dim() == 0 else tensor)[start:stop].copy()
 
   return Tensors(shapes, dtypes, read_rows)
 
@@ -785,11 +782,6 @@ def _stored_dtype(tensors: Tensors, cfg: ModelConfig) -> str:
   return found.pop() if len(found) == 1 and found <= set(DTYPES) else "float32"
 
 
-def params_from_tensors(tensors: Tensors, cfg: ModelConfig, dtype="float32") -> dict:
-  """switchjax params (numpy arrays of `dtype`) from checked HF tensors."""
-  return jax.tree.map(np.asarray, lazy_params_from_tensors(tensors, cfg, _numpy_dtype(dtype)))
-
-
 def _numpy_dtype(dtype) -> np.dtype:
   """np.dtype of 'float32', 'bfloat16' or 'float16' (any spelling); else ValueError."""
   import ml_dtypes
@@ -874,7 +866,7 @@ def from_hf(path, dtype="float32") -> tuple[SwitchTransformer, dict]:
 def convert_from_hf(hf_dir, output_dir, *, dtype=None, overwrite: bool = False) -> Config:
   """Converts a Hugging Face checkpoint directory into a switchjax checkpoint directory
   (config.json, the parameters as Orbax checkpoint step 0, and spiece.model when `hf_dir` has
-  one), one tensor at a time: memory holds one stacked expert tensor, never the model.
+  one), streaming: memory holds a few blocks (one expert, or 4 MiB of rows), never the model.
 
   `dtype` None keeps the checkpoint's dtype (bfloat16 stays bfloat16). Refuses (ValueError,
   before writing anything) an output directory inside or around `hf_dir`, or one that is not
@@ -1131,7 +1123,8 @@ def to_hf(
     dtype: of the written tensors; None keeps each parameter's.
 
   Raises ValueError (before writing anything) when HF cannot express the model (see
-  `config_to_hf`), when params do not fit the config, or when out_dir is not empty.
+  `config_to_hf`), when params do not fit the config, when out_dir is not empty, or when it
+  overlaps the directory lazily read params come from.
   """
   cfg = _model_config(model_or_config)
   hf_config = config_to_hf(cfg)
