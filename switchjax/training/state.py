@@ -108,7 +108,9 @@ def make_train_state(
       return state, meta
   with jax.set_mesh(layout.mesh), sharding.axis_rules():
     if config.train.init_from:
-      _, params = checkpoint.load_model(config.train.init_from, shardings=layout.param_shardings)
+      _, params = checkpoint.load_model(
+        config.train.init_from, shardings=layout.param_shardings, dtype=config.model.param_dtype
+      )
       report(f"Initialised parameters from {config.train.init_from}.")
     else:
       init = jax.jit(
