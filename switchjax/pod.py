@@ -45,9 +45,9 @@ class PodReport:
     argument_bytes, output_bytes, temp_bytes, alias_bytes: XLA's per-device memory figures
       (arguments: parameters, optimizer state and the batch shard; temp: activations).
     collectives: instructions of each kind in the compiled program.
-    all_gathers: result shapes of the all-gathers; token_sized_all_gathers: those with a
-      dimension as large as a routing group, a sequence or the batch (activations, not
-      parameters).
+    all_gathers: result shapes of the all-gathers; token_sized_all_gathers: those with
+      dimensions of a routing group, a sequence or the batch and more values per token than
+      'model' shards (activations, not parameters or a cross-shard argmax).
     replications: XLA's "Involuntary full rematerialization" warnings while compiling.
   """
 
@@ -142,7 +142,7 @@ def simulate(config: Config, mesh: tuple[int, int, int]) -> PodReport:
     alias_bytes=int(memory.alias_size_in_bytes),
     collectives=count_collectives(hlo),
     all_gathers=gathers,
-    token_sized_all_gathers=[g for g in gathers if _dims(g) & sizes],
+    token_sized_all_gathers=[g for g in gathers if _per_token(g, sizes) > mesh[2]],
     replications=log.text.count("Involuntary full rematerialization"),
   )
 
@@ -176,8 +176,13 @@ def token_sizes(config: Config, batch_shards: int) -> set[int]:
   return {s for s in sizes if s > 1}
 
 
-def _dims(shape: str) -> set[int]:
-  return {int(d) for d in re.findall(r"\d+", shape.split("[", 1)[1])}
+def _per_token(shape: str, sizes: set[int]) -> int:
+  """Values per token of an all-gather result: its size over its token-sized dimensions (0
+  when it has none). A reduction across the 'model' shards (e.g. the argmax over a vocabulary
+  split over them) gathers one value per shard and token; activations gather many more."""
+  dims = [int(d) for d in re.findall(r"\d+", shape.split("[", 1)[1])]
+  tokens = math.prod(d for d in dims if d in sizes)
+  return math.prod(dims) // tokens if tokens > 1 else 0
 
 
 @contextlib.contextmanager

@@ -34,6 +34,9 @@ def test_collectives_are_counted_and_token_sized_gathers_found():
   config = switchjax.load_config("base8", ["train.batch_size=256", "train.num_microbatches=1"])
   sizes = pod.token_sizes(config, 32)  # 32 groups of 4096 encoder tokens, 512-token inputs
   assert {4096, 512, 114, 256, 32} <= sizes and 768 not in sizes and 3072 not in sizes
+  assert pod._per_token("f32[32,4096,768]", sizes) == 768  # hidden activations
+  assert pod._per_token("f32[768,3072]", sizes) == 0  # a parameter
+  assert pod._per_token("s32[8,512,2]", sizes) == 2  # an argmax across 2 'model' shards
 
 
 @pytest.mark.parametrize("microbatches", [1, 2])
@@ -74,6 +77,8 @@ def test_base8_on_a_32_device_pod(tmp_path):
       "1,8,1",
       "--mesh",
       "4,8,1",
+      "--batch",
+      "256",
       "--json",
       str(out),
     ],
