@@ -30,7 +30,11 @@ from switchjax import config as config_lib
 def hf_to_switchjax(args) -> None:
   """HF directory -> Orbax checkpoint plus config (and the tokenizer, if any)."""
   config = hf.convert_from_hf(
-    args.hf_dir, args.output_dir, dtype=args.dtype, overwrite=args.overwrite
+    args.hf_dir,
+    args.output_dir,
+    dtype=args.dtype,
+    overwrite=args.overwrite,
+    scan_layers=args.scan_layers,
   )
   print(
     f"Wrote {args.output_dir} ({config.model.num_layers}+{config.model.decoder_layers} layers, "
@@ -83,6 +87,11 @@ def parse_args(argv=None):
     "--overwrite",
     action="store_true",
     help="write into a non-empty output directory, replacing a previous conversion's files",
+  )
+  parser.add_argument(
+    "--scan_layers",
+    action="store_true",
+    help="HF direction in: write the scanned layout (model.scan_layers=true)",
   )
   parser.add_argument(
     "--set",

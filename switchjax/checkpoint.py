@@ -498,7 +498,9 @@ def _abstract_params(model):
   return jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
 
 
-def load_model(directory, step: int | None = None, shardings: Any = None, dtype=None):
+def load_model(
+  directory, step: int | None = None, shardings: Any = None, dtype=None, scan_layers=None
+):
   """(Config, params) of a checkpoint directory: the given or newest step, parameters only.
 
   Parameters are restored one at a time, each device's slice read from the checkpoint and
@@ -508,10 +510,15 @@ def load_model(directory, step: int | None = None, shardings: Any = None, dtype=
   `dtype` ('float32', 'bfloat16') casts every parameter while reading (and sets
   model.param_dtype); None keeps the config's (a converted checkpoint's is its stored dtype).
   A newest step that fails to load is reported in the error of the step tried after it.
+  `scan_layers` (True/False; None keeps the checkpoint's) restores into the other layer layout
+  (model.scan_layers): the stored layout is restored on the default device, restacked
+  (`scan.stack_layers` / `unstack_layers`) and then placed on `shardings`.
   """
   from switchjax.model import SwitchTransformer  # local: model imports are heavy
 
   config = read_checkpoint_config(directory)
+  if scan_layers is not None and bool(scan_layers) != config.model.scan_layers:
+    return _load_relayout(directory, step, shardings, dtype, bool(scan_layers))
   if dtype is not None:
     model = dataclasses.replace(config.model, param_dtype=jax.numpy.dtype(dtype).name)
     config = dataclasses.replace(config, model=model).validate()
@@ -533,6 +540,20 @@ def load_model(directory, step: int | None = None, shardings: Any = None, dtype=
     except Exception as e:  # noqa: BLE001  (any read failure: try the previous step)
       errors.append(f"step {s}: {type(e).__name__}: {str(e)[:200]}")
   raise ValueError(f"Could not restore parameters from {directory}: " + "; ".join(errors))
+
+
+def _load_relayout(directory, step, shardings, dtype, scan_layers: bool):
+  """`load_model` into the other layer layout: restore, restack, place."""
+  from switchjax import scan  # local: scan imports the model
+
+  config, params = load_model(directory, step, None, dtype)
+  model = dataclasses.replace(config.model, scan_layers=scan_layers)
+  config = dataclasses.replace(config, model=model).validate()
+  convert = scan.stack_layers if scan_layers else scan.unstack_layers
+  params = convert(params, model)
+  if shardings is not None:
+    params = jax.device_put(params, shardings)
+  return config, params
 
 
 def _place(stored, abstract, directory) -> Any:

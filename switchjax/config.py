@@ -164,6 +164,9 @@ class ModelConfig:
     mask_padding_activations: flaxformer zeroes the normalised inputs of every sublayer at
       padding positions (so padding is routed as all-zero tokens); Hugging Face does not.
     remat: rematerialise each layer in the backward pass ('none' | 'full').
+    scan_layers: run each stack as `nn.scan` over a block of layers (one period of the sparse
+      layout: dense + sparse for every-other-layer MoE), parameters stacked along a leading
+      'layers' axis (`switchjax.scan`); compiles one block instead of every layer.
     moe: the encoder's MoE settings (and the decoder's, made causal, unless decoder_moe is set).
     decoder_moe: the decoder's own MoE settings; None derives them from `moe` (see
       `causal_moe`). `--set model.decoder_moe.FIELD=...` starts from that derived default.
@@ -195,6 +198,7 @@ class ModelConfig:
   init_scale: float = 0.1
   mask_padding_activations: bool = True
   remat: str = "none"
+  scan_layers: bool = False
   moe: MoeConfig = MoeConfig()
   decoder_moe: MoeConfig | None = None
 
@@ -262,6 +266,11 @@ class ModelConfig:
         raise ValueError(f"{p}.{name}={getattr(self, name)!r}; use float32 or bfloat16.")
     if self.remat not in ("none", "full"):
       raise ValueError(f"{p}.remat={self.remat!r}; use 'none' or 'full'.")
+    if self.scan_layers:
+      from switchjax import scan  # local: scan imports the model
+
+      for stack in scan.STACKS:
+        scan.stack_layout(self, stack)  # one-line error when the layout does not repeat
     for name in ("dropout_rate", "expert_dropout"):
       if not 0.0 <= getattr(self, name) < 1.0:
         raise ValueError(f"{p}.{name}={getattr(self, name)} must be in [0, 1).")

@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from switchjax import scan
+
 Array = jax.Array
 NEG = -1.0e9  # Hugging Face's score of impossible beams (kept for identical arithmetic)
 METHODS = ("greedy", "sample", "beam")
@@ -128,11 +130,15 @@ def init_cache(
 
 def reorder_cache(cache, rows: Array):
   """Takes cache rows `rows` (beam search follows each kept beam's source). Every leaf has the
-  batch as its leading axis except the decoder's scalar 'position' and 'key_positions'."""
+  batch as its leading axis except the decoder's scalar 'position' and 'key_positions', and
+  the scanned layers' (model.scan_layers), whose leading axis is the layer block."""
 
   def take(path, x):
-    name = getattr(path[-1], "key", None)
-    return x if name in ("position", "key_positions") else jnp.take(x, rows, axis=0)
+    names = [str(getattr(p, "key", "")) for p in path]
+    if names[-1] in ("position", "key_positions"):
+      return x
+    scanned = any(scan.SCAN_NAME.match(n) for n in names)
+    return jnp.take(x, rows, axis=1 if scanned else 0)
 
   return jax.tree_util.tree_map_with_path(take, cache)
 

@@ -38,7 +38,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from switchjax import checkpoint
+from switchjax import checkpoint, scan
 from switchjax.checkpoint import LazyArray
 from switchjax.config import Config, ModelConfig, MoeConfig
 from switchjax.model import (
@@ -821,7 +821,7 @@ def read_hf_config(path) -> dict:
   return hf
 
 
-def lazy_from_hf(path, dtype=None) -> tuple[SwitchTransformer, dict]:
+def lazy_from_hf(path, dtype=None, scan_layers: bool = False) -> tuple[SwitchTransformer, dict]:
   """(model, params) of a Hugging Face checkpoint directory with LazyArray leaves: everything is
   checked (names, shapes, sparse layers, tied copies) but no weight is loaded; each leaf reads
   its tensors when it is written or converted to numpy.
@@ -830,6 +830,8 @@ def lazy_from_hf(path, dtype=None) -> tuple[SwitchTransformer, dict]:
     path: the checkpoint directory.
     dtype: of the params, 'float32', 'bfloat16' or 'float16'; None keeps the checkpoint's own
       (float32 when its tensors mix dtypes). The model config's param_dtype says which.
+    scan_layers: the model with model.scan_layers and its parameters stacked
+      (`scan.stack_layers`; still lazy: a stacked leaf reads one layer per block).
   """
   path = _checkpoint_dir(path)
   cfg = config_from_hf(read_hf_config(path))
@@ -839,34 +841,42 @@ def lazy_from_hf(path, dtype=None) -> tuple[SwitchTransformer, dict]:
   _check_names_and_shapes(tensor_specs(cfg), tensors.shapes, ignored)
   dtype = _numpy_dtype(_stored_dtype(tensors, cfg) if dtype is None else dtype)
   cfg = dataclasses.replace(cfg, param_dtype=dtype.name)
-  return SwitchTransformer(cfg), lazy_params_from_tensors(tensors, cfg, dtype, path)
+  params = lazy_params_from_tensors(tensors, cfg, dtype, path)
+  if scan_layers:
+    cfg = dataclasses.replace(cfg, scan_layers=True)
+    cfg.validate()
+    params = scan.stack_layers(params, cfg)
+  return SwitchTransformer(cfg), params
 
 
-def from_hf(path, dtype="float32") -> tuple[SwitchTransformer, dict]:
+def from_hf(path, dtype="float32", scan_layers: bool = False) -> tuple[SwitchTransformer, dict]:
   """(model, params) from a Hugging Face checkpoint directory, in memory.
 
   The params are numpy arrays of `dtype` (None: the checkpoint's) in switchjax's layout;
   `model.apply({"params": params}, input_ids, decoder_input_ids)` gives transformers' logits
   when padding is token 0 (the attention mask is `input_ids != 0`). Raises CheckpointError
   naming what is wrong. For models bigger than memory, `convert_from_hf` writes a switchjax
-  checkpoint one tensor at a time.
+  checkpoint one tensor at a time. `scan_layers` gives the scanned model (model.scan_layers).
   """
-  model, params = lazy_from_hf(path, dtype)
+  model, params = lazy_from_hf(path, dtype, scan_layers)
   return model, jax.tree.map(np.asarray, params)
 
 
-def convert_from_hf(hf_dir, output_dir, *, dtype=None, overwrite: bool = False) -> Config:
+def convert_from_hf(
+  hf_dir, output_dir, *, dtype=None, overwrite: bool = False, scan_layers: bool = False
+) -> Config:
   """Converts a Hugging Face checkpoint directory into a switchjax checkpoint directory
   (config.json, the parameters as Orbax checkpoint step 0, and spiece.model when `hf_dir` has
   one), streaming: memory holds a few blocks (one expert, or 4 MiB of rows), never the model.
 
   `dtype` None keeps the checkpoint's dtype (bfloat16 stays bfloat16). Refuses (ValueError,
   before writing anything) an output directory inside or around `hf_dir`, or one that is not
-  empty unless `overwrite`. Returns the Config written.
+  empty unless `overwrite`. `scan_layers` writes the scanned layout (model.scan_layers), still
+  streaming (one layer of a stacked parameter at a time). Returns the Config written.
   """
   hf_dir, out = pathlib.Path(hf_dir), pathlib.Path(output_dir)
   checkpoint.check_output_dir(out, [hf_dir], overwrite, "--output_dir")
-  model, params = lazy_from_hf(hf_dir, dtype)
+  model, params = lazy_from_hf(hf_dir, dtype, scan_layers)
   config = Config(name=f"hf:{hf_dir.resolve().name}", model=model.config)
   if (hf_dir / SPM).is_file():
     spm = (out / SPM).resolve()
@@ -1121,6 +1131,8 @@ def to_hf(
   cfg = _model_config(model_or_config)
   hf_config = config_to_hf(cfg)
   params = _plain_params(params)
+  if cfg.scan_layers:  # written from the unscanned layout; lazy leaves stay lazy per layer
+    params, cfg = scan.unstack_layers(params), dataclasses.replace(cfg, scan_layers=False)
   plan = _hf_entries(params, cfg, dtype)
   shards = _shard([e for _, entries in plan for e in entries], parse_size(max_shard_size))
   out = pathlib.Path(out_dir)

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from switchjax import routing
+from switchjax import routing, scan
 
 Array = jax.Array
 ROUTING_METRICS = (
@@ -75,8 +75,9 @@ def cross_entropy_with_z_loss(
 
 def moe_layer_metrics(intermediates: Any) -> dict[str, dict[str, Array]]:
   """{layer path: {metric: value}} for every MoE layer found in the 'intermediates'
-  collection (paths like 'encoder/layers_1/mlp')."""
+  collection (paths like 'encoder/layers_1/mlp'; scanned layers are unstacked to these)."""
   found: dict[str, dict[str, Array]] = {}
+  intermediates = scan.unstack_layers(intermediates)
 
   def visit(node, path):
     if isinstance(node, dict) or hasattr(node, "items"):

@@ -261,6 +261,60 @@ def _maybe_remat(cls, cfg: ModelConfig, static_argnums):
   return nn.remat(cls, static_argnums=static_argnums) if cfg.remat == "full" else cls
 
 
+class EncoderBlock(nn.Module):
+  """One period of encoder layers (`layers_0` .. `layers_{p-1}`): the body of the scanned
+  encoder. `sparse` says which are MoE layers. Returns (x, None) as `nn.scan` wants."""
+
+  config: ModelConfig
+  sparse: tuple[bool, ...] = (False,)
+  enable_dropout: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, bias: Array, logit_mask: Array | None) -> tuple[Array, None]:
+    layer_cls = _maybe_remat(EncoderLayer, self.config, static_argnums=(4,))
+    for k, sparse in enumerate(self.sparse):
+      x = layer_cls(self.config, sparse=sparse, name=f"layers_{k}")(
+        x, bias, logit_mask, self.enable_dropout
+      )
+    return x, None
+
+
+class DecoderBlock(nn.Module):
+  """One period of decoder layers: the body of the scanned decoder (see `EncoderBlock`)."""
+
+  config: ModelConfig
+  sparse: tuple[bool, ...] = (False,)
+  enable_dropout: bool = False
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x, encoded, self_bias, cross_bias, logit_mask, position) -> tuple[Array, None]:
+    layer_cls = _maybe_remat(DecoderLayer, self.config, static_argnums=(6, 7))
+    for k, sparse in enumerate(self.sparse):
+      x = layer_cls(self.config, sparse=sparse, name=f"layers_{k}")(
+        x, encoded, self_bias, cross_bias, logit_mask, self.enable_dropout, self.decode, position
+      )
+    return x, None
+
+
+def _scanned(block_cls, cfg: ModelConfig, stack: str, num_layers: int, num_args: int, **attrs):
+  """The stack's layers as `nn.scan` over blocks of one period: parameters, routing metrics
+  ('intermediates') and the decoding cache stacked along a leading 'layers' axis; the
+  non-carry arguments broadcast to every block; fresh dropout/jitter noise per block."""
+  from switchjax import scan  # local: scan imports this module
+
+  period, sparse = scan.stack_layout(cfg, stack)
+  scanned = nn.scan(
+    block_cls,
+    variable_axes={"params": 0, "intermediates": 0, "cache": 0},
+    split_rngs={"params": True, "dropout": True, "jitter": True},
+    in_axes=(nn.broadcast,) * num_args,
+    length=num_layers // period,
+    metadata_params={nn.PARTITION_NAME: "layers"},
+  )
+  return scanned(cfg, sparse=sparse, name=scan.scan_name(period), **attrs)
+
+
 # --------------------------------------------------------------------------------------------
 # Stacks.
 
@@ -291,12 +345,18 @@ class Encoder(nn.Module):
     )
     bias = relpos(length, length) + padding_bias(tokens, jnp.dtype(cfg.dtype))
     logit_mask = (tokens > 0)[..., None].astype(x.dtype) if cfg.mask_padding_activations else None
-    sparse = set(encoder_sparse_layers(cfg))
-    layer_cls = _maybe_remat(EncoderLayer, cfg, static_argnums=(4,))
-    for i in range(cfg.num_layers):
-      x = layer_cls(cfg, sparse=i in sparse, name=f"layers_{i}")(
-        x, bias, logit_mask, enable_dropout
+    if cfg.scan_layers:
+      scanned = _scanned(
+        EncoderBlock, cfg, "encoder", cfg.num_layers, 2, enable_dropout=enable_dropout
       )
+      x, _ = scanned(x, bias, logit_mask)
+    else:
+      sparse = set(encoder_sparse_layers(cfg))
+      layer_cls = _maybe_remat(EncoderLayer, cfg, static_argnums=(4,))
+      for i in range(cfg.num_layers):
+        x = layer_cls(cfg, sparse=i in sparse, name=f"layers_{i}")(
+          x, bias, logit_mask, enable_dropout
+        )
     x = _norm(cfg, "encoder_norm")(x)
     return _dropout(cfg)(x, deterministic=not enable_dropout)
 
@@ -365,12 +425,24 @@ class Decoder(nn.Module):
     x = self.embedder(decoder_input_tokens)
     x = _dropout(cfg)(x, deterministic=not enable_dropout)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    sparse = set(decoder_sparse_layers(cfg))
-    layer_cls = _maybe_remat(DecoderLayer, cfg, static_argnums=(6, 7))
-    for i in range(cfg.decoder_layers):
-      x = layer_cls(cfg, sparse=i in sparse, name=f"layers_{i}")(
-        x, encoded, self_bias, cross_bias, logit_mask, enable_dropout, decode, position
+    if cfg.scan_layers:
+      scanned = _scanned(
+        DecoderBlock,
+        cfg,
+        "decoder",
+        cfg.decoder_layers,
+        5,
+        enable_dropout=enable_dropout,
+        decode=decode,
       )
+      x, _ = scanned(x, encoded, self_bias, cross_bias, logit_mask, position)
+    else:
+      sparse = set(decoder_sparse_layers(cfg))
+      layer_cls = _maybe_remat(DecoderLayer, cfg, static_argnums=(6, 7))
+      for i in range(cfg.decoder_layers):
+        x = layer_cls(cfg, sparse=i in sparse, name=f"layers_{i}")(
+          x, encoded, self_bias, cross_bias, logit_mask, enable_dropout, decode, position
+        )
     x = _norm(cfg, "decoder_norm")(x)
     x = _dropout(cfg)(x, deterministic=not enable_dropout)
     if cfg.tie_embeddings:

@@ -42,6 +42,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
   ("length", None),
   ("relpos_buckets", None),
   ("unmodeled", None),
+  ("layers", None),  # the stacked axis of scanned layers (model.scan_layers)
 )
 
 

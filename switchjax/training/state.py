@@ -109,7 +109,10 @@ def make_train_state(
   with jax.set_mesh(layout.mesh), sharding.axis_rules():
     if config.train.init_from:
       _, params = checkpoint.load_model(
-        config.train.init_from, shardings=layout.param_shardings, dtype=config.model.param_dtype
+        config.train.init_from,
+        shardings=layout.param_shardings,
+        dtype=config.model.param_dtype,
+        scan_layers=config.model.scan_layers,
       )
       report(f"Initialised parameters from {config.train.init_from}.")
     else:
