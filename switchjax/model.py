@@ -300,10 +300,16 @@ class DecoderBlock(nn.Module):
 def _scanned(block_cls, cfg: ModelConfig, stack: str, num_layers: int, num_args: int, **attrs):
   """The stack's layers as `nn.scan` over blocks of one period: parameters, routing metrics
   ('intermediates') and the decoding cache stacked along a leading 'layers' axis; the
-  non-carry arguments broadcast to every block; fresh dropout/jitter noise per block."""
+  non-carry arguments broadcast to every block; fresh dropout/jitter noise per block.
+
+  A scan's carry keeps one dtype: since a sparse layer's float32 combine weights make the
+  residual float32, a stack with sparse layers carries float32 from its first layer on
+  (unscanned: from its first sparse layer; the same in a float32 model). Returns
+  (scanned module, carry dtype or None to keep the input's)."""
   from switchjax import scan  # local: scan imports this module
 
   period, sparse = scan.stack_layout(cfg, stack)
+  carry_dtype = jnp.promote_types(cfg.dtype, jnp.float32) if any(sparse) else None
   scanned = nn.scan(
     block_cls,
     variable_axes={"params": 0, "intermediates": 0, "cache": 0},
@@ -312,7 +318,7 @@ def _scanned(block_cls, cfg: ModelConfig, stack: str, num_layers: int, num_args:
     length=num_layers // period,
     metadata_params={nn.PARTITION_NAME: "layers"},
   )
-  return scanned(cfg, sparse=sparse, name=scan.scan_name(period), **attrs)
+  return scanned(cfg, sparse=sparse, name=scan.scan_name(period), **attrs), carry_dtype
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,9 +352,10 @@ class Encoder(nn.Module):
     bias = relpos(length, length) + padding_bias(tokens, jnp.dtype(cfg.dtype))
     logit_mask = (tokens > 0)[..., None].astype(x.dtype) if cfg.mask_padding_activations else None
     if cfg.scan_layers:
-      scanned = _scanned(
+      scanned, carry_dtype = _scanned(
         EncoderBlock, cfg, "encoder", cfg.num_layers, 2, enable_dropout=enable_dropout
       )
+      x = x if carry_dtype is None else x.astype(carry_dtype)
       x, _ = scanned(x, bias, logit_mask)
     else:
       sparse = set(encoder_sparse_layers(cfg))
@@ -426,7 +433,7 @@ class Decoder(nn.Module):
     x = _dropout(cfg)(x, deterministic=not enable_dropout)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     if cfg.scan_layers:
-      scanned = _scanned(
+      scanned, carry_dtype = _scanned(
         DecoderBlock,
         cfg,
         "decoder",
@@ -435,6 +442,7 @@ class Decoder(nn.Module):
         enable_dropout=enable_dropout,
         decode=decode,
       )
+      x = x if carry_dtype is None else x.astype(carry_dtype)
       x, _ = scanned(x, encoded, self_bias, cross_bias, logit_mask, position)
     else:
       sparse = set(decoder_sparse_layers(cfg))
