@@ -195,7 +195,8 @@ def test_streaming_conversion_and_restore_in_either_layout(hf_dir, tmp_path):
 def run(workdir, *overrides):
   config = load_config(
     "tiny",
-    ["model.scan_layers=true", "train.log_every=1", "train.eval_every=0", *overrides],
+    ["model.scan_layers=true", "train.log_every=1", "train.eval_every=15", "train.eval_steps=1"]
+    + list(overrides),
   )
   return train(config, workdir, progress=False, log=lambda _: None)
 
@@ -203,6 +204,7 @@ def run(workdir, *overrides):
 def test_scanned_pretraining_learns_and_resumes(tmp_path):
   straight = run(tmp_path / "straight", "train.num_train_steps=30", "train.checkpoint_every=15")
   assert straight.losses[30] < straight.losses[1] - 1.0, straight.losses
+  assert straight.eval_metrics["eval/loss"] < straight.losses[1] - 1.0
   first = run(tmp_path / "resumed", "train.num_train_steps=15", "train.checkpoint_every=15")
   second = run(tmp_path / "resumed", "train.num_train_steps=30", "train.checkpoint_every=15")
   assert first.step == 15 and second.step == 30
