@@ -7,7 +7,8 @@
 Lowers pretrain.py's jitted train step (`switchjax.training.lower_train_step`: forward,
 backward, gradient accumulation and the Adafactor update) for the config's mesh on this
 machine's devices, compiles it, and prints the seconds each took and the compiled program's
-memory per device (`compiled.memory_analysis()`: arguments, outputs, temporaries).
+memory per device (`compiled.memory_analysis()`: arguments, outputs, temporaries). Wall
+seconds move with the machine's load; the process's CPU seconds much less.
 """
 
 from __future__ import annotations
@@ -26,15 +27,17 @@ GB = 1 << 30
 def measure(config) -> dict:
   """Seconds to trace + lower and to compile the train step, and its memory in GB."""
   plan = plan_run(config)
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   lowered = lower_train_step(state_layout(plan.config, plan.mesh), plan.config)
-  lowered_at = time.perf_counter()
+  lowered_at, cpu_lowered = time.perf_counter(), time.process_time()
   compiled = lowered.compile()
-  done = time.perf_counter()
+  done, cpu_done = time.perf_counter(), time.process_time()
   memory = compiled.memory_analysis()
   return {
     "lower_s": round(lowered_at - start, 1),
     "compile_s": round(done - lowered_at, 1),
+    "lower_cpu_s": round(cpu_lowered - cpu_start, 1),  # CPU seconds: less sensitive to load
+    "compile_cpu_s": round(cpu_done - cpu_lowered, 1),
     "microbatches": plan.config.train.num_microbatches,
     "arguments_gb": round(memory.argument_size_in_bytes / GB, 2),
     "outputs_gb": round(memory.output_size_in_bytes / GB, 2),
