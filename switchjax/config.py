@@ -412,19 +412,65 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  """Supervised fine-tuning on text-to-text pairs (scripts/finetune.py).
+
+  Attributes:
+    train_file, eval_file: .tsv (input<TAB>target) or .jsonl files; None = the bundled task.
+    task: the bundled task made from the embedded corpus ('fill_in_the_blank').
+    input_field, target_field: the JSON Lines fields (and the TSV header, if any).
+    exact_match_every: generate the eval examples and score exact match every this many steps
+      (0: only at the end); teacher-forced eval loss follows train.eval_every.
+    exact_match_examples: eval examples generated each time.
+    keep_best: the metric whose best checkpoint is kept in WORKDIR/best ('exact_match' or
+      'loss').
+  """
+
+  train_file: str | None = None
+  eval_file: str | None = None
+  task: str = "fill_in_the_blank"
+  input_field: str = "input"
+  target_field: str = "target"
+  exact_match_every: int = 100
+  exact_match_examples: int = 128
+  keep_best: str = "exact_match"
+
+  def validate(self, prefix: str = "finetune") -> None:
+    if (self.train_file is None) != (self.eval_file is None):
+      raise ValueError(
+        f"{prefix}.train_file and {prefix}.eval_file go together: give both files (--train and "
+        "--eval), or neither for the bundled task."
+      )
+    if self.train_file is None and self.task not in FINETUNE_TASKS:
+      raise ValueError(f"{prefix}.task={self.task!r}; bundled tasks: {', '.join(FINETUNE_TASKS)}.")
+    if self.exact_match_every < 0 or self.exact_match_examples < 1:
+      raise ValueError(
+        f"{prefix}.exact_match_every must be >= 0 and {prefix}.exact_match_examples >= 1."
+      )
+    if self.keep_best not in ("exact_match", "loss"):
+      raise ValueError(f"{prefix}.keep_best={self.keep_best!r}; use 'exact_match' or 'loss'.")
+
+
+FINETUNE_TASKS = ("fill_in_the_blank",)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
-  """A whole run."""
+  """A whole run; `finetune` is set for supervised fine-tuning runs."""
 
   name: str = "custom"
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   train: TrainConfig = TrainConfig()
   mesh: MeshConfig = MeshConfig()
+  finetune: FinetuneConfig | None = None
 
   def validate(self) -> Config:
     self.model.validate("model")
     self.data.validate("data")
     self.train.validate("train")
+    if self.finetune is not None:
+      self.finetune.validate("finetune")
     check_sizes(self)
     return self
 

@@ -1,9 +1,9 @@
 """What the training loop does around its steps, as hooks: the progress bar, logging, evaluation
 and checkpointing, plus the stop signals and the step timer they share.
 
-Each hook sees the `Run` (what the loop knows) and is called with `after_step(state, metrics)`
-right after a step was dispatched (the arrays may still be computing), `end(state)` when the
-loop is done and `close()` always.
+Each hook sees the `Run` (what the loop knows) and is called with `start(state)` before the
+first step, `after_step(state, metrics)` right after a step was dispatched (the arrays may
+still be computing), `end(state)` when the loop is done and `close()` always.
 """
 
 from __future__ import annotations
@@ -83,6 +83,9 @@ class Run:
 
 class Hook:
   """A no-op hook; subclasses override what they need."""
+
+  def start(self, run: Run, state: TrainState) -> None:
+    pass
 
   def after_step(self, run: Run, state: TrainState, metrics: dict) -> None:
     pass

@@ -32,6 +32,8 @@ def train(
   devices: Sequence[jax.Device] | None = None,
   progress: bool = True,
   log: Callable[[str], None] = print,
+  make_data: Callable | None = None,
+  evaluator: hooks_lib.Hook | None = None,
 ) -> hooks_lib.RunResult:
   """Trains `config` in `workdir` (resuming from its newest checkpoint) and returns a summary.
 
@@ -41,10 +43,15 @@ def train(
     devices: devices of the mesh (default: all, over all processes).
     progress: show a progress bar (process 0).
     log: where process 0's messages go.
+    make_data: make_data(config) -> the input pipeline (default: span-corruption pretraining
+      data of config.data); fine-tuning passes its text-to-text data.
+    evaluator: the evaluation hook (default: teacher-forced eval loss every train.eval_every).
   """
   config.validate()
   with hooks_lib.StopSignals() as signals:  # a signal during start-up stops after one step
-    run, state, hooks = start_run(config, pathlib.Path(workdir), devices, progress, log)
+    run, state, hooks = start_run(
+      config, pathlib.Path(workdir), devices, progress, log, make_data, evaluator
+    )
     with jax.set_mesh(run.steps.mesh), sharding.axis_rules():
       return run_loop(run, state, hooks, signals)
 
@@ -52,6 +59,8 @@ def train(
 def run_loop(run: hooks_lib.Run, state: TrainState, hooks, signals) -> hooks_lib.RunResult:
   """Steps until train.num_train_steps or a stop signal, calling the hooks."""
   try:
+    for hook in hooks:
+      hook.start(run, state)
     while state.step < run.config.train.num_train_steps:
       batch = sharding.host_local_to_global(run.steps.mesh, next(run.data.train))
       state, metrics = run.steps.train(state, batch)
@@ -77,10 +86,17 @@ def run_loop(run: hooks_lib.Run, state: TrainState, hooks, signals) -> hooks_lib
   return run.result
 
 
-def start_run(config: Config, workdir: pathlib.Path, devices, progress: bool, log):
+def start_run(
+  config: Config,
+  workdir: pathlib.Path,
+  devices,
+  progress: bool,
+  log,
+  make_data=None,
+  evaluator=None,
+):
   """Plans the run on its devices, opens the data, makes the train state (restored or fresh),
   compiles the steps and makes the hooks: (Run, TrainState, hooks)."""
-  from switchjax.data import make_pretraining_data  # local: keeps `import switchjax` light
 
   is_main = jax.process_index() == 0
   say = log if is_main else (lambda _: None)
@@ -91,13 +107,7 @@ def start_run(config: Config, workdir: pathlib.Path, devices, progress: bool, lo
   config, tcfg = plan.config, plan.config.train
   for line in plan.describe():
     say(line)
-  data = make_pretraining_data(
-    config.data,
-    tcfg.batch_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    model_vocab_size=config.model.vocab_size,
-  )
+  data = (make_data or pretraining_data)(config)
   say(f"Data: {data.describe()}.")
   if is_main:
     keep_tokenizer(data.tokenizer, workdir)
@@ -121,17 +131,33 @@ def start_run(config: Config, workdir: pathlib.Path, devices, progress: bool, lo
     hooks_lib.RunResult(state.step, {}, {}),
     hooks_lib.Stopwatch(),
   )
-  return run, state, make_hooks(run, state, progress and is_main)
+  return run, state, make_hooks(run, state, progress and is_main, evaluator)
 
 
-def make_hooks(run: hooks_lib.Run, state: TrainState, progress: bool) -> list[hooks_lib.Hook]:
+def pretraining_data(config: Config):
+  """The span-corruption pretraining data of config.data, this host's rows of each batch."""
+  from switchjax.data import make_pretraining_data  # local: keeps `import switchjax` light
+
+  return make_pretraining_data(
+    config.data,
+    config.train.batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    model_vocab_size=config.model.vocab_size,
+  )
+
+
+def make_hooks(
+  run: hooks_lib.Run, state: TrainState, progress: bool, evaluator: hooks_lib.Hook | None = None
+) -> list[hooks_lib.Hook]:
   """Progress bar (optional), metrics logger, evaluator, checkpointer, in that order."""
   tcfg = run.config.train
   bar = hooks_lib.ProgressBar(state.step, tcfg.num_train_steps) if progress else None
   flops = train_flops_per_example(run.config) * tcfg.batch_size
   peak = peak_tflops(run.steps.mesh.devices.flat[0], tcfg.peak_tflops_per_device)
   logger = hooks_lib.MetricsLogger(run, flops, peak, bar)
-  return [h for h in (bar, logger, hooks_lib.Evaluator(), hooks_lib.Checkpointer()) if h]
+  evaluator = evaluator or hooks_lib.Evaluator()
+  return [h for h in (bar, logger, evaluator, hooks_lib.Checkpointer()) if h]
 
 
 def keep_tokenizer(tokenizer, workdir: pathlib.Path) -> None:
