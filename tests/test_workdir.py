@@ -165,6 +165,67 @@ def test_allowed_changes_are_noted_and_recorded_and_data_restarts_on_request(wor
   assert superseded == '{"step": 7, "loss": 1.0}\n{"step": 8, "lo\n'
 
 
+def test_resume_rules_of_the_readme_table():
+  """Batch size, lr and seeds: noted on resume (the issue's case 5), data order needs
+  --restart_data, tokenizer and model refused; from train.init_from only the model (and the
+  sentinels) must stay."""
+  changed = [
+    "train.batch_size=4",
+    "train.seed=3",
+    "train.learning_rate=0.01",
+    "train.num_train_steps=9",
+    "train.optimizer=adamw",
+    "data.shuffle_seed=1",
+    "data.extra_ids=50",
+    "model.d_ff=128",
+    "model.remat=full",
+    "model.moe.train_capacity_factor=2.0",
+    "model.moe.expert_capacity=4",
+  ]
+  found = workdir_lib.changes(tiny(), tiny(*changed))
+  assert [(c.field, c.old, c.new, c.rule) for c in found] == [
+    ("data.extra_ids", 100, 50, "tokenizer"),
+    ("data.shuffle_seed", 0, 1, "data"),
+    ("model.d_ff", 64, 128, "model"),
+    ("model.moe.expert_capacity", None, 4, "model"),
+    ("model.moe.train_capacity_factor", 1.25, 2.0, "optimisation"),
+    ("model.remat", "none", "full", "free"),
+    ("train.batch_size", 8, 4, "optimisation"),
+    ("train.learning_rate", 0.02, 0.01, "optimisation"),
+    ("train.num_train_steps", 40, 9, "free"),
+    ("train.optimizer", "adafactor", "adamw", "model"),
+    ("train.seed", 0, 3, "optimisation"),
+  ]
+  kept = workdir_lib.changes(tiny(), tiny(*changed), starting_from=True)
+  assert [c.field for c in kept if c.rule != "free"] == [
+    "data.extra_ids",
+    "model.d_ff",
+    "model.moe.expert_capacity",
+  ]
+  # The decoder's MoE settings follow the encoder's when unset: the same rules.
+  assert workdir_lib.rule_of("model.decoder_moe.expert_capacity") == "model"
+  assert workdir_lib.rule_of("model.decoder_moe.jitter_noise") == "optimisation"
+
+
+def test_resume_with_another_batch_size_is_noted_and_continues_the_data(work):
+  messages = []
+  train(
+    tiny("train.num_train_steps=3", "train.batch_size=16"),
+    work,
+    progress=False,
+    log=messages.append,
+  )
+  assert (
+    f"Resuming {work} with changed settings (recorded in config_history.jsonl): "
+    "train.batch_size 8 -> 16, train.num_train_steps 2 -> 3."
+  ) in messages
+  meta = json.loads((work / "checkpoints" / "3" / "meta" / "metadata").read_text())
+  assert meta["data"]["next_example"] == 2 * 8 + 16  # from the next unseen example on
+  history = [json.loads(x) for x in (work / "config_history.jsonl").read_text().splitlines()]
+  assert history[0]["config"]["train"]["batch_size"] == 8  # the original settings are kept
+  assert history[-1]["changes"]["train.batch_size"] == [8, 16]
+
+
 # --------------------------------------------------------------------------------------------
 # 2, 5: a converted checkpoint is an input; a run started from one keeps its model settings,
 # sentinels and tokenizer.
