@@ -116,10 +116,8 @@ def start_run(
 
 def prepare(plan: RunPlan, claim, signals, say) -> tuple[hooks_lib.Run, TrainState]:
   """The data, the train state and (once both are ready) the workdir's files."""
-  from switchjax.data import (
-    Tokenizer,
-    make_pretraining_data,
-  )  # local: keeps `import switchjax` light
+  # local: keeps `import switchjax` light
+  from switchjax.data import Tokenizer, make_pretraining_data
 
   config, tcfg = plan.config, plan.config.train
   layout = state_layout(config, plan.mesh)
