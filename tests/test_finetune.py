@@ -19,6 +19,7 @@ from switchjax.model import SwitchTransformer
 from switchjax.training import train
 from switchjax.training.exact_match import BEST, BEST_FILE, exact_match, greedy_texts
 from switchjax.training.finetune import finetune, finetune_config, finetune_data
+from switchjax.training.workdir import WorkdirError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUIET = {"progress": False, "log": lambda _: None}
@@ -219,11 +220,19 @@ def test_finetune_keeps_the_best_and_resumes_exactly(pretrained, tmp_path):
     assert best["step"] == min((v, k) for k, v in losses.items() if k > 0)[1]
     assert {r["step"] for r in records if "eval/exact_match" in r} == {0, 4, 8, 12}
     saved_config, params = checkpoint.load_model(workdir / BEST)
-    assert saved_config.train.init_from is None
+    assert saved_config.train.init_from is None and saved_config.data.spm_path is None
     assert checkpoint.CheckpointStore(workdir / BEST).steps() == [best["step"]]
   assert json.loads((tmp_path / "whole" / BEST_FILE).read_text()) == json.loads(
     (tmp_path / "parts" / BEST_FILE).read_text()
   )
+  other = write_pairs(text_to_text.fill_in_the_blank(64, 8, seed=1)[0], tmp_path / "t.tsv")
+  changed = finetune_config(
+    load_config(str(pretrained)), other, other, [*overrides, "train.num_train_steps=16"]
+  )
+  before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "parts").rglob("*"))
+  with pytest.raises(WorkdirError, match=r"finetune.train_file=.*--restart_data"):
+    finetune(changed, tmp_path / "parts", **QUIET)
+  assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "parts").rglob("*")) == before
 
 
 def test_script_runs_the_bundled_task_offline(pretrained, tmp_path):

@@ -12,6 +12,7 @@ The batches, their order and their resumable position are the pretraining pipeli
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import pathlib
@@ -206,13 +207,36 @@ def decode_generated(tokenizer: Tokenizer, ids) -> str:
 _WORD = re.compile(r"^[A-Za-z]{4,12}$")
 
 
-def fill_in_the_blank(num_train: int = 4000, num_eval: int = 200, seed: int = 0):
+def fill_in_the_blank(num_train: int = 4000, num_eval: int = 200, seed: int = 0, words: int = 200):
   """(train pairs, eval pairs) made from the embedded corpus: a sentence of 6-24 words with one
-  word (4-12 letters) replaced by <extra_id_0>, and that word as the target. Deterministic for
-  a seed; eval sentences never occur in training."""
+  of the corpus's `words` most frequent words (4-12 letters) replaced by <extra_id_0>, and that
+  word as the target. A closed set of answers keeps the task learnable by a small model (and
+  gives it a majority-word baseline). Deterministic for a seed; eval sentences never occur in
+  training."""
+  sentences = _corpus_sentences()
+  counts = collections.Counter(w for s in sentences for w in s.split() if _WORD.match(w))
+  answers = {w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:words]}
+  rng = np.random.default_rng(seed)
+  rng.shuffle(sentences)
+  pairs = []
+  for sentence in sentences:
+    split = sentence.split()
+    candidates = [i for i, w in enumerate(split) if w in answers]
+    if candidates:
+      i = candidates[rng.integers(len(candidates))]
+      pairs.append((" ".join(split[:i] + ["<extra_id_0>"] + split[i + 1 :]), split[i]))
+    if len(pairs) == num_train + num_eval:
+      break
+  if len(pairs) < num_train + num_eval:
+    raise ValueError(f"the embedded corpus makes only {len(pairs)} fill-in-the-blank examples.")
+  return pairs[:num_train], pairs[num_train:]
+
+
+def _corpus_sentences() -> list[str]:
+  """The embedded corpus's sentences of 6-24 words, whitespace-normalized, sorted, unique."""
   from switchjax.data.corpus import default_documents
 
-  sentences = sorted(
+  return sorted(
     {
       " ".join(s.split())
       for doc in default_documents()
@@ -220,20 +244,6 @@ def fill_in_the_blank(num_train: int = 4000, num_eval: int = 200, seed: int = 0)
       if 6 <= len(s.split()) <= 24 and "\t" not in s
     }
   )
-  rng = np.random.default_rng(seed)
-  rng.shuffle(sentences)
-  pairs = []
-  for sentence in sentences:
-    words = sentence.split()
-    candidates = [i for i, w in enumerate(words) if _WORD.match(w)]
-    if candidates:
-      i = candidates[rng.integers(len(candidates))]
-      pairs.append((" ".join(words[:i] + ["<extra_id_0>"] + words[i + 1 :]), words[i]))
-    if len(pairs) == num_train + num_eval:
-      break
-  if len(pairs) < num_train + num_eval:
-    raise ValueError(f"the embedded corpus makes only {len(pairs)} fill-in-the-blank examples.")
-  return pairs[:num_train], pairs[num_train:]
 
 
 BUNDLED_TASKS = {"fill_in_the_blank": fill_in_the_blank}  # config.FINETUNE_TASKS names them

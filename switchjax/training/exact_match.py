@@ -120,8 +120,8 @@ def read_best(workdir: pathlib.Path) -> dict | None:
 def save_best(run, state, name: str, value: float, metrics: dict) -> dict:
   """Writes the parameters to WORKDIR/best (a model directory) and then best.json. The new
   directory is complete before it replaces the old one, so a kill at any moment leaves a
-  whole best checkpoint (the old or the new one). Its config has no train.init_from, so that
-  `--config=WORKDIR/best` starts from these parameters."""
+  whole best checkpoint (the old or the new one). Its config names no train.init_from and no
+  data.spm_path, so that `--config=WORKDIR/best` starts from these parameters and tokenizer."""
   workdir, main = run.workdir, jax.process_index() == 0
   staging, best = workdir / f"{BEST}.saving", workdir / BEST
   if main:
@@ -133,7 +133,8 @@ def save_best(run, state, name: str, value: float, metrics: dict) -> dict:
   if not main:
     return record
   train = dataclasses.replace(run.config.train, init_from=None)
-  config = dataclasses.replace(run.config, train=train)
+  data = dataclasses.replace(run.config.data, spm_path=None)  # its own spiece.model travels
+  config = dataclasses.replace(run.config, train=train, data=data)
   save_config(config, staging / checkpoint.CONFIG_FILE)
   shutil.copyfile(pathlib.Path(run.data.tokenizer.spm_path), staging / "spiece.model")
   old = workdir / f"{BEST}.old"

@@ -73,12 +73,12 @@ def finetune_pairs(cfg: FinetuneConfig) -> tuple[list, list]:
   )
 
 
-def finetune_data(config: Config):
-  """The run's SupervisedData: this host's rows of each batch, tokenized by the model's
-  tokenizer (which must fit in model.vocab_size)."""
+def finetune_data(config: Config, tokenizer=None):
+  """The run's SupervisedData: this host's rows of each batch, tokenized by `tokenizer` (a
+  resumed run's own) or the model's (which must fit in model.vocab_size)."""
   from switchjax.data.text_to_text import make_supervised_data
 
-  tokenizer = finetune_tokenizer(config)
+  tokenizer = tokenizer or finetune_tokenizer(config)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ValueError(
       f"the tokenizer ({tokenizer.spm_path}) has {tokenizer.vocab_size} ids but "

@@ -83,6 +83,9 @@ RULES: dict[str, str] = {
   "train": OPTIMISATION,
   **{f"train.{name}": FREE for name in _BOOKKEEPING},
   **{f"train.{name}": MODEL for name in ("optimizer", "factored", "multiply_by_parameter_scale")},
+  "finetune": DATA,  # the examples: files, task, fields
+  **{f"finetune.{name}": FREE for name in ("exact_match_every", "exact_match_examples")},
+  "finetune.keep_best": FREE,
 }
 # A new run started from train.init_from keeps the checkpoint's model and tokenizer; the
 # parameters are cast to the run's dtype and the initialisation scale is unused.
