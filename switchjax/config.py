@@ -592,16 +592,13 @@ def load_config(name_or_path: str, overrides: tuple[str, ...] | list[str] = ()) 
 
   `name_or_path` is a preset name (configs/NAME.py), a .py file with get_config(), a saved
   config.json, or a checkpoint directory (a converted model or a training workdir): its
-  config, with train.init_from set to the directory so a new run starts from its parameters.
-  Every problem is a one-line ValueError naming the file or setting and the fix.
+  config, with train.init_from set to the directory so a new run starts from its parameters
+  (and data.spm_path, unless set, to its spiece.model). Every problem is a one-line ValueError
+  naming the file or setting and the fix.
   """
   path = pathlib.Path(name_or_path)
   if path.is_dir() and (path / "config.json").is_file():
-    config = _read_json_config(path / "config.json")
-    if config.train.init_from is None:
-      config = dataclasses.replace(
-        config, train=dataclasses.replace(config.train, init_from=str(path.resolve()))
-      )
+    config = _checkpoint_config(path)
   elif path.suffix == ".json" and path.is_file():
     config = _read_json_config(path)
   elif path.suffix == ".py":
@@ -620,6 +617,19 @@ def load_config(name_or_path: str, overrides: tuple[str, ...] | list[str] = ()) 
       "directory)."
     )
   return apply_overrides(config, overrides).validate()
+
+
+def _checkpoint_config(path: pathlib.Path) -> Config:
+  """The config of a checkpoint directory, made to start a new run from it: train.init_from is
+  the directory and, unless set, data.spm_path its spiece.model (the tokenizer its parameters
+  were trained with travels with them)."""
+  config = _read_json_config(path / "config.json")
+  train, data = config.train, config.data
+  if train.init_from is None:
+    train = dataclasses.replace(train, init_from=str(path.resolve()))
+  if data.spm_path is None and (path / "spiece.model").is_file():
+    data = dataclasses.replace(data, spm_path=str((path / "spiece.model").resolve()))
+  return dataclasses.replace(config, train=train, data=data)
 
 
 def _one_line(error: BaseException) -> str:
@@ -910,6 +920,16 @@ def save_config(config: Config, path: str | os.PathLike) -> None:
 
 def read_config(path: str | os.PathLike) -> Config:
   return from_dict(Config, json.loads(pathlib.Path(path).read_text()))
+
+
+def flatten(config) -> dict[str, Any]:
+  """{dotted path: value} of every leaf field; an unset optional sub-config (model.decoder_moe)
+  gives the values it derives, so two configs that behave alike flatten alike."""
+  paths = _all_paths(config)
+  leaves = [
+    p for i, p in enumerate(paths) if not paths[i + 1 :] or not paths[i + 1].startswith(p + ".")
+  ]
+  return {p: _get(config, p) for p in leaves}
 
 
 def format_config(config, prefix="") -> str:
