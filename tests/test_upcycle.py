@@ -333,10 +333,12 @@ def test_script_writes_a_checkpoint_that_trains(dense_dir, tmp_path):
   assert failed.returncode == 1 and failed.stderr.startswith("error: ")
   assert "is not empty" in failed.stderr and failed.stderr.count("\n") == 1
 
+  # The fixture's spiece.model is not a tokenizer; a run from train.init_from would take it.
+  (out / "spiece.model").unlink()
   config = load_config(
     str(out),
     [
-      "data.spm_path=none",  # the fixture's spiece.model is not a tokenizer
+      "data.spm_path=none",
       "train.num_train_steps=8",
       "train.log_every=1",
       "train.eval_every=0",
