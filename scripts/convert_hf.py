@@ -57,11 +57,13 @@ def switchjax_to_hf(args) -> None:
     dtype=args.dtype,
     overwrite=args.overwrite,
   )
+  # The checkpoint's own tokenizer first (config.data.spm_path may name a file changed since).
   spm = next(
-    (p for p in (config.data.spm_path, ckpt / hf.SPM) if p and pathlib.Path(p).is_file()), None
+    (p for p in (ckpt / hf.SPM, config.data.spm_path) if p and pathlib.Path(p).is_file()), None
   )
   if spm is not None:
     shutil.copyfile(spm, out / hf.SPM)
+    hf.write_tokenizer_config(out, config.data.extra_ids)
   print(
     f"Wrote {out} (load it with SwitchTransformersForConditionalGeneration"
     f".from_pretrained; tokenizer: {spm})."

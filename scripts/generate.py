@@ -5,11 +5,12 @@
   python scripts/generate.py --checkpoint DIR --input "..." --set mesh.expert=4 --set mesh.model=2
 
 Loads the model of DIR (a training workdir or the output of scripts/convert_hf.py) and a
-SentencePiece model (--spm_path, else DIR/spiece.model, else the config's data.spm_path),
-encodes each --input with EOS (as Hugging Face's T5 tokenizer does), generates, and prints one
-decoded line per input. With --set mesh.* the parameters are restored straight onto a mesh of
-all devices (each device reads its own slices; no copy of the model is made on the host) and
-generation runs sharded. Errors print one line and exit with status 1.
+SentencePiece model (--spm_path, else DIR/spiece.model, else the config's data.spm_path), with
+the sentinel count of DIR's config (data.extra_ids), encodes each --input with EOS (as Hugging
+Face's T5 tokenizer does), generates, and prints one decoded line per input. With --set mesh.*
+the parameters are restored straight onto a mesh of all devices (each device reads its own
+slices; no copy of the model is made on the host) and generation runs sharded. Errors print
+one line and exit with status 1.
 """
 
 import argparse
@@ -95,16 +96,23 @@ def find_spm(args, config) -> tuple[str, str]:
   )
 
 
-def run(args) -> list[str]:
-  checkpoint.release_memory_eagerly()  # restored slices go back to the OS once placed
-  config, params, context = load(args)
+def load_tokenizer(args, config) -> Tokenizer:
+  """The tokenizer of `find_spm` with the sentinel count the model was trained with (the
+  checkpoint's data.extra_ids: T5 and converted models 100), checked against the model."""
   spm_path, setting = find_spm(args, config)
-  tokenizer = Tokenizer(spm_path, extra_ids=100, setting=setting)
+  tokenizer = Tokenizer(spm_path, extra_ids=config.data.extra_ids, setting=setting)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ValueError(
       f"The tokenizer has {tokenizer.vocab_size} ids but the model only "
       f"{config.model.vocab_size}: wrong --spm_path?"
     )
+  return tokenizer
+
+
+def run(args) -> list[str]:
+  checkpoint.release_memory_eagerly()  # restored slices go back to the OS once placed
+  config, params, context = load(args)
+  tokenizer = load_tokenizer(args, config)
 
   ids = [tokenizer.encode(text, add_eos=True) for text in args.input]
   inputs = np.zeros((len(ids), max(map(len, ids))), np.int32)  # [batch, length], pad 0

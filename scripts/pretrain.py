@@ -5,9 +5,12 @@
   python scripts/pretrain.py --config=base8 --set data.paths='corpus/*.jsonl' \
       --set train.batch_size=64
 
-The run resumes from the newest checkpoint in --workdir. Multi-host: every process runs the
-same command; pass --coordinator_address/--num_processes/--process_id, or nothing on TPU pods
-and clusters whose environment JAX reads.
+The run resumes from the newest checkpoint in --workdir (the resume rules are in the README:
+settings that would change the model or its tokenizer are refused, a changed data order needs
+--restart_data). Multi-host: every process runs the same command; pass
+--coordinator_address/--num_processes/--process_id, or nothing on TPU pods and clusters whose
+environment JAX reads. Expected errors print one line and exit with status 1; SIGTERM or Ctrl-C
+stops with status 130 (at once during start-up, after saving a checkpoint once training).
 """
 
 import argparse
@@ -15,41 +18,29 @@ import sys
 
 
 def main(argv=None) -> int:
+  from switchjax.training import cli
+
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument(
     "--config",
     default="small",
     help="a preset in configs/ (small, tiny, base8, ..., c2048) or a .py file",
   )
-  parser.add_argument(
-    "--workdir", default=None, help="checkpoints, logs and config (default: runs/<config name>)"
-  )
-  parser.add_argument(
-    "--set",
-    action="append",
-    default=[],
-    metavar="FIELD=VALUE",
-    help="override a config field, e.g. --set train.batch_size=64 (repeatable)",
-  )
-  parser.add_argument("--coordinator_address", default=None, help="host:port of process 0")
-  parser.add_argument("--num_processes", type=int, default=None)
-  parser.add_argument("--process_id", type=int, default=None)
-  parser.add_argument("--no_progress", action="store_true", help="log lines, no progress bar")
+  cli.add_run_flags(parser, workdir_default="runs/<config name>")
   args = parser.parse_args(argv)
 
-  from switchjax import sharding
+  def start():
+    from switchjax.config import load_config
+    from switchjax.training import train
 
-  sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-  from switchjax.config import load_config
-  from switchjax.training import NonFiniteLossError, train
-
-  try:
     config = load_config(args.config, args.set)
     workdir = args.workdir or f"runs/{config.name}"
-    result = train(config, workdir, progress=not args.no_progress)
-  except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+    return workdir, train(config, workdir, **cli.train_options(args))
+
+  return cli.run_command(args, start, report)
+
+
+def report(workdir, result) -> None:
   if result.losses:
     first, last = min(result.losses), max(result.losses)
     print(
@@ -58,7 +49,6 @@ def main(argv=None) -> int:
     )
   else:
     print(f"Nothing to do: {workdir} is already at step {result.step}.")
-  return 130 if result.stopped_by else 0
 
 
 if __name__ == "__main__":

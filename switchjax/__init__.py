@@ -8,8 +8,10 @@ The public API:
   generation  generate
   checkpoints save_model, load_model
   training    train
+  upcycling   the module upcycle (it registers the 'tokens_choose_renormalized' router)
 """
 
+from switchjax import upcycle
 from switchjax.checkpoint import load_model, save_model
 from switchjax.config import (
   Config,

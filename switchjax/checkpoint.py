@@ -7,9 +7,14 @@ A checkpoint directory (a training workdir or the output of `scripts/convert_hf.
   checkpoints/<step>/opt_state  optimizer state (training runs only)
   checkpoints/<step>/meta     JSON: {"step": ..., "data": input-pipeline position, ...}
 
+  checkpoints/<step>/checksums.json  size and sha256 of each file of the step (MANIFEST)
+
 Orbax writes each step to a temporary directory and renames it when complete, so a run killed
-while saving leaves the previous steps intact; `CheckpointStore.restore_latest` also steps back
-over a newest checkpoint that fails to load, and says so.
+while saving leaves the previous steps intact. Once Orbax has finished a step, its files are
+checksummed; `CheckpointStore.restore_latest` verifies them and steps back over a newest
+checkpoint whose bytes changed or that fails to load, and says so. A directory written by
+`save_model` (a converted model) holds parameters only: a read-only input of new runs, never
+resumed as a training run.
 
 Models bigger than memory: `save_model` writes `LazyArray` leaves one block at a time (an Orbax
 type handler of its own, storing what Orbax's NumpyHandler stores), `lazy_params` reads a
@@ -25,9 +30,12 @@ import ctypes
 import ctypes.util
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
+import os
 import pathlib
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -45,10 +53,83 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
+MANIFEST = "checksums.json"
 
 
 class IncompatibleCheckpointError(ValueError):
   """A checkpoint of another model or optimizer (not a broken one): never set aside."""
+
+
+class CorruptCheckpointError(ValueError):
+  """A step whose files differ from the checksums recorded when it was saved."""
+
+
+class WriteError(RuntimeError):
+  """A run's directory could not be written (full disk, permissions); what was complete is
+  kept."""
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+  text = " ".join(str(error).split()) or type(error).__name__
+  return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# Checksums: written once Orbax has finished a step, verified before it is restored.
+
+
+def _sha256(path: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(1 << 20):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def write_manifest(step_dir) -> None:
+  """Records the size and sha256 of every file of a finished step in its MANIFEST (written to a
+  temporary name and renamed, so a manifest is whole or absent)."""
+  step_dir = pathlib.Path(step_dir)
+  files = {
+    str(p.relative_to(step_dir)): [p.stat().st_size, _sha256(p)]
+    for p in sorted(step_dir.rglob("*"))
+    if p.is_file() and p.name != MANIFEST
+  }
+  tmp = step_dir / f".{MANIFEST}.tmp"
+  tmp.write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=0) + "\n")
+  tmp.replace(step_dir / MANIFEST)
+
+
+def verify_manifest(step_dir) -> str | None:
+  """What differs between a step's files and its MANIFEST, or None when they match. A step
+  without a manifest (saved before checksums existed, or by a run killed between Orbax's commit
+  and the manifest) is taken as it is."""
+  step_dir = pathlib.Path(step_dir)
+  path = step_dir / MANIFEST
+  if not path.is_file():
+    return None
+  try:
+    files = json.loads(path.read_text())["files"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return f"its {MANIFEST} is unreadable ({_one_line(e, 100)})"
+  for name, (size, digest) in files.items():
+    file = step_dir / name
+    if not file.is_file():
+      return f"{name} is missing"
+    if file.stat().st_size != size:
+      return f"{name} has {file.stat().st_size} bytes, {size} when saved"
+    if _sha256(file) != digest:
+      return f"the bytes of {name} changed since it was saved (sha256 mismatch)"
+  return None
+
+
+def _everyone_agrees(ok: bool) -> bool:
+  """True when `ok` holds on every process (process 0 checks; the others follow it)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
 def _path_name(path) -> str:
@@ -81,16 +162,19 @@ def _first_difference(saved: dict, expected: dict) -> str | None:
 
 
 class CheckpointStore:
-  """The checkpoints of one directory (asynchronous saves, keep the last K, resume).
+  """The checkpoints of one directory (asynchronous saves, keep the last K, checksums, resume).
 
   Attributes:
     directory: the workdir; checkpoints go to `directory/checkpoints`.
+    last_complete: the newest step this store restored or saw finished (None: none yet), and
+      `last_source`, how: 'restored' or 'saved'.
+    broken: steps found broken by `restore_latest`, not yet set aside.
   """
 
-  def __init__(self, directory, keep: int | None = None, async_save: bool = True):
+  def __init__(self, directory, keep: int | None = None, async_save: bool = True, create=True):
     self.directory = pathlib.Path(directory).resolve()
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+      max_to_keep=keep, create=create, enable_async_checkpointing=async_save
     )
     self.manager = ocp.CheckpointManager(
       self.directory / CHECKPOINTS,
@@ -101,28 +185,77 @@ class CheckpointStore:
         "meta": ocp.JsonCheckpointHandler(),
       },
     )
+    self.last_complete: int | None = None
+    self.last_source = ""
+    self.broken: list[int] = []
+    self._pending: list[int] = []
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
+  def step_dir(self, step: int) -> pathlib.Path:
+    return self.directory / CHECKPOINTS / str(int(step))
+
+  def training_steps(self) -> list[int]:
+    """The steps that hold an optimizer state (a training run's), not parameters only."""
+    return [s for s in self.steps() if "opt_state" in _saved_items(self.step_dir(s))]
+
+  def describe_last(self) -> str:
+    """'step 4, saved by this run' / 'step 2, which this run resumed from' / 'none yet'."""
+    if self.last_complete is None:
+      return "none yet"
+    how = "saved by this run" if self.last_source == "saved" else "which this run resumed from"
+    return f"step {self.last_complete}, {how}"
+
   def save(
     self, step: int, params, opt_state=None, meta: dict | None = None, force: bool = True
   ) -> None:
-    """Starts saving (asynchronously); `wait()` blocks until it is on disk."""
+    """Starts saving (asynchronously); `wait()` blocks until it is on disk, checksummed. A save
+    that fails raises WriteError (here or at the next save or wait)."""
+    self._finish()
     items = {
       "params": ocp.args.StandardSave(params),
       "meta": ocp.args.JsonSave({"step": int(step), **(meta or {})}),
     }
     if opt_state is not None:
       items["opt_state"] = ocp.args.StandardSave(opt_state)
-    self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+    self._pending.append(int(step))
+    try:
+      self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+    except Exception as e:  # noqa: BLE001  (any failure to write: one line, the fix)
+      raise self._write_error(e) from None
+
+  def _finish(self) -> None:
+    """Waits for the saves in flight, then checksums them (process 0)."""
+    try:
+      self.manager.wait_until_finished()
+      for step in self._pending:
+        if self.step_dir(step).is_dir():
+          if jax.process_index() == 0:
+            write_manifest(self.step_dir(step))
+          self.last_complete, self.last_source = step, "saved"
+    except Exception as e:  # noqa: BLE001
+      raise self._write_error(e) from None
+    finally:
+      self._pending = []
+
+  def _write_error(self, error: Exception) -> WriteError:
+    step = self._pending[-1] if self._pending else "?"
+    self._pending = []
+    return WriteError(
+      f"Could not save checkpoint step {step} in {self.directory / CHECKPOINTS} "
+      f"({_write_failure(error)}). The last complete checkpoint ({self.describe_last()}) is "
+      "kept: free space on that disk (or make it writable) and run the same command to resume."
+    )
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    self._finish()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self._finish()
+    finally:
+      self.manager.close()
 
   def restore(self, step: int, abstract_params, abstract_opt_state=None) -> dict:
     """Restores one step onto the shardings of the abstract trees (any mesh or device count).
@@ -136,28 +269,41 @@ class CheckpointStore:
     restored = self.manager.restore(int(step), args=ocp.args.Composite(**items))
     return {name: restored[name] for name in items}
 
-  def restore_latest(self, abstract_params, abstract_opt_state=None, report=print) -> dict | None:
-    """The newest checkpoint that loads, stepping back over broken ones; None if the directory
-    has no checkpoint. Broken steps are reported and moved to `checkpoints_broken/` (kept for
-    inspection, out of the way of the steps this run will save again)."""
-    broken = []
+  def verify(self, step: int) -> None:
+    """Raises CorruptCheckpointError when the step's files differ from its checksums."""
+    problem = verify_manifest(self.step_dir(step)) if jax.process_index() == 0 else None
+    if not _everyone_agrees(problem is None):
+      raise CorruptCheckpointError(problem or "its checksums do not match (see process 0)")
+
+  def restore_latest(
+    self, abstract_params, abstract_opt_state=None, report=print, set_aside: bool = True
+  ) -> dict | None:
+    """The newest checkpoint that verifies and loads, stepping back over broken ones; None if
+    the directory has none. With an optimizer state, only training steps count (a converted
+    model's parameters-only step is not one). Broken steps are reported and moved to
+    `checkpoints_broken/` (kept for inspection, out of the way of the steps this run will save
+    again), at once or, with set_aside=False, by `set_aside_broken()` once the run starts."""
+    steps = self.steps() if abstract_opt_state is None else self.training_steps()
     try:
-      for step in reversed(self.steps()):
+      for step in reversed(steps):
         try:
           self.check_compatible(step, abstract_params, abstract_opt_state)
-          return self.restore(step, abstract_params, abstract_opt_state)
+          self.verify(step)
+          restored = self.restore(step, abstract_params, abstract_opt_state)
+          self.last_complete, self.last_source = step, "restored"
+          return restored
         except IncompatibleCheckpointError:
           raise
         except Exception as e:  # noqa: BLE001  (any read failure: try the previous one)
           report(
             f"Checkpoint step {step} in {self.directory / CHECKPOINTS} could not be "
-            f"restored ({type(e).__name__}: {str(e)[:200]}); trying the previous one."
+            f"restored ({type(e).__name__}: {_one_line(e, 200)}); trying the previous one."
           )
-          broken.append(step)
+          self.broken.append(step)
       return None
     finally:
-      for step in broken:
-        self._set_aside(step, report)
+      if set_aside:
+        self.set_aside_broken(report)
 
   def check_compatible(self, step: int, abstract_params, abstract_opt_state=None) -> None:
     """Raises IncompatibleCheckpointError if `step` holds other arrays than expected (a run of
@@ -178,17 +324,41 @@ class CheckpointStore:
           f"parameters with --set train.init_from={self.directory}."
         )
 
+  def set_aside_broken(self, report=print) -> None:
+    """Moves the broken steps found by restore_latest to `checkpoints_broken/` (process 0)."""
+    broken, self.broken = self.broken, []
+    for step in broken:
+      self._set_aside(step, report)
+
   def _set_aside(self, step: int, report) -> None:
     if jax.process_index() == 0:
       target = self.directory / "checkpoints_broken" / f"{step}-{int(time.time())}"
       target.parent.mkdir(exist_ok=True)
-      (self.directory / CHECKPOINTS / str(step)).rename(target)
+      self.step_dir(step).rename(target)
       report(f"Moved the broken step {step} to {target}.")
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 
       multihost_utils.sync_global_devices(f"set aside broken checkpoint {step}")
     self.manager.reload()
+
+
+def _write_failure(error: Exception) -> str:
+  """The OS's reason when a write failed in tensorstore ('... File too large
+  [os_error_code=27]' -> 'File too large, errno 27'), else the error in one line."""
+  if isinstance(error, OSError) and error.errno:
+    return f"{error.strerror}, errno {error.errno}"
+  code = re.search(r"\[os_error_code='?(\d+)'?\]", str(error))
+  return f"{os.strerror(int(code.group(1)))}, errno {code.group(1)}" if code else _one_line(error)
+
+
+def _saved_items(step_dir: pathlib.Path) -> set[str]:
+  """The items Orbax recorded for a finished step (its _CHECKPOINT_METADATA); a step whose
+  record cannot be read counts as a training step (its restore then reports the problem)."""
+  try:
+    return set(json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())["item_handlers"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return {"params", "opt_state"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,6 +632,7 @@ def save_model(directory, config: config_lib.Config, params, step: int = 0) -> p
   manager.close()
   if jax.process_index() == 0:
     _record_standard_handler(directory / CHECKPOINTS / str(int(step)))
+    write_manifest(directory / CHECKPOINTS / str(int(step)))
   return directory
 
 
@@ -509,7 +680,8 @@ def load_model(
   process reads only its own devices' slices, so no host ever holds a copy of the model.
   `dtype` ('float32', 'bfloat16') casts every parameter while reading (and sets
   model.param_dtype); None keeps the config's (a converted checkpoint's is its stored dtype).
-  A newest step that fails to load is reported in the error of the step tried after it.
+  Each step's files are checked against its checksums first; a newest step that is corrupt
+  or fails to load is reported in the error of the step tried after it.
   `scan_layers` (True/False; None keeps the checkpoint's) restores into the other layer layout
   (model.scan_layers): the stored layout is restored on the default device, restacked
   (`scan.stack_layers` / `unstack_layers`) and then placed on `shardings`.
@@ -522,7 +694,8 @@ def load_model(
   if dtype is not None:
     model = dataclasses.replace(config.model, param_dtype=jax.numpy.dtype(dtype).name)
     config = dataclasses.replace(config, model=model).validate()
-  steps = CheckpointStore(directory, async_save=False).steps()
+  store = CheckpointStore(directory, async_save=False, create=False)
+  steps = store.steps()
   if not steps:
     raise FileNotFoundError(f"No checkpoint under {pathlib.Path(directory) / CHECKPOINTS}.")
   model = SwitchTransformer(config.model)
@@ -534,11 +707,16 @@ def load_model(
   errors = []
   for s in [step] if step is not None else list(reversed(steps)):
     try:
-      return config, _place(lazy_params(directory, s)[1], abstract, directory)
+      store.verify(s)
+      params = _place(lazy_params(directory, s)[1], abstract, directory)
     except IncompatibleCheckpointError:
       raise
     except Exception as e:  # noqa: BLE001  (any read failure: try the previous step)
-      errors.append(f"step {s}: {type(e).__name__}: {str(e)[:200]}")
+      errors.append(f"step {s}: {type(e).__name__}: {_one_line(e, 200)}")
+      continue
+    if errors:
+      log.warning("Restored step %d of %s; newer steps failed: %s", s, directory, "; ".join(errors))
+    return config, params
   raise ValueError(f"Could not restore parameters from {directory}: " + "; ".join(errors))
 
 
@@ -615,7 +793,7 @@ def lazy_params(directory, step: int | None = None) -> tuple[config_lib.Config, 
   StoredArrays of the stored shapes and dtypes, read when used: converting (`hf.to_hf`) or
   copying (`save_model`) them holds a stored chunk (one expert) at a time, never the model."""
   config = read_checkpoint_config(directory)
-  store = CheckpointStore(directory, async_save=False)
+  store = CheckpointStore(directory, async_save=False, create=False)
   steps = store.steps()
   if not steps:
     raise FileNotFoundError(f"No checkpoint under {pathlib.Path(directory) / CHECKPOINTS}.")

@@ -421,19 +421,65 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  """Supervised fine-tuning on text-to-text pairs (scripts/finetune.py).
+
+  Attributes:
+    train_file, eval_file: .tsv (input<TAB>target) or .jsonl files; None = the bundled task.
+    task: the bundled task made from the embedded corpus ('fill_in_the_blank').
+    input_field, target_field: the JSON Lines fields (and the TSV header, if any).
+    exact_match_every: generate the eval examples and score exact match every this many steps
+      (0: only at the end); teacher-forced eval loss follows train.eval_every.
+    exact_match_examples: eval examples generated each time.
+    keep_best: the metric whose best checkpoint is kept in WORKDIR/best ('exact_match' or
+      'loss').
+  """
+
+  train_file: str | None = None
+  eval_file: str | None = None
+  task: str = "fill_in_the_blank"
+  input_field: str = "input"
+  target_field: str = "target"
+  exact_match_every: int = 100
+  exact_match_examples: int = 128
+  keep_best: str = "exact_match"
+
+  def validate(self, prefix: str = "finetune") -> None:
+    if (self.train_file is None) != (self.eval_file is None):
+      raise ValueError(
+        f"{prefix}.train_file and {prefix}.eval_file go together: give both files (--train and "
+        "--eval), or neither for the bundled task."
+      )
+    if self.train_file is None and self.task not in FINETUNE_TASKS:
+      raise ValueError(f"{prefix}.task={self.task!r}; bundled tasks: {', '.join(FINETUNE_TASKS)}.")
+    if self.exact_match_every < 0 or self.exact_match_examples < 1:
+      raise ValueError(
+        f"{prefix}.exact_match_every must be >= 0 and {prefix}.exact_match_examples >= 1."
+      )
+    if self.keep_best not in ("exact_match", "loss"):
+      raise ValueError(f"{prefix}.keep_best={self.keep_best!r}; use 'exact_match' or 'loss'.")
+
+
+FINETUNE_TASKS = ("fill_in_the_blank",)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
-  """A whole run."""
+  """A whole run; `finetune` is set for supervised fine-tuning runs."""
 
   name: str = "custom"
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   train: TrainConfig = TrainConfig()
   mesh: MeshConfig = MeshConfig()
+  finetune: FinetuneConfig | None = None
 
   def validate(self) -> Config:
     self.model.validate("model")
     self.data.validate("data")
     self.train.validate("train")
+    if self.finetune is not None:
+      self.finetune.validate("finetune")
     check_sizes(self)
     return self
 
@@ -601,16 +647,13 @@ def load_config(name_or_path: str, overrides: tuple[str, ...] | list[str] = ()) 
 
   `name_or_path` is a preset name (configs/NAME.py), a .py file with get_config(), a saved
   config.json, or a checkpoint directory (a converted model or a training workdir): its
-  config, with train.init_from set to the directory so a new run starts from its parameters.
-  Every problem is a one-line ValueError naming the file or setting and the fix.
+  config, with train.init_from set to the directory so a new run starts from its parameters
+  (and data.spm_path, unless set, to its spiece.model). Every problem is a one-line ValueError
+  naming the file or setting and the fix.
   """
   path = pathlib.Path(name_or_path)
   if path.is_dir() and (path / "config.json").is_file():
-    config = _read_json_config(path / "config.json")
-    if config.train.init_from is None:
-      config = dataclasses.replace(
-        config, train=dataclasses.replace(config.train, init_from=str(path.resolve()))
-      )
+    config = _checkpoint_config(path)
   elif path.suffix == ".json" and path.is_file():
     config = _read_json_config(path)
   elif path.suffix == ".py":
@@ -629,6 +672,19 @@ def load_config(name_or_path: str, overrides: tuple[str, ...] | list[str] = ()) 
       "directory)."
     )
   return apply_overrides(config, overrides).validate()
+
+
+def _checkpoint_config(path: pathlib.Path) -> Config:
+  """The config of a checkpoint directory, made to start a new run from it: train.init_from is
+  the directory and, unless set, data.spm_path its spiece.model (the tokenizer its parameters
+  were trained with travels with them)."""
+  config = _read_json_config(path / "config.json")
+  train, data = config.train, config.data
+  if train.init_from is None:
+    train = dataclasses.replace(train, init_from=str(path.resolve()))
+  if data.spm_path is None and (path / "spiece.model").is_file():
+    data = dataclasses.replace(data, spm_path=str((path / "spiece.model").resolve()))
+  return dataclasses.replace(config, train=train, data=data)
 
 
 def _one_line(error: BaseException) -> str:
@@ -919,6 +975,16 @@ def save_config(config: Config, path: str | os.PathLike) -> None:
 
 def read_config(path: str | os.PathLike) -> Config:
   return from_dict(Config, json.loads(pathlib.Path(path).read_text()))
+
+
+def flatten(config) -> dict[str, Any]:
+  """{dotted path: value} of every leaf field; an unset optional sub-config (model.decoder_moe)
+  gives the values it derives, so two configs that behave alike flatten alike."""
+  paths = _all_paths(config)
+  leaves = [
+    p for i, p in enumerate(paths) if not paths[i + 1 :] or not paths[i + 1].startswith(p + ".")
+  ]
+  return {p: _get(config, p) for p in leaves}
 
 
 def format_config(config, prefix="") -> str:

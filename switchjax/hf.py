@@ -40,7 +40,7 @@ import numpy as np
 
 from switchjax import checkpoint, scan
 from switchjax.checkpoint import LazyArray
-from switchjax.config import Config, ModelConfig, MoeConfig
+from switchjax.config import Config, DataConfig, ModelConfig, MoeConfig
 from switchjax.model import (
   SwitchTransformer,
   decoder_sparse_layers,
@@ -877,16 +877,40 @@ def convert_from_hf(
   hf_dir, out = pathlib.Path(hf_dir), pathlib.Path(output_dir)
   checkpoint.check_output_dir(out, [hf_dir], overwrite, "--output_dir")
   model, params = lazy_from_hf(hf_dir, dtype, scan_layers)
-  config = Config(name=f"hf:{hf_dir.resolve().name}", model=model.config)
+  data = DataConfig(extra_ids=read_extra_ids(hf_dir))
   if (hf_dir / SPM).is_file():
-    spm = (out / SPM).resolve()
-    config = dataclasses.replace(config, data=dataclasses.replace(config.data, spm_path=str(spm)))
+    data = dataclasses.replace(data, spm_path=str((out / SPM).resolve()))
+  config = Config(name=f"hf:{hf_dir.resolve().name}", model=model.config, data=data)
   checkpoint.clear_output_dir(out, (checkpoint.CONFIG_FILE, checkpoint.CHECKPOINTS, SPM))
   if (hf_dir / SPM).is_file():
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(hf_dir / SPM, out / SPM)
   checkpoint.save_model(out, config.validate(), params)
   return config
+
+
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+def read_extra_ids(hf_dir) -> int:
+  """The sentinel count of an HF checkpoint's tokenizer: tokenizer_config.json's extra_ids, or
+  its <extra_id_N> special tokens; T5's 100 when it says nothing."""
+  try:
+    tokenizer = json.loads((pathlib.Path(hf_dir) / TOKENIZER_CONFIG).read_text())
+  except (OSError, ValueError):
+    return 100
+  if isinstance(tokenizer.get("extra_ids"), int) and tokenizer["extra_ids"] > 0:
+    return tokenizer["extra_ids"]
+  special = tokenizer.get("additional_special_tokens") or []
+  sentinels = [t for t in special if isinstance(t, str) and t.startswith("<extra_id_")]
+  return len(sentinels) or 100
+
+
+def write_tokenizer_config(out_dir, extra_ids: int) -> None:
+  """tokenizer_config.json for transformers' T5Tokenizer next to a copied spiece.model: the
+  model's sentinel count (its default, 100, would move every sentinel id of another count)."""
+  config = {"tokenizer_class": "T5Tokenizer", "extra_ids": int(extra_ids)}
+  (pathlib.Path(out_dir) / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _model_config(model_or_config) -> ModelConfig:
@@ -924,6 +948,7 @@ HF_OUTPUTS = (
   "pytorch_model.bin.index.json",
   "pytorch_model-*-of-*.bin",
   SPM,
+  TOKENIZER_CONFIG,
 )
 
 

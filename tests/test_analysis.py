@@ -9,8 +9,6 @@ the notebook cannot rot.
 its outputs.
 """
 
-import base64
-import contextlib
 import io
 import math
 import os
@@ -27,6 +25,7 @@ import pytest
 
 matplotlib.use("Agg")  # before pyplot: figures render off-screen
 import matplotlib.pyplot as plt  # noqa: E402
+from notebook_utils import run_notebook  # noqa: E402
 
 from switchjax import analysis, losses  # noqa: E402
 from switchjax.config import ModelConfig, MoeConfig  # noqa: E402
@@ -340,36 +339,6 @@ def test_token_cross_entropy_matches_the_training_loss(batch, params):
 
 # --------------------------------------------------------------------------------------------
 # The notebook.
-
-
-def run_notebook(path: pathlib.Path):
-  """Executes a notebook's code cells in order in one namespace, as a kernel would, and
-  returns (the notebook with outputs, the namespace). Each cell's stdout becomes a stream
-  output and each matplotlib figure it leaves open a PNG display output."""
-  nb = nbformat.read(path, as_version=4)
-  namespace = {"__name__": "__main__"}
-  count = 0
-  for cell in nb.cells:
-    if cell.cell_type != "code":
-      continue
-    count += 1
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-      exec(compile(cell.source, f"{path.name}, code cell {count}", "exec"), namespace)
-    outputs = []
-    if stdout.getvalue():
-      outputs.append(nbformat.v4.new_output("stream", name="stdout", text=stdout.getvalue()))
-    for number in plt.get_fignums():
-      png = io.BytesIO()
-      plt.figure(number).savefig(png, format="png", dpi=72, bbox_inches="tight")
-      outputs.append(
-        nbformat.v4.new_output(
-          "display_data", data={"image/png": base64.b64encode(png.getvalue()).decode()}
-        )
-      )
-    plt.close("all")
-    cell.outputs, cell.execution_count = outputs, count
-  return nb, namespace
 
 
 def test_notebook_runs_on_the_tiny_preset(tmp_path, monkeypatch):

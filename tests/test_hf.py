@@ -481,14 +481,18 @@ def _run(*args):
 def test_convert_script_both_directions(hf_dirs, tmp_path):
   source = U.copy_checkpoint(hf_dirs["untied_gelu_bias"][0], tmp_path / "hf_in")
   (source / "spiece.model").write_bytes(b"sentencepiece stand-in")
+  (source / "tokenizer_config.json").write_text('{"extra_ids": 60}')  # the model's sentinels
   done = _run("--hf_dir", source, "--output_dir", tmp_path / "converted")
   assert done.returncode == 0, done.stderr
   config = checkpoint.read_checkpoint_config(tmp_path / "converted")
   assert pathlib.Path(config.data.spm_path) == (tmp_path / "converted" / "spiece.model").resolve()
+  assert config.data.extra_ids == 60
   assert (tmp_path / "converted" / "spiece.model").read_bytes() == b"sentencepiece stand-in"
   done = _run("--checkpoint", tmp_path / "converted", "--hf_output_dir", tmp_path / "hf_out")
   assert done.returncode == 0, done.stderr
   assert (tmp_path / "hf_out" / "spiece.model").read_bytes() == b"sentencepiece stand-in"
+  tokenizer = json.loads((tmp_path / "hf_out" / "tokenizer_config.json").read_text())
+  assert tokenizer == {"tokenizer_class": "T5Tokenizer", "extra_ids": 60}
   diff = np.abs(
     U.hf_forward(U.load_hf(tmp_path / "hf_out")).logits.numpy()
     - U.hf_forward(hf_dirs["untied_gelu_bias"][1]).logits.numpy()
@@ -511,3 +515,13 @@ def test_convert_script_errors_are_one_line(tmp_path):
   assert done.returncode == 1
   assert "does not exist" in done.stderr and "Traceback" not in done.stderr
   assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_sentinel_count_of_hf_tokenizers(tmp_path):
+  assert hf.read_extra_ids(tmp_path) == 100  # T5's, when nothing says otherwise
+  (tmp_path / "tokenizer_config.json").write_text(
+    json.dumps({"additional_special_tokens": [f"<extra_id_{i}>" for i in range(7)]})
+  )
+  assert hf.read_extra_ids(tmp_path) == 7
+  (tmp_path / "tokenizer_config.json").write_text('{"extra_ids": 40}')
+  assert hf.read_extra_ids(tmp_path) == 40

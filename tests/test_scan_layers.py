@@ -211,5 +211,9 @@ def test_scanned_pretraining_learns_and_resumes(tmp_path):
   assert {**first.losses, **second.losses} == straight.losses  # bit-identical
   _, params = checkpoint.load_model(tmp_path / "resumed")
   assert scan.is_scanned(params)
+  # A new unscanned run starts from the scanned checkpoint (train.init_from restacks it).
+  init = [f"train.init_from={tmp_path / 'straight'}", "train.num_train_steps=1"]
+  unscanned = run(tmp_path / "unscanned", "model.scan_layers=false", *init)
+  assert unscanned.losses[1] < straight.losses[1] - 1.0
   layout = state_layout(load_config("tiny", ["model.scan_layers=true"]), sharding.make_mesh())
   assert layout.param_axes["encoder"]["scan_p2"]["layers_1"]["mlp"]["wi"][0] == "layers"

@@ -43,6 +43,7 @@ from switchjax.data.tokenizer import (
   EmptyTextError,
   Tokenizer,
   VocabularyTooLargeError,
+  call_interruptibly,
   train_tokenizer,
 )
 
@@ -429,7 +430,8 @@ def _write_tokens(corpus, tokenizer: Tokenizer, path: pathlib.Path) -> None:
     num_tokens = 0
     with open(raw_path, "wb") as raw:
       for docs in _batches(corpus.documents(), _ENCODE_BATCH_DOCS):
-        ids = [i for doc_ids in tokenizer.encode_batch(docs) for i in doc_ids]
+        encoded = call_interruptibly(tokenizer.encode_batch, docs)  # signals stay prompt
+        ids = [i for doc_ids in encoded for i in doc_ids]
         raw.write(np.asarray(ids, dtype=dtype).tobytes())
         num_tokens += len(ids)
     if num_tokens == 0:

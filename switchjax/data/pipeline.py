@@ -213,7 +213,8 @@ class TrainIterator:
         raise ValueError(
           f"cannot resume the data pipeline: the checkpoint's {key} is {saved}, this run's is "
           f"{current}, so the training order would differ. Use the checkpoint's data config "
-          "(seed, corpus, tokenizer, lengths, eval_fraction) or start the data from scratch."
+          "(seed, corpus, tokenizer, lengths, eval_fraction), or pass --restart_data "
+          "(train(..., restart_data=True)) to continue the model on the data from its start."
         )
     self.step = int(state["step"])
     self.next_example = int(state["next_example"])

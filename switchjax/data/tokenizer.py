@@ -28,7 +28,8 @@ import io
 import os
 import pathlib
 import re
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -261,6 +262,33 @@ def check_t5_layout(sp: spm.SentencePieceProcessor, name: str) -> None:
 # Training.
 
 
+def call_interruptibly(fn: Callable, *args, **kwargs):
+  """fn(*args, **kwargs), run in a daemon thread while the main thread waits for it.
+
+  SentencePiece's training and batch encoding release the GIL but keep the thread that calls
+  them for as long as they run (minutes on a large corpus), and Python runs signal handlers in
+  the main thread only: called from there, a SIGTERM or Ctrl-C would wait for the call to end.
+  Waiting on the thread instead lets the handler run, and raise, at once. An interrupted call is
+  abandoned: it finishes in the background and its result is dropped (the process is exiting).
+  """
+  if threading.current_thread() is not threading.main_thread():
+    return fn(*args, **kwargs)
+  outcome: dict = {}
+
+  def target():
+    try:
+      outcome["value"] = fn(*args, **kwargs)
+    except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread)
+      outcome["error"] = e
+
+  thread = threading.Thread(target=target, name="switchjax-sentencepiece", daemon=True)
+  thread.start()
+  thread.join()  # a signal handler that raises interrupts this wait
+  if "error" in outcome:
+    raise outcome["error"]
+  return outcome["value"]
+
+
 def _sentences(texts: Iterable[str], max_sentences: int, max_chars: int):
   """Non-empty lines of `texts`, long lines cut at spaces, at most `max_sentences` of them.
 
@@ -333,7 +361,8 @@ def train_tokenizer(
   model = io.BytesIO()
   spm.set_random_generator_seed(seed)
   try:
-    spm.SentencePieceTrainer.train(
+    call_interruptibly(
+      spm.SentencePieceTrainer.train,
       sentence_iterator=iter(sentences),
       model_writer=model,
       vocab_size=vocab_size,

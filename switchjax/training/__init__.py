@@ -5,12 +5,13 @@ objective.py  loss_fn: the one loss of training, evaluation, fine-tuning and ben
 step.py       gradient accumulation, the optimizer update, the compiled train/eval steps
 plan.py       the mesh, microbatches and routing groups of a run
 hooks.py      progress, logging, evaluation, checkpointing and stop signals around the loop
+workdir.py    the workdir: one run at a time (a lock), one model, checks before any write
 loop.py       train(): start a run, then step
 flops.py      model FLOPs and device peaks (MFU)
 """
 
 from switchjax.training.flops import peak_tflops, train_flops_per_example
-from switchjax.training.hooks import NonFiniteLossError, RunResult
+from switchjax.training.hooks import NonFiniteLossError, RunResult, StartupInterrupted
 from switchjax.training.loop import train
 from switchjax.training.objective import loss_fn
 from switchjax.training.plan import RunPlan, plan_run, resolve_microbatches, routing_summary
@@ -25,3 +26,4 @@ from switchjax.training.step import (
   make_eval_step,
   make_train_step,
 )
+from switchjax.training.workdir import WorkdirError

@@ -1,13 +1,14 @@
 """What the training loop does around its steps, as hooks: the progress bar, logging, evaluation
 and checkpointing, plus the stop signals and the step timer they share.
 
-Each hook sees the `Run` (what the loop knows) and is called with `after_step(state, metrics)`
-right after a step was dispatched (the arrays may still be computing), `end(state)` when the
-loop is done and `close()` always.
+Each hook sees the `Run` (what the loop knows) and is called with `start(state)` before the
+first step, `after_step(state, metrics)` right after a step was dispatched (the arrays may
+still be computing), `end(state)` when the loop is done and `close()` always.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
 import signal
@@ -26,6 +27,18 @@ from switchjax.training.step import Steps
 
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class StartupInterrupted(BaseException):
+  """SIGTERM or Ctrl-C during start-up: the run stops at once (a BaseException, so that no
+  `except Exception` on the way, e.g. around a checkpoint restore, mistakes it for a failure)."""
+
+  def __init__(self, signal_name: str):
+    super().__init__(
+      f"Stopped by {signal_name} during start-up, before the first step; nothing was trained "
+      "or saved. Run the same command to start again."
+    )
+    self.signal_name = signal_name
 
 
 @dataclasses.dataclass
@@ -65,6 +78,34 @@ class Run:
   stopwatch: Stopwatch
   stop: bool = False
   unchecked: list = dataclasses.field(default_factory=list)  # [(step, finite flag)]
+  claim: Any = None  # the workdir.Workdir this run holds (its lock)
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    """Metrics to metrics.jsonl and TensorBoard; a failed write stops the run with a WriteError
+    naming the last complete checkpoint."""
+    try:
+      self.writer.write(step, metrics)
+    except OSError as e:
+      raise checkpoint.WriteError(
+        f"Could not write the metrics of step {step} to {self.workdir} ({e.strerror or e}). "
+        f"The last complete checkpoint ({self.store.describe_last()}) is kept: free space on "
+        "that disk (or make it writable) and run the same command to resume."
+      ) from None
+
+  def close(self, hooks, failing: bool = False) -> None:
+    """Closes the hooks, the checkpoints (waiting for the last save), the metrics and the
+    workdir's lock; when `failing`, errors of closing do not hide the error being raised."""
+    try:
+      for hook in hooks:
+        hook.close()
+      self.store.close()
+      self.writer.close()
+    except Exception:
+      if not failing:
+        raise
+    finally:
+      if self.claim is not None:
+        self.claim.release()
 
   def check_finite(self) -> None:
     """Raises NonFiniteLossError if any step since the last check had a non-finite loss or
@@ -72,17 +113,20 @@ class Run:
     flags, self.unchecked = self.unchecked, []
     for step, finite in zip([s for s, _ in flags], jax.device_get([f for _, f in flags])):
       if not finite:
-        steps = self.store.steps()
-        last = f"step {steps[-1]}" if steps else "none yet"
+        with contextlib.suppress(checkpoint.WriteError):
+          self.store.wait()  # a save in flight (of an earlier, finite step) completes first
         raise NonFiniteLossError(
           f"Non-finite loss or gradient at step {step}; stopping without saving. The last good "
-          f"checkpoint ({last}) is kept in {self.workdir}. Lower train.learning_rate, raise "
-          "train.router_z_loss_factor or check the data."
+          f"checkpoint ({self.store.describe_last()}) is kept in {self.workdir}. Lower "
+          "train.learning_rate, raise train.router_z_loss_factor or check the data."
         )
 
 
 class Hook:
   """A no-op hook; subclasses override what they need."""
+
+  def start(self, run: Run, state: TrainState) -> None:
+    pass
 
   def after_step(self, run: Run, state: TrainState, metrics: dict) -> None:
     pass
@@ -173,7 +217,7 @@ class MetricsLogger(Hook):
     logged["model_tflops_per_device"] = self.flops * count / elapsed / 1e12 / devices
     if self.peak:
       logged["mfu"] = logged["model_tflops_per_device"] / self.peak
-    run.writer.write(step, logged)
+    run.write(step, logged)
     run.result.losses[step] = logged["loss"]
     (self.bar.write if self.bar else run.say)(format_log(step, logged))
 
@@ -212,7 +256,7 @@ class Evaluator(Hook):
       f"step {state.step}: eval loss {metrics['eval/loss']:.4f}, cross-entropy "
       f"{metrics['eval/cross_entropy']:.4f}, accuracy {metrics['eval/accuracy']:.3f}"
     )
-    run.writer.write(state.step, metrics)
+    run.write(state.step, metrics)
     return metrics
 
 
@@ -234,11 +278,18 @@ class Checkpointer(Hook):
 
 
 class StopSignals:
-  """Records SIGTERM / SIGINT so the loop can save a checkpoint before exiting; a second
-  Ctrl-C stops at once."""
+  """SIGTERM and SIGINT (Ctrl-C) from the first line of a run on.
+
+  During start-up (data preparation, restoring, before the first step) a signal stops the run
+  at once: the handler raises StartupInterrupted, except inside `deferred()` (writing the
+  workdir's files), after which it is raised. Once `started()`, a signal is recorded, and the
+  loop saves a checkpoint and stops after the current step; a second Ctrl-C stops at once.
+  """
 
   def __init__(self):
     self.received: str | None = None
+    self.starting = True
+    self._deferring = False
     self._previous = {}
 
   def __enter__(self):
@@ -251,9 +302,28 @@ class StopSignals:
 
   def _handle(self, signum, frame):
     del frame
+    name = signal.Signals(signum).name
+    if self.starting and not self._deferring:
+      self.received = name
+      raise StartupInterrupted(name)
     if self.received is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt
-    self.received = signal.Signals(signum).name
+    self.received = name
+
+  @contextlib.contextmanager
+  def deferred(self):
+    """Signals wait until the block is done (it writes files that must be whole)."""
+    self._deferring = True
+    try:
+      yield
+    finally:
+      self._deferring = False
+    if self.starting and self.received is not None:
+      raise StartupInterrupted(self.received)
+
+  def started(self) -> None:
+    """From now on a signal stops the loop after its step, with a checkpoint."""
+    self.starting = False
 
   def any_process(self) -> bool:
     """True if a signal reached any process (all processes must agree to save and stop)."""

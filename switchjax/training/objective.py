@@ -64,7 +64,7 @@ def loss_fn(
   sums = losses.loss_sums(
     logits,
     batch,
-    state["intermediates"],
+    state.get("intermediates", {}),  # a dense model (no MoE layer) sows nothing
     z_loss=cfg.z_loss,
     label_smoothing=cfg.label_smoothing,
     aux_loss_factor=cfg.aux_loss_factor,

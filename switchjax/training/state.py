@@ -97,10 +97,11 @@ def make_train_state(
   report=print,
 ) -> tuple[TrainState, dict | None]:
   """The run's state on the layout's mesh, and the restored checkpoint's metadata (None when
-  fresh): the newest readable checkpoint of `store`, else fresh: the parameters of
+  fresh): the newest readable training checkpoint of `store` (broken ones are left in
+  `store.broken`, for the run to set aside once it starts), else fresh: the parameters of
   `train.init_from` or a new initialisation (seed train.seed), with a new optimizer state."""
   if store is not None:
-    restored = store.restore_latest(layout.params, layout.opt_state, report=report)
+    restored = store.restore_latest(layout.params, layout.opt_state, report, set_aside=False)
     if restored is not None:
       meta = restored["meta"]
       position = meta.get("data_position", meta.get("data", {}).get("next_example", 0))

@@ -1,0 +1,214 @@
+"""The expert-scaling sweep (switchjax/scaling.py, scripts/scaling.py) and its notebook
+(notebooks/expert_scaling.ipynb).
+
+The summaries are checked on hand-made results; the script runs a shrunken sweep (the tiny
+preset, 4 steps, dense / E=2 top-1 / E=2 top-2, two seeds) whose JSON the notebook then plots.
+
+`python tests/test_scaling.py` re-executes the notebook on its stored results and stores its
+outputs.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import nbformat
+import numpy as np
+import pytest
+from notebook_utils import run_notebook
+
+from switchjax import scaling
+from switchjax.config import estimate_parameters
+from switchjax.training import train_flops_per_example
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "expert_scaling.ipynb"
+STORED = ROOT / "notebooks" / "expert_scaling.json"
+STORED_LONG = ROOT / "notebooks" / "expert_scaling_long.json"
+
+
+def test_sweep_variants_are_the_experts_then_the_capacity_table():
+  names = [v.name for v in scaling.sweep_variants()]
+  assert names == [
+    "dense",
+    "switch-e2-top1-cf1.25",
+    "switch-e4-top1-cf1.25",
+    "switch-e8-top1-cf1.25",
+    "switch-e16-top1-cf1.25",
+    "switch-e8-top1-cf1",
+    "switch-e8-top1-cf2",
+    "switch-e8-top2-cf1",
+    "switch-e8-top2-cf1.25",
+    "switch-e8-top2-cf2",
+  ]
+
+
+def test_switch_models_have_the_dense_flops_per_token_and_more_parameters():
+  base = scaling.base_config()
+  configs = {
+    v: scaling.run_config(base, v, seed=3, steps=600, eval_every=50, eval_steps=8)
+    for v in scaling.sweep_variants()
+  }
+  dense = configs[scaling.Variant(0)]
+  assert dense.model.num_sparse_encoder_layers == dense.model.num_sparse_decoder_layers == 0
+  assert dense.train.seed == 3 and dense.train.num_train_steps == 600
+  assert dense.train.log_every == 25 and dense.train.eval_every == 50
+  flops = train_flops_per_example(dense)
+  parameters = []
+  for variant, config in configs.items():
+    if variant.num_experts and variant.top_k == 1:
+      assert config.model.moe.num_experts == variant.num_experts
+      assert config.model.expert_mlp_dim == dense.model.d_ff
+      ratio = train_flops_per_example(config) / flops
+      assert 1.0 < ratio < 1.01, (variant, ratio)  # only the router's E x d_model per token
+    if variant.capacity_factor == 1.25 and variant.top_k == 1:
+      parameters.append(estimate_parameters(config.model))
+  assert parameters == sorted(parameters) and len(set(parameters)) == 5
+  top2 = configs[scaling.Variant(8, 2, 1.25)]
+  assert train_flops_per_example(top2) > 1.1 * flops
+
+
+def _run(name, seed, eval_losses, seconds, num_experts=2, top_k=1, cf=1.25):
+  """A hand-made run: eval every 10 steps, training logged every 5 steps."""
+  steps = [10 * (i + 1) for i in range(len(eval_losses))]
+  train_steps = list(range(5, steps[-1] + 1, 5))
+  train = [[s, 0.0, seconds[i], 0.1, 0.6] for i, s in enumerate(train_steps)]
+  _, clock = scaling.training_seconds(train)
+  return {
+    "name": name,
+    "num_experts": num_experts,
+    "top_k": top_k,
+    "capacity_factor": cf,
+    "seed": seed,
+    "parameters": 100 * (num_experts + 1),
+    "train_flops_per_step": 2e9,
+    "seconds_per_step": scaling.training_seconds(train)[0],
+    "training_seconds": [c for _, c in clock],
+    "eval": [[s, loss, loss, 0.5] for s, loss in zip(steps, eval_losses)],
+    "train": train,
+  }
+
+
+def test_summaries_and_tables_of_hand_made_results():
+  # The first interval (compilation) took 10 s per step: it counts at the median, 1 s.
+  median, clock = scaling.training_seconds([[5, 0, 10.0, 0], [10, 0, 1.0, 0], [15, 0, 3.0, 0]])
+  assert median == 2.0 and clock == [(5, 10.0), (10, 15.0), (15, 30.0)]
+  results = {
+    "steps": 20,
+    "tokens_per_step": 100,
+    "seeds": [0, 1],
+    "runs": [
+      _run("dense", 0, [4.0, 3.0], [9.0, 1.0, 1.0, 1.0], num_experts=0),
+      _run("switch-e2-top1-cf1.25", 0, [3.5, 2.5], [9.0, 2.0, 2.0, 2.0]),
+      _run("dense", 1, [4.2, 3.2], [9.0, 1.0, 1.0, 1.0], num_experts=0),
+      _run("switch-e2-top1-cf1.25", 1, [3.7, 2.9], [9.0, 2.0, 2.0, 2.0]),
+    ],
+  }
+  dense, switch = scaling.summarize(results)
+  assert dense.name == "dense" and dense.seeds == 2
+  assert dense.final_loss == pytest.approx(3.1)
+  assert dense.final_loss_std == pytest.approx(np.std([3.0, 3.2], ddof=1))
+  assert switch.final_losses == (2.5, 2.9) and switch.seconds_per_step == 2.0
+  # The quality threshold is the worst final loss, 3.2 (dense seed 1): dense seed 0 reaches it
+  # at 10 + 10 * 0.8 / 1.0 = 18 steps, seed 1 at 20; Switch seed 0 at 10 + 10 * 0.3 / 1.0 = 13,
+  # seed 1 at 10 + 10 * 0.5 / 0.8 = 16.25. Dense steps take 1 s (the first interval counts at
+  # the median), Switch steps 2 s.
+  assert scaling.quality_threshold(results) == 3.2
+  assert dense.steps_to_threshold == pytest.approx(19) == dense.seconds_to_threshold
+  assert switch.steps_to_threshold == pytest.approx((13 + 16.25) / 2)
+  assert switch.seconds_to_threshold == pytest.approx(13 + 16.25)
+  assert switch.router_confidence == 0.6 and switch.dropped == pytest.approx(0.1)
+  # At the dense model's mean final loss, 3.1, dense seed 1 never arrives.
+  dense, switch = scaling.summarize(results, threshold=3.1)
+  assert dense.steps_to_threshold is None and dense.seconds_to_threshold is None
+  assert switch.steps_to_threshold == pytest.approx((14 + 17.5) / 2)
+  text = scaling.format_tables(results)
+  assert "| E=2 | 300 | 2.000 | 2.7000 ± 0.2828 | 2.500 / 2.900 |" in text
+  assert "| dense | 100 | 2.000 | 3.1000 ± 0.1414 | 3.000 / 3.200 | 0.500 | 1000 | 0.100 |" in text
+  assert "q = 3.2000" in text and "| 15 | 29.2 |" in text
+
+
+@pytest.fixture(scope="module")
+def shrunken_sweep(tmp_path_factory) -> tuple[pathlib.Path, str]:
+  """The script on the tiny preset: 4 steps, dense / E=2 top-1 / E=2 top-2, seeds 0 and 1."""
+  workdir = tmp_path_factory.mktemp("scaling")
+  done = subprocess.run(
+    [
+      sys.executable,
+      str(ROOT / "scripts" / "scaling.py"),
+      f"--workdir={workdir}",
+      "--config=tiny",
+      "--steps=4",
+      "--eval_every=2",
+      "--eval_steps=1",
+      "--experts=2",
+      "--table_experts=2",
+      "--capacity_factors=1.25",
+      "--top_k=1,2",
+      "--seeds=0,1",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  return workdir / "results.json", done.stdout
+
+
+def test_script_runs_every_variant_and_seed_and_prints_the_tables(shrunken_sweep):
+  path, stdout = shrunken_sweep
+  results = json.loads(path.read_text())
+  runs = {(r["name"], r["seed"]): r for r in results["runs"]}
+  assert sorted(runs) == [
+    (name, seed)
+    for name in ("dense", "switch-e2-top1-cf1.25", "switch-e2-top2-cf1.25")
+    for seed in (0, 1)
+  ]
+  for run in runs.values():
+    assert [p[0] for p in run["eval"]] == [2, 4] and [p[0] for p in run["train"]] == [1, 2, 3, 4]
+    assert all(np.isfinite(p[1]) for p in run["eval"]) and run["seconds_per_step"] > 0
+    assert run["training_seconds"] == sorted(run["training_seconds"])
+  a, b = runs["switch-e2-top1-cf1.25", 0], runs["switch-e2-top1-cf1.25", 1]
+  assert a["eval"] != b["eval"]  # the seeds differ
+  assert a["parameters"] > runs["dense", 0]["parameters"]
+  assert "| E=2 |" in stdout and "| top-2, cf 1.25 |" in stdout and "Wrote " in stdout
+
+
+def test_notebook_plots_the_sweep(shrunken_sweep, monkeypatch):
+  path, _ = shrunken_sweep
+  monkeypatch.setenv("SWITCHJAX_SCALING_RESULTS", str(path))
+  monkeypatch.setenv("SWITCHJAX_SCALING_LONG_RESULTS", str(path))
+  nb, ns = run_notebook(NOTEBOOK)
+  assert [r.name for r in ns["rows"]] == [
+    "dense",
+    "switch-e2-top1-cf1.25",
+    "switch-e2-top2-cf1.25",
+  ]
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  pngs = sum("image/png" in o.get("data", {}) for c in code for o in c.outputs)
+  assert pngs == 3 and all(c.outputs for c in code[1:])
+
+
+def test_stored_notebook_and_results_are_the_full_sweep():
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  nbformat.validate(nb)
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
+  assert all(c.outputs for c in code[1:]) and NOTEBOOK.stat().st_size < 1_000_000
+  results = json.loads(STORED.read_text())
+  rows = scaling.summarize(results)
+  assert {r.num_experts for r in rows} == {0, 2, 4, 8, 16}
+  assert {(r.top_k, r.capacity_factor) for r in rows if r.num_experts == 8} == {
+    (k, cf) for k in (1, 2) for cf in (1.0, 1.25, 2.0)
+  }
+  assert all(r.seeds >= 2 for r in rows)
+  assert all(len(r["eval"]) == results["steps"] // results["eval_every"] for r in results["runs"])
+
+
+if __name__ == "__main__":  # re-execute the notebook on the stored results and store its outputs
+  os.chdir(NOTEBOOK.parent)
+  executed, _ = run_notebook(NOTEBOOK)
+  nbformat.write(executed, NOTEBOOK)
+  print(f"Wrote {NOTEBOOK} ({NOTEBOOK.stat().st_size / 1e3:.0f} kB).", file=sys.stderr)
