@@ -683,8 +683,9 @@ def load_model(
   Each step's files are checked against its checksums first; a newest step that is corrupt
   or fails to load is reported in the error of the step tried after it.
   `scan_layers` (True/False; None keeps the checkpoint's) restores into the other layer layout
-  (model.scan_layers): the stored layout is restored on the default device, restacked
-  (`scan.stack_layers` / `unstack_layers`) and then placed on `shardings`.
+  (model.scan_layers): the stored layout is restored, restacked on the host
+  (`scan.stack_layers` / `unstack_layers`: the host holds the model once) and placed on
+  `shardings`.
   """
   from switchjax.model import SwitchTransformer  # local: model imports are heavy
 
@@ -728,10 +729,10 @@ def _load_relayout(directory, step, shardings, dtype, scan_layers: bool):
   model = dataclasses.replace(config.model, scan_layers=scan_layers)
   config = dataclasses.replace(config, model=model).validate()
   convert = scan.stack_layers if scan_layers else scan.unstack_layers
-  params = convert(params, model)
-  if shardings is not None:
-    params = jax.device_put(params, shardings)
-  return config, params
+  params = convert(jax.device_get(params), model)  # on the host: no device or mesh involved
+  if shardings is None:
+    shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return config, jax.device_put(params, shardings)
 
 
 def _place(stored, abstract, directory) -> Any:
