@@ -17,7 +17,7 @@ import pytest
 from switchjax import checkpoint, decoding, hf, losses, optimizers, scan, sharding
 from switchjax.config import load_config
 from switchjax.model import SwitchTransformer, init_params
-from switchjax.training import loss_fn, state_layout, train
+from switchjax.training import loss_fn, state_layout, train, workdir
 
 
 def tiny_model(**changes):
@@ -217,3 +217,8 @@ def test_scanned_pretraining_learns_and_resumes(tmp_path):
   assert unscanned.losses[1] < straight.losses[1] - 1.0
   layout = state_layout(load_config("tiny", ["model.scan_layers=true"]), sharding.make_mesh())
   assert layout.param_axes["encoder"]["scan_p2"]["layers_1"]["mlp"]["wi"][0] == "layers"
+
+
+def test_layout_may_change_from_init_from_but_not_on_resume():
+  assert workdir.rule_of("model.scan_layers") == workdir.MODEL
+  assert workdir.rule_of("model.scan_layers", starting_from=True) == workdir.FREE
