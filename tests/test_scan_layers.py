@@ -192,13 +192,13 @@ def test_streaming_conversion_and_restore_in_either_layout(hf_dir, tmp_path):
 # Training.
 
 
-def run(workdir, *overrides):
+def run(workdir, *overrides, devices=None):
   config = load_config(
     "tiny",
     ["model.scan_layers=true", "train.log_every=1", "train.eval_every=15", "train.eval_steps=1"]
     + list(overrides),
   )
-  return train(config, workdir, progress=False, log=lambda _: None)
+  return train(config, workdir, devices=devices, progress=False, log=lambda _: None)
 
 
 def test_scanned_pretraining_learns_and_resumes(tmp_path):
@@ -217,6 +217,14 @@ def test_scanned_pretraining_learns_and_resumes(tmp_path):
   assert unscanned.losses[1] < straight.losses[1] - 1.0
   layout = state_layout(load_config("tiny", ["model.scan_layers=true"]), sharding.make_mesh())
   assert layout.param_axes["encoder"]["scan_p2"]["layers_1"]["mlp"]["wi"][0] == "layers"
+
+
+def test_scanned_run_on_an_eight_device_mesh_matches_one_device(tmp_path):
+  settings = ["train.num_train_steps=3", "train.eval_every=0"]
+  one = run(tmp_path / "one", *settings, devices=jax.devices()[:1])
+  eight = run(tmp_path / "eight", "mesh.data=2", "mesh.expert=4", *settings)
+  for step in one.losses:
+    np.testing.assert_allclose(eight.losses[step], one.losses[step], atol=1e-5, rtol=0)
 
 
 def test_layout_may_change_from_init_from_but_not_on_resume():
