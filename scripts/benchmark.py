@@ -46,10 +46,13 @@ import importlib.metadata
 import json
 import math
 import os
+import pathlib
 import platform
 import re
 import statistics
 import sys
+import tarfile
+import tempfile
 import time
 
 import flax
@@ -60,9 +63,10 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from switchjax import sharding
+from switchjax import losses, sharding
 from switchjax.config import MeshConfig, MoeConfig, load_config
 from switchjax.decoding import generate
+from switchjax.layers import MlpBlock
 from switchjax.model import SwitchTransformer, init_params
 from switchjax.moe import MoeLayer, group_layout
 from switchjax.optimizers import make_optimizer, opt_state_specs
@@ -74,18 +78,15 @@ from switchjax.train import (
   train_flops_per_example,
 )
 
-SECTIONS = ("moe", "train", "generate")
-# MoE layer settings: (tokens, moe.max_group_size, experts, capacity factor, d_model). There
-# are at least E groups, so tokens per group = min(max_group_size, tokens / E).
-MOE_SETTINGS = [
-  (8192, 256, 8, 1.25, 256),
-  (8192, 1024, 8, 1.25, 256),
-  (8192, 1024, 8, 2.0, 256),
-  (8192, 256, 32, 1.25, 256),
-  (8192, 1024, 8, 1.25, 512),
-  (16384, 2048, 8, 1.25, 256),
-]
-MOE_SETTINGS_QUICK = [(256, 64, 4, 1.25, 32), (512, 64, 8, 2.0, 32)]
+SECTIONS = ("moe", "train", "generate", "vs_hf")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The MoE layer: (batch, length, d_model, d_ff, train capacity factor) and the sweep: per batch
+# (None: the shape's), (experts, with flaxformer) timed together. Default MoeConfig
+# otherwise (groups of <= 8192 tokens following the devices: one group here; top-1).
+MOE_SHAPE = (8, 512, 768, 3072, 1.25)
+MOE_SWEEP = {None: [(8, True), (32, True), (128, True)], 32: [(8, False), (128, False)]}
+MOE_SHAPE_QUICK = (2, 64, 32, 128, 1.25)
+MOE_SWEEP_QUICK = {None: [(4, True), (8, True)], 4: [(4, False)]}
 MiB = 2**20
 
 
@@ -131,6 +132,19 @@ def parse_args(argv=None):
     help="untimed calls before timing (default 2; 1 with --quick)",
   )
   parser.add_argument("--json", default=None, metavar="PATH", help="also write all figures here")
+  parser.add_argument(
+    "--flaxformer",
+    default=None,
+    metavar="DIR",
+    help="directory of flaxformer-*.tgz (and aqt-stub.tgz) for the moe section's reference "
+    "column (default: ../shared/refs next to the repository; skipped when absent)",
+  )
+  parser.add_argument(
+    "--hf_reps",
+    type=int,
+    default=None,
+    help="timed repetitions of the vs_hf section (default 3; 2 with --quick)",
+  )
   args = parser.parse_args(argv)
   bad = [s for s in args.sections if s not in SECTIONS]
   if bad:
@@ -174,6 +188,22 @@ def reexec_with_xla_flags(args, argv) -> None:
 # Timing and reporting.
 
 
+def cpu_model() -> str:
+  """The CPU's model name (Linux), or the platform's processor string."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    return platform.processor()
+
+
+def optional_version(package: str) -> str | None:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
 def time_interleaved(fns: dict, reps: int, warmup: int) -> dict:
   """Seconds per call of each blocking fn(): {name: (median, [all times])}, calls interleaved."""
   for fn in fns.values():
@@ -205,98 +235,227 @@ def table(headers, rows) -> str:
   return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
 
 
+def milliseconds(ms: float) -> str:
+  """Three significant figures (or all the integer digits)."""
+  return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
+
+
 def mib(d, key):
   return f"{d[key] / MiB:.1f}" if key in d else "n/a"
 
 
 # --------------------------------------------------------------------------------------------
-# 1. The MoE layer: masked vs scatter dispatch.
+# 1. The MoE layer against a dense MLP and flaxformer's MoeLayer, over expert counts.
+
+
+def load_flaxformer(refs: str | None):
+  """flaxformer's moe_layers, routing and dense modules from the source tarballs in `refs`
+  (../shared/refs: flaxformer-*.tgz and the aqt-stub.tgz it imports), or (None, reason)."""
+  refs = pathlib.Path(refs) if refs else ROOT.parent / "shared" / "refs"
+  sources = sorted(refs.glob("flaxformer-*.tgz"))
+  if not sources:
+    return None, f"no flaxformer-*.tgz in {refs}"
+  target = pathlib.Path(tempfile.mkdtemp(prefix="switchjax-flaxformer-"))
+  for name in [sources[-1].name, "aqt-stub.tgz"]:
+    if (refs / name).exists():
+      with tarfile.open(refs / name) as tar:
+        tar.extractall(target / name.split(".")[0], filter="data")
+  sys.path[:0] = [str(d) for d in target.iterdir()]
+  try:
+    from flaxformer.architectures.moe import moe_layers
+    from flaxformer.architectures.moe import routing as ff_routing
+    from flaxformer.components import dense as ff_dense
+  except ImportError as e:
+    return None, f"flaxformer from {sources[-1]} does not import: {e}"
+  return (moe_layers, ff_routing, ff_dense), str(sources[-1])
+
+
+def flaxformer_layer(flaxformer, config: MoeConfig, d_ff: int):
+  """flaxformer's MoeLayer with `config`'s routing on one device (groups a multiple of E)."""
+  moe_layers, ff_routing, ff_dense = flaxformer
+  expert = ff_dense.MlpBlock(
+    use_bias=False,
+    intermediate_dim=d_ff,
+    activations=("relu",),
+    intermediate_dropout_rate=0.0,
+    final_dropout_rate=0.0,
+    dtype=jnp.float32,
+  )
+  router = ff_routing.TokensChooseMaskedRouter(
+    router_weights=ff_routing.RouterWeights(use_bias=False, dtype=jnp.float32),
+    num_selected_experts=config.num_selected_experts,
+    jitter_noise=0.0,
+    batch_prioritized_routing=False,
+    dtype=jnp.float32,
+    ignore_padding_tokens=False,
+  )
+  return moe_layers.MoeLayer(
+    num_experts=config.num_experts,
+    max_group_size=config.max_group_size,
+    train_capacity_factor=config.train_capacity_factor,
+    eval_capacity_factor=config.eval_capacity_factor,
+    expert=expert,
+    router=router,
+    num_expert_partitions=config.num_experts,
+    num_model_partitions=1,
+    min_expert_capacity=config.min_expert_capacity,
+    dropout_rate=0.0,
+    dtype=jnp.float32,
+  )
+
+
+def compile_fwd_bwd(layer, x, params=None, **apply_kwargs):
+  """(blocking call, compiled program) of d/d(params, x) sum(layer(x)^2)."""
+  if params is None:
+    kwargs = {k: v for k, v in apply_kwargs.items() if k != "rngs"}
+    params = nn.unbox(jax.jit(lambda key: layer.init(key, x, **kwargs))(jax.random.key(0)))
+    params = params["params"]
+
+  def loss(params, x):
+    return jnp.sum(layer.apply({"params": params}, x, **apply_kwargs) ** 2)
+
+  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
+  return (lambda: jax.block_until_ready(fn(params, x))), fn
 
 
 def bench_moe(args) -> list:
-  rows, out = [], []
-  for tokens, group, experts, cf, d_model in MOE_SETTINGS_QUICK if args.quick else MOE_SETTINGS:
-    length = min(tokens, 512)
-    x = jax.random.normal(jax.random.key(1), (tokens // length, length, d_model), jnp.float32)
-    result = {
-      "tokens": tokens,
-      "max_group_size": group,
-      "experts": experts,
-      "capacity_factor": cf,
-      "d_model": d_model,
-      "d_ff": 4 * d_model,
-    }
-    compiled = {}
-    for router in ("tokens_choose_masked", "tokens_choose_scatter"):
-      config = MoeConfig(
-        num_experts=experts, router_type=router, max_group_size=group, train_capacity_factor=cf
+  """Per batch size, a dense MLP of the same d_ff and, for each expert count, switchjax's
+  MoeLayer with the one-hot (masked), scatter and dropless routers and flaxformer's MoeLayer
+  (masked, its one-device groups), forward + backward, all timed interleaved (so the ratios
+  between expert counts are measured side by side too)."""
+  flaxformer, where = load_flaxformer(args.flaxformer)
+  batch, length, d_model, d_ff, cf = MOE_SHAPE_QUICK if args.quick else MOE_SHAPE
+  routers = ("tokens_choose_masked", "tokens_choose_scatter", "tokens_choose_dropless")
+  out = []
+  for batch_size, sweep in (MOE_SWEEP_QUICK if args.quick else MOE_SWEEP).items():
+    batch_size = batch_size or batch
+    x = jax.random.normal(jax.random.key(1), (batch_size, length, d_model), jnp.float32)
+    print(f"MoE layer: compiling batch {batch_size}, E in {[e for e, _ in sweep]}", flush=True)
+    fns, compiled = {}, {}
+    fns["dense"], compiled["dense"] = compile_fwd_bwd(MlpBlock(d_ff), x, enable_dropout=True)
+    rows = []
+    for experts, with_flaxformer in sweep:
+      config = MoeConfig(num_experts=experts, train_capacity_factor=cf)
+      layers = {r: MoeLayer(dataclasses.replace(config, router_type=r), d_ff=d_ff) for r in routers}
+      params = nn.unbox(jax.jit(layers[routers[0]].init)(jax.random.key(0), x))["params"]
+      for name, layer in layers.items():  # the routers share the parameters
+        fns[(experts, name)], compiled[(experts, name)] = compile_fwd_bwd(
+          layer, x, params=params, enable_dropout=True
+        )
+      if flaxformer and with_flaxformer:
+        layer = flaxformer_layer(flaxformer, config, d_ff)
+        fns[(experts, "flaxformer")], compiled[(experts, "flaxformer")] = compile_fwd_bwd(
+          layer, x, enable_dropout=True, rngs={"dropout": jax.random.key(0)}
+        )
+      layout = group_layout(batch_size, length, config, train=True)
+      rows.append(
+        {
+          "experts": experts,
+          "batch": batch_size,
+          "length": length,
+          "tokens": batch_size * length,
+          "d_model": d_model,
+          "d_ff": d_ff,
+          "capacity_factor": cf,
+          "num_groups": layout.num_groups,
+          "tokens_per_group": layout.tokens_per_group,
+          "capacity": layout.expert_capacity,
+        }
       )
-      layer = MoeLayer(config, d_ff=4 * d_model)
-      params = nn.unbox(jax.jit(layer.init)(jax.random.key(0), x))["params"]
+    reps = args.reps if batch_size == batch else max(1, args.reps // 2)
+    timed = time_interleaved(fns, reps, args.warmup)
+    for row in rows:
+      row["reps"] = reps
+      for key, (median, times) in timed.items():
+        if key == "dense" or key[0] == row["experts"]:
+          name = key if key == "dense" else key[1]
+          row[name] = {"ms": median * 1e3, "times_s": times, "memory_bytes": memory(compiled[key])}
+    out.extend(_moe_ratios(rows))
+  _print_moe(out, (d_model, d_ff, cf), where if flaxformer else "skipped, " + where)
+  return out
 
-      def loss(params, x, layer=layer):
-        y = layer.apply({"params": params}, x, enable_dropout=True)
-        return jnp.sum(y * y)
 
-      fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
-      compiled[router] = lambda fn=fn, params=params, x=x: jax.block_until_ready(fn(params, x))
-      result[router] = {"memory_bytes": memory(fn)}
-    layout = group_layout(x.shape[0], length, config, train=True)
-    result.update(tokens_per_group=layout.tokens_per_group, capacity=layout.expert_capacity)
-    for router, (median, times) in time_interleaved(compiled, args.reps, args.warmup).items():
-      result[router].update(ms=median * 1e3, times_s=times)
-    masked, scatter = result["tokens_choose_masked"], result["tokens_choose_scatter"]
-    result["scatter_over_masked_time"] = scatter["ms"] / masked["ms"]
-    mm, sm = masked["memory_bytes"], scatter["memory_bytes"]
-    if mm and sm:
-      result["scatter_over_masked_temp_memory"] = sm["temp"] / mm["temp"]
-      result["scatter_over_masked_total_memory"] = sm["total"] / mm["total"]
-    out.append(result)
+def _moe_ratios(rows: list) -> list:
+  """Adds each row's ratios: to the dense MLP, scatter / one-hot, to flaxformer, and the time
+  per token relative to the first expert count of the same batch."""
+  first = rows[0]
+  for r in rows:
+    dense, masked = r["dense"]["ms"], r["tokens_choose_masked"]
+    for name in ("tokens_choose_masked", "tokens_choose_scatter", "tokens_choose_dropless"):
+      r[f"{name}_over_dense"] = r[name]["ms"] / dense
+      r[f"{name}_over_E{first['experts']}"] = r[name]["ms"] / first[name]["ms"]
+    scatter = r["tokens_choose_scatter"]
+    r["scatter_over_masked_time"] = scatter["ms"] / masked["ms"]
+    if masked["memory_bytes"] and scatter["memory_bytes"]:
+      r["scatter_over_masked_total_memory"] = (
+        scatter["memory_bytes"]["total"] / masked["memory_bytes"]["total"]
+      )
+    if "flaxformer" in r:
+      r["flaxformer_over_dense"] = r["flaxformer"]["ms"] / dense
+      r["masked_over_flaxformer"] = masked["ms"] / r["flaxformer"]["ms"]
+      r["dropless_over_flaxformer"] = r["tokens_choose_dropless"]["ms"] / r["flaxformer"]["ms"]
+  return rows
+
+
+def _print_moe(out: list, shape, flaxformer: str) -> None:
+  d_model, d_ff, cf = shape
+  rows = []
+
+  def cell(r, name):  # "ms (x dense)"
+    if name not in r:
+      return "-"
+    return f"{milliseconds(r[name]['ms'])} ({r[name]['ms'] / r['dense']['ms']:.2f}x)"
+
+  for r in out:
+    first_e = next(f["experts"] for f in out if f["batch"] == r["batch"])
     rows.append(
       [
-        tokens,
-        layout.tokens_per_group,
-        experts,
-        cf,
-        d_model,
-        layout.expert_capacity,
-        f"{masked['ms']:.1f}",
-        f"{scatter['ms']:.1f}",
-        f"{result['scatter_over_masked_time']:.2f}",
-        mib(mm, "temp"),
-        mib(sm, "temp"),
-        mib(mm, "total"),
-        mib(sm, "total"),
-        f"{result.get('scatter_over_masked_total_memory', float('nan')):.2f}",
+        r["experts"],
+        f"{r['batch']}x{r['length']}",
+        f"{r['num_groups']}x{r['tokens_per_group']}",
+        r["capacity"],
+        milliseconds(r["dense"]["ms"]),
+        cell(r, "tokens_choose_masked"),
+        cell(r, "tokens_choose_scatter"),
+        cell(r, "tokens_choose_dropless"),
+        cell(r, "flaxformer"),
+        f"{r['masked_over_flaxformer']:.2f}" if "masked_over_flaxformer" in r else "-",
+        f"{r[f'tokens_choose_masked_over_E{first_e}']:.2f} (E={first_e})",
+        mib(r["tokens_choose_masked"]["memory_bytes"], "temp"),
+        mib(r["tokens_choose_dropless"]["memory_bytes"], "temp"),
       ]
     )
-  print("\n## MoE layer forward + backward: masked (one-hot einsum) vs scatter dispatch\n")
+  print(
+    f"\n## MoE layer forward + backward vs a dense MLP: d_model {d_model}, d_ff {d_ff}, "
+    f"capacity factor {cf}, float32, 1 device\n"
+  )
   print(
     table(
       [
-        "tokens",
-        "per group",
         "E",
-        "cf",
-        "d_model",
+        "batch",
+        "groups",
         "capacity",
-        "masked ms",
+        "dense ms",
+        "one-hot ms (x dense)",
         "scatter ms",
-        "time s/m",
-        "masked temp MiB",
-        "scatter temp MiB",
-        "masked total MiB",
-        "scatter total MiB",
-        "total s/m",
+        "dropless ms",
+        "flaxformer ms",
+        "one-hot/flaxformer",
+        "one-hot per token",
+        "one-hot temp MiB",
+        "dropless temp MiB",
       ],
       rows,
     )
   )
   print(
-    "(s/m = scatter / masked; per group = tokens per routing group; MiB of the compiled "
-    "program: temp = intermediates, total = arguments + outputs + temp)"
+    "(one-hot = moe.router_type tokens_choose_masked, flaxformer's masked routing; dense = "
+    f"MlpBlock(d_ff); flaxformer: {flaxformer}; one-hot per token: the time relative to the "
+    "first expert count of the same batch (timed interleaved with it); the larger batch, "
+    "without flaxformer (which pads E=128 16x), shows the cost per token when more tokens "
+    "share the experts' weights, with half the repetitions)"
   )
-  return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,6 +648,236 @@ def bench_generate(args, config) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# 4. The same converted model in transformers: greedy generation and a train step.
+
+# transformers' SwitchTransformersConfig fields of the compared models (HF mode: one routing
+# group per sequence, expert_capacity 64), and their shapes: generation rows x input tokens
+# (32 new tokens), train batch x (inputs + targets).
+HF_COMMON = dict(
+  expert_capacity=64,
+  decoder_start_token_id=0,
+  pad_token_id=0,
+  eos_token_id=1,
+  dropout_rate=0.0,
+  router_jitter_noise=0.0,
+)
+HF_MODELS = {
+  "small (4+4 layers, d_model 128)": (
+    dict(vocab_size=2176, d_model=128, d_ff=512, num_heads=4, d_kv=32, num_layers=4),
+    dict(experts=8, sparse=2, rows=8, inputs=128, new=32, batch=32, targets=29),
+  ),
+  "6+6 layers, d_model 512": (
+    dict(vocab_size=32128, d_model=512, d_ff=2048, num_heads=8, d_kv=64, num_layers=6),
+    dict(experts=8, sparse=3, rows=8, inputs=512, new=32, batch=8, targets=114),
+  ),
+}
+HF_MODELS_QUICK = {
+  "tiny (2+2 layers, d_model 32)": (
+    dict(vocab_size=96, d_model=32, d_ff=64, num_heads=2, d_kv=16, num_layers=2),
+    dict(experts=4, sparse=1, rows=2, inputs=16, new=8, batch=2, targets=8),
+  ),
+}
+
+
+def hf_and_switchjax(fields: dict, shape: dict, directory: str):
+  """A random transformers SwitchTransformersForConditionalGeneration (seed 0) saved to
+  `directory`, reloaded, and converted by switchjax.hf.from_hf: (hf model, model, params)."""
+  import torch
+  import transformers
+
+  from switchjax.hf import from_hf
+
+  config = transformers.SwitchTransformersConfig(
+    **fields,
+    **HF_COMMON,
+    num_decoder_layers=fields["num_layers"],
+    num_experts=shape["experts"],
+    num_sparse_encoder_layers=shape["sparse"],
+    num_sparse_decoder_layers=shape["sparse"],
+  )
+  torch.manual_seed(0)
+  transformers.SwitchTransformersForConditionalGeneration(config).save_pretrained(directory)
+  hf = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(directory)
+  model, params = from_hf(directory)
+  return hf.eval(), model, jax.device_put(params)
+
+
+def hf_generation(hf, model, params, shape, rng, reps, warmup) -> dict:
+  """Greedy generation of both: the same tokens (EOS on), then the time of exactly `new`
+  tokens per row (transformers min_new_tokens, switchjax with EOS disabled), interleaved."""
+  import torch
+
+  rows, new = shape["rows"], shape["new"]
+  ids = rng.integers(2, model.config.vocab_size, (rows, shape["inputs"])).astype(np.int32)
+  torch_ids = torch.tensor(ids, dtype=torch.long)
+
+  def run_hf(**kwargs):
+    with torch.no_grad():
+      out = hf.generate(
+        input_ids=torch_ids,
+        attention_mask=torch.ones_like(torch_ids),
+        do_sample=False,
+        max_new_tokens=new,
+        **kwargs,
+      )
+    return out.numpy()[:, 1:]  # without the start token
+
+  expected = np.zeros((rows, new), np.int32)
+  reference = run_hf()
+  expected[:, : reference.shape[1]] = reference
+  ours = np.asarray(generate(model, params, ids, new))
+  after_eos = lambda t: np.cumsum(np.cumsum(t == 1, axis=1), axis=1) > 1
+  expected = np.where(after_eos(expected), 0, expected)
+  fns = {
+    "transformers": lambda: run_hf(min_new_tokens=new),
+    "switchjax": lambda: jax.block_until_ready(generate(model, params, ids, new, eos_id=-1)),
+  }
+  out = {"rows": rows, "input_tokens": shape["inputs"], "new_tokens": new}
+  out["same_tokens"] = bool((ours == expected).all())
+  out["token_agreement"] = float((ours == expected).mean())
+  for name, (median, times) in time_interleaved(fns, reps, warmup).items():
+    out[name] = {"s": median, "tokens_per_s": rows * new / median, "times_s": times}
+  out["speedup"] = out["transformers"]["s"] / out["switchjax"]["s"]
+  return out
+
+
+def hf_train_step(hf, model, params, shape, rng, reps, warmup) -> dict:
+  """One AdamW step (lr 1e-4, weight decay 0.01) of both on the same batch: cross-entropy plus
+  transformers' router z- and load-balancing losses (output_router_logits=True, coefficients
+  of its config), forward + backward + update; the first-step losses are reported too."""
+  import optax
+  import torch
+
+  batch, vocab = shape["batch"], model.config.vocab_size
+  inputs = rng.integers(2, vocab, (batch, shape["inputs"])).astype(np.int32)
+  targets = rng.integers(2, vocab, (batch, shape["targets"])).astype(np.int32)
+  decoder_inputs = np.pad(targets[:, :-1], ((0, 0), (1, 0)))
+  z_coef, aux_coef = hf.config.router_z_loss_coef, hf.config.router_aux_loss_coef
+
+  hf.train()
+  optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.01)
+  torch_batch = dict(
+    input_ids=torch.tensor(inputs, dtype=torch.long),
+    attention_mask=torch.ones(inputs.shape, dtype=torch.long),
+    labels=torch.tensor(targets, dtype=torch.long),
+    output_router_logits=True,
+  )
+
+  def hf_step():
+    optimizer.zero_grad(set_to_none=True)
+    loss = hf(**torch_batch).loss
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+  def loss_fn(params):
+    logits, state = model.apply(
+      {"params": params}, inputs, decoder_inputs, enable_dropout=True, mutable=["intermediates"]
+    )
+    total, _, count = losses.cross_entropy_with_z_loss(logits, targets, jnp.ones(targets.shape))
+    loss = total / count
+    for stack in ("encoder", "decoder"):
+      z, aux = losses.hf_router_losses(state["intermediates"], stack)
+      loss = loss + z_coef * z + aux_coef * aux
+    return loss
+
+  tx = optax.adamw(1e-4, weight_decay=0.01)
+
+  def update(state):
+    params, opt_state = state
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  params = jax.tree.map(jnp.array, params)  # a copy: the step donates it
+  holder = {"state": (params, tx.init(params))}
+  step = jax.jit(update, donate_argnums=0).lower(holder["state"]).compile()
+
+  def switchjax_step():
+    holder["state"], loss = step(holder["state"])
+    return float(jax.block_until_ready(loss))
+
+  out = {"batch": batch, "input_tokens": shape["inputs"], "target_tokens": shape["targets"]}
+  out["first_loss"] = {"transformers": hf_step(), "switchjax": switchjax_step()}
+  tokens = batch * (shape["inputs"] + shape["targets"])
+  fns = {"transformers": hf_step, "switchjax": switchjax_step}
+  for name, (median, times) in time_interleaved(fns, reps, warmup).items():
+    out[name] = {"s": median, "tokens_per_s": tokens / median, "times_s": times}
+  out["speedup"] = out["transformers"]["s"] / out["switchjax"]["s"]
+  hf.eval()
+  return out
+
+
+def bench_vs_hf(args) -> dict:
+  try:
+    import optax  # noqa: F401
+    import torch
+    import transformers
+  except ImportError as e:
+    print(f"\n## vs transformers: skipped ({e}; pip install torch==2.13.0 transformers)")
+    return {"skipped": str(e)}
+  transformers.utils.logging.set_verbosity_error()
+  transformers.utils.logging.disable_progress_bar()
+  out, rng = {}, np.random.default_rng(0)
+  reps = args.hf_reps or (2 if args.quick else 3)
+  for name, (fields, shape) in (HF_MODELS_QUICK if args.quick else HF_MODELS).items():
+    with tempfile.TemporaryDirectory() as directory:
+      hf, model, params = hf_and_switchjax(fields, shape, directory)
+    out[name] = {
+      "generate": hf_generation(hf, model, params, shape, rng, reps, args.warmup),
+      "train_step": hf_train_step(hf, model, params, shape, rng, reps, args.warmup),
+    }
+  rows = []
+  for name, r in out.items():
+    g, t = r["generate"], r["train_step"]
+    rows.append(
+      [
+        name,
+        f"{g['rows']}x{g['input_tokens']}",
+        f"{g['transformers']['tokens_per_s']:,.1f}",
+        f"{g['switchjax']['tokens_per_s']:,.1f}",
+        f"{g['speedup']:.2f}",
+        "yes" if g["same_tokens"] else f"{g['token_agreement']:.3f}",
+        f"{t['batch']}x({t['input_tokens']}+{t['target_tokens']})",
+        f"{t['transformers']['s'] * 1e3:,.0f}",
+        f"{t['switchjax']['s'] * 1e3:,.0f}",
+        f"{t['speedup']:.2f}",
+        f"{t['first_loss']['transformers']:.4f} / {t['first_loss']['switchjax']:.4f}",
+      ]
+    )
+  print(
+    f"\n## vs transformers {transformers.__version__} (torch {torch.__version__}, "
+    f"{torch.get_num_threads()} threads): the same random "
+    "SwitchTransformersForConditionalGeneration, converted by switchjax.hf.from_hf\n"
+  )
+  print(
+    table(
+      [
+        "model",
+        "generate rows",
+        "HF tokens/s",
+        "switchjax tokens/s",
+        "speed-up",
+        "same tokens",
+        "train batch",
+        "HF ms/step",
+        "switchjax ms/step",
+        "speed-up",
+        "first loss HF / switchjax",
+      ],
+      rows,
+    )
+  )
+  print(
+    "(greedy: transformers generate(do_sample=False, min_new_tokens=max_new_tokens) under "
+    "torch.no_grad vs switchjax.generate with EOS disabled, both exactly the new tokens per "
+    "row; 'same tokens' compares both with EOS on. Train step: cross-entropy + router losses, "
+    f"AdamW, forward + backward + update. Median of {reps} interleaved calls.)"
+  )
+  return out
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> int:
@@ -514,6 +903,10 @@ def main(argv=None) -> int:
     "warmup": args.warmup,
     "quick": args.quick,
     "command": " ".join(["scripts/benchmark.py"] + argv),
+    "machine": platform.machine(),
+    "cpu_model": cpu_model(),
+    "torch": optional_version("torch"),
+    "transformers": optional_version("transformers"),
   }
   print(
     f"switchjax benchmark: jax {env['jax']} (jaxlib {env['jaxlib']}), flax {env['flax']}, "
@@ -532,6 +925,8 @@ def main(argv=None) -> int:
       results["train"] = bench_train(args, config)
     if "generate" in args.sections:
       results["generate"] = bench_generate(args, config)
+    if "vs_hf" in args.sections:
+      results["vs_hf"] = bench_vs_hf(args)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -11,6 +11,16 @@ Two capacity modes:
   the train or eval capacity factor.
 - Hugging Face (`expert_capacity` set): every sequence is one group, capacity is fixed.
 
+Dispatch never builds flaxformer's one-hot [groups, tokens, experts, capacity] tensors (whose
+einsums cost tokens x group size x d per group: as much as the experts at 4096-token groups):
+- buffers: each slot of the [groups, experts, capacity, d] buffers gathers its token, each
+  token gathers its outputs back; the experts run on whole buffers, empty slots included;
+- sorted: the kept choices sorted by expert, each expert run on exactly its tokens by grouped
+  matmuls (`switchjax.gmm`); the dropless router's only path, and capacity routing's on one CPU
+  device (`MoeConfig.dispatch`);
+- a router returning flaxformer's RouterMask is dispatched by its one-hot einsums.
+A cached decoding step (one token per sequence) routes without capacity and runs sorted.
+
 Expert parallelism: buffers are laid out [groups, experts, capacity, d] with groups sharded over
 ('data', 'expert') and moved to [experts, groups, capacity, d] with experts sharded over
 'expert'; under a mesh the compiler turns that resharding into an all-to-all.
