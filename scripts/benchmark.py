@@ -17,7 +17,7 @@ Sections:
             (`memory_analysis()`): `temp` holds the intermediates, where the masked dispatch's
             [groups, group_tokens, E, capacity] one-hot tensors live: they grow as
             tokens x group_tokens x capacity factor, the scatter buffers as tokens x cf only.
-  train     The jitted, sharded train step (`switchjax.train.make_train_step`, Adafactor, as
+  train     The jitted, sharded train step (`switchjax.training`, Adafactor, as
             pretrain.py builds it) of --config (with --set overrides) on synthetic batches of
             the config's shapes (data loading excluded): ms/step, tokens/s (inputs + targets),
             model TFLOP/s (`train_flops_per_example`, all devices together) and the compiled
@@ -60,8 +60,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from switchjax import losses, sharding
 from switchjax.config import MeshConfig, MoeConfig, load_config
@@ -69,14 +67,9 @@ from switchjax.decoding import generate
 from switchjax.layers import MlpBlock
 from switchjax.model import SwitchTransformer, init_params
 from switchjax.moe import MoeLayer, group_layout
-from switchjax.optimizers import make_optimizer, opt_state_specs
-from switchjax.train import (
-  expert_counts,
-  make_train_step,
-  resolve_microbatches,
-  routing_summary,
-  train_flops_per_example,
-)
+from switchjax.optimizers import make_optimizer
+from switchjax.training import lower_train_step, plan_run, state_layout, train_flops_per_example
+from switchjax.training.state import device_scalar
 
 SECTIONS = ("moe", "train", "generate", "vs_hf")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -473,41 +466,19 @@ def synthetic_batch(config, batch_size, rng) -> dict:
   }
 
 
-def compile_train_step(config, mesh, params, opt_state, batch):
-  """pretrain.py's train step compiled for `mesh`, the state and batch placed on it."""
-  tcfg = config.train
-  tcfg = dataclasses.replace(
-    tcfg, num_microbatches=resolve_microbatches(tcfg, mesh.shape["data"] * mesh.shape["expert"])
+def compile_train_step(config, devices, params, opt_state, batch):
+  """pretrain.py's train step (switchjax.training) compiled for config.mesh over `devices`,
+  with the state and batch placed on that mesh."""
+  plan = plan_run(config, devices)
+  layout = state_layout(plan.config, plan.mesh)
+  compiled = lower_train_step(layout, plan.config).compile()
+  args = (
+    jax.device_put(params, layout.param_shardings, may_alias=False),  # donated
+    jax.device_put(opt_state, layout.opt_state_shardings, may_alias=False),
+    device_scalar(0, plan.mesh),
+    jax.device_put(batch, sharding.batch_sharding(plan.mesh)),
   )
-  model = SwitchTransformer(config.model)
-  with jax.set_mesh(mesh), sharding.axis_rules():
-    boxed = jax.eval_shape(lambda: init_model(config))
-    specs, axes = sharding.param_specs(boxed), nn.get_partition_spec(boxed)
-    tx = make_optimizer(tcfg, axes)
-    named = lambda tree: jax.tree.map(
-      lambda s: NamedSharding(mesh, s), tree, is_leaf=lambda x: isinstance(x, P)
-    )
-    scalar = sharding.replicated(mesh)
-    shardings = {
-      "step": scalar,
-      "params": named(specs),
-      "nonfinite": scalar,
-      "opt_state": named(opt_state_specs(tcfg, sharding.unbox(boxed), axes)),
-    }
-    state = jax.device_put(
-      {"step": np.int32(0), "params": params, "opt_state": opt_state, "nonfinite": np.int32(0)},
-      shardings,
-      may_alias=False,
-    )  # donated
-    batch = jax.device_put(batch, sharding.batch_sharding(mesh))
-    step = jax.jit(
-      make_train_step(model, tx, tcfg),
-      in_shardings=(shardings, sharding.batch_sharding(mesh)),
-      out_shardings=(shardings, scalar),
-      donate_argnums=(0,),
-    )
-    step = step.lower(state, batch).compile()
-  return step, state, batch, tcfg
+  return compiled, args, plan
 
 
 def init_model(config):
@@ -542,24 +513,24 @@ def bench_train(args, config) -> dict:
     },
   )
   for name, shape in meshes.items():
-    mesh = sharding.make_mesh(
-      MeshConfig(*shape), expert_counts(config.model), devices[: math.prod(shape)]
+    mesh_config = dataclasses.replace(config, mesh=MeshConfig(*shape))
+    step, step_args, plan = compile_train_step(
+      mesh_config, devices[: math.prod(shape)], params, opt_state, batch
     )
-    step, state, dev_batch, tcfg = compile_train_step(config, mesh, params, opt_state, batch)
-    shards = mesh.shape["data"] * mesh.shape["expert"]
-    for line in routing_summary(dataclasses.replace(config, train=tcfg), shards):
+    for line in plan.describe()[1:]:
       print(f"{name}: {line}")
     runs[name] = {
       "mesh": list(shape),
       "devices": math.prod(shape),
-      "num_microbatches": tcfg.num_microbatches,
+      "num_microbatches": plan.config.train.num_microbatches,
       "memory_bytes": memory(step),
     }
-    holder = {"state": state}
+    holder = {"args": step_args}
 
-    def run(step=step, holder=holder, dev_batch=dev_batch):
-      holder["state"], metrics = step(holder["state"], dev_batch)
-      jax.block_until_ready((holder["state"], metrics))
+    def run(step=step, holder=holder):
+      params, opt_state, metrics = step(*holder["args"])
+      holder["args"] = (params, opt_state, *holder["args"][2:])
+      jax.block_until_ready((params, opt_state, metrics))
 
     fns[name] = run
   rows = []

@@ -75,7 +75,7 @@ def meshes():
 def training():
   from switchjax import checkpoint
   from switchjax.config import load_config
-  from switchjax.train import train
+  from switchjax.training import train
 
   tmp = pathlib.Path(tempfile.mkdtemp())
   common = ["train.log_every=1", "train.eval_every=0"]

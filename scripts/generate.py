@@ -1,20 +1,27 @@
 """Generates text with a switchjax checkpoint.
 
   python scripts/generate.py --checkpoint DIR --input "The capital of France is <extra_id_0>."
+  # a model bigger than one device: experts over 4 devices, hidden dimensions over 2
+  python scripts/generate.py --checkpoint DIR --input "..." --set mesh.expert=4 --set mesh.model=2
 
 Loads the model of DIR (a training workdir or the output of scripts/convert_hf.py) and a
 SentencePiece model (--spm_path, else DIR/spiece.model, else the config's data.spm_path),
 encodes each --input with EOS (as Hugging Face's T5 tokenizer does), generates, and prints one
-decoded line per input. Errors print one line and exit with status 1.
+decoded line per input. With --set mesh.* the parameters are restored straight onto a mesh of
+all devices (each device reads its own slices; no copy of the model is made on the host) and
+generation runs sharded. Errors print one line and exit with status 1.
 """
 
 import argparse
+import contextlib
 import pathlib
 import sys
 
+import jax
 import numpy as np
 
-from switchjax import checkpoint
+from switchjax import checkpoint, sharding
+from switchjax import config as config_lib
 from switchjax.data.tokenizer import Tokenizer
 from switchjax.decoding import generate
 from switchjax.model import SwitchTransformer
@@ -41,7 +48,35 @@ def parse_args(argv):
     "--spm_path",
     help="SentencePiece model (default: DIR/spiece.model, then the config's data.spm_path)",
   )
+  parser.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="mesh.FIELD=VALUE",
+    help="restore onto a device mesh and generate on it, e.g. --set mesh.expert=4",
+  )
+  parser.add_argument(
+    "--dtype", choices=("float32", "bfloat16"), help="cast the parameters while restoring"
+  )
   return parser.parse_args(argv)
+
+
+def load(args):
+  """(config, params, context): the checkpoint's model, on the default device or (with
+  --set mesh.*) on a mesh, and the context to run it in."""
+  if any(not item.startswith("mesh.") for item in args.set):
+    raise ValueError(f"--set takes mesh.* fields only (e.g. mesh.expert=4), not {args.set}.")
+  if not args.set:
+    config, params = checkpoint.load_model(args.checkpoint, dtype=args.dtype)
+    return config, params, contextlib.nullcontext()
+  mesh_config = config_lib.apply_overrides(config_lib.Config(), args.set).mesh
+  config, params, mesh = checkpoint.load_model_on_mesh(
+    args.checkpoint, mesh_config, dtype=args.dtype
+  )
+  context = contextlib.ExitStack()
+  context.enter_context(jax.set_mesh(mesh))
+  context.enter_context(sharding.axis_rules())
+  return config, params, context
 
 
 def find_spm(args, config) -> tuple[str, str]:
@@ -61,7 +96,8 @@ def find_spm(args, config) -> tuple[str, str]:
 
 
 def run(args) -> list[str]:
-  config, params = checkpoint.load_model(args.checkpoint)
+  checkpoint.release_memory_eagerly()  # restored slices go back to the OS once placed
+  config, params, context = load(args)
   spm_path, setting = find_spm(args, config)
   tokenizer = Tokenizer(spm_path, extra_ids=100, setting=setting)
   if tokenizer.vocab_size > config.model.vocab_size:
@@ -76,19 +112,20 @@ def run(args) -> list[str]:
     inputs[row, : len(seq)] = seq
 
   model = SwitchTransformer(config.model)
-  outputs = generate(
-    model,
-    params,
-    inputs,
-    args.max_new_tokens,
-    method=args.method,
-    temperature=args.temperature,
-    top_k=args.top_k,
-    top_p=args.top_p,
-    num_beams=args.num_beams,
-    length_penalty=args.length_penalty,
-    rng=args.seed,
-  )
+  with context:
+    outputs = generate(
+      model,
+      params,
+      inputs,
+      args.max_new_tokens,
+      method=args.method,
+      temperature=args.temperature,
+      top_k=args.top_k,
+      top_p=args.top_p,
+      num_beams=args.num_beams,
+      length_penalty=args.length_penalty,
+      rng=args.seed,
+    )
   # The model's vocabulary may be rounded up past the tokenizer's: those ids have no text.
   return [
     tokenizer.decode([t for t in row if t < tokenizer.vocab_size])

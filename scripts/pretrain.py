@@ -41,7 +41,7 @@ def main(argv=None) -> int:
 
   sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
   from switchjax.config import load_config
-  from switchjax.train import NonFiniteLossError, train
+  from switchjax.training import NonFiniteLossError, train
 
   try:
     config = load_config(args.config, args.set)

@@ -25,4 +25,4 @@ from switchjax.hf import from_hf, to_hf
 from switchjax.model import SwitchEncoder, SwitchTransformer
 from switchjax.moe import MoeLayer
 from switchjax.routing import Router, make_router, register_router
-from switchjax.train import train
+from switchjax.training import train

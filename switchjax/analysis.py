@@ -35,6 +35,7 @@ import functools
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from switchjax import losses
@@ -467,10 +468,9 @@ def plot_capacity_sweep(sweep: CapacitySweep):
 
 def token_cross_entropy(logits: np.ndarray, batch: dict) -> float:
   """Mean cross-entropy (nats) over real target tokens (decoder_target_tokens != 0): compares
-  routing variants on the same parameters."""
-  logits = np.asarray(logits, np.float64)  # [batch, length, vocab]
-  targets = np.asarray(batch["decoder_target_tokens"])  # [batch, length]
-  log_z = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
-  target_logit = np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  weights = targets > 0
-  return float(np.sum((log_z - target_logit) * weights) / max(weights.sum(), 1))
+  routing variants on the same parameters (the training loss's cross-entropy, without z-loss)."""
+  targets = jnp.asarray(batch["decoder_target_tokens"])  # [batch, length]
+  total, _, count = losses.cross_entropy_with_z_loss(
+    jnp.asarray(logits, jnp.float32), targets, (targets > 0).astype(jnp.float32)
+  )
+  return float(total / jnp.maximum(count, 1.0))

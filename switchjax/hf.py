@@ -8,11 +8,17 @@ builds computes what transformers computes: each sequence is one routing group w
 `expert_capacity`, HF's sparse-layer placement, padding routed like any token (no
 `mask_padding_activations`), tied or untied logits.
 
-`to_hf(model_or_config, params, out_dir)` writes `config.json` (5.x layout) and
-`model.safetensors` for `SwitchTransformersForConditionalGeneration.from_pretrained`, and refuses
-(ValueError) what that model cannot express: gated MLPs, capacity-factor routing, k > 1,
-experts-choose or batch-prioritized routing, ignored padding tokens, expert widths or
-activations that differ from the dense ones, sparse placements HF's rule cannot produce.
+`to_hf(model_or_config, params, out_dir)` writes `config.json` (5.x layout) and safetensors
+(`model.safetensors`, or shards with their index) for
+`SwitchTransformersForConditionalGeneration.from_pretrained`, and refuses (ValueError) what that
+model cannot express: gated MLPs, capacity-factor routing, k > 1, experts-choose or
+batch-prioritized routing, ignored padding tokens, expert widths or activations that differ from
+the dense ones, sparse placements HF's rule cannot produce.
+
+Both directions stream for checkpoints bigger than memory: `lazy_from_hf` checks everything and
+returns `checkpoint.LazyArray` leaves that read their HF tensors a block (one expert, or a few
+MiB of rows) at a time, which `convert_from_hf` writes into an Orbax checkpoint block by block;
+`to_hf` takes lazily read leaves (`checkpoint.lazy_params`) and writes each tensor in row blocks.
 
 Notes on transformers 5.x: `save_pretrained` omits tied tensors (4.x files contain them); with
 `tie_word_embeddings=False` it does not tie `encoder/decoder.embed_tokens` to `shared` either, so
@@ -25,11 +31,15 @@ import dataclasses
 import json
 import pathlib
 import re
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import jax
 import numpy as np
 
+from switchjax import checkpoint
+from switchjax.checkpoint import LazyArray
 from switchjax.config import Config, ModelConfig, MoeConfig
 from switchjax.model import (
   SwitchTransformer,
@@ -66,6 +76,7 @@ WEIGHT_FILES = (
   "pytorch_model.bin",
   "pytorch_model.bin.index.json",
 )
+SPM = "spiece.model"
 TIED_EMBEDDINGS = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 HF_DEFAULTS = {
   "vocab_size": 32128,
@@ -397,13 +408,27 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
 # Reading weight files.
 
 
-@dataclasses.dataclass
 class Tensors:
-  """The tensors of a checkpoint: their shapes, and a reader returning float32 numpy arrays
-  (so that nothing is loaded before the names and shapes are checked)."""
+  """The tensors of a checkpoint: names, shapes and dtypes first (so that everything is checked
+  before anything is loaded), then rows read on demand, so that nothing is held longer than
+  it is used.
 
-  shapes: dict[str, tuple[int, ...]]
-  read: Callable[[str], np.ndarray]
+  Attributes:
+    shapes, dtypes: of every tensor, by name.
+    aliases: names read from another tensor (shared.weight from a tied copy).
+  """
+
+  def __init__(self, shapes: dict, dtypes: dict, read_rows: Callable[[str, int, int], np.ndarray]):
+    self.shapes, self.dtypes, self._read_rows = shapes, dtypes, read_rows
+    self.aliases: dict[str, str] = {}
+
+  def rows(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Rows [start, stop) along the first axis (all of a 0-d tensor), in the stored dtype."""
+    name = self.aliases.get(name, name)
+    shape = self.shapes[name]
+    if not shape:
+      return self._read_rows(name, 0, 1).reshape(())
+    return self._read_rows(name, start, shape[0] if stop is None else min(stop, shape[0]))
 
 
 def _safetensors_dtypes() -> dict:
@@ -456,7 +481,8 @@ def _safetensors_header(file: pathlib.Path) -> tuple[dict, int]:
 
 
 def _read_safetensors(files: list[pathlib.Path]) -> Tensors:
-  """Tensors of one or more .safetensors files (memory-mapped, read on demand)."""
+  """Tensors of one or more .safetensors files; rows are read straight from the file (no
+  memory map, whose touched pages would stay resident)."""
   dtypes = _safetensors_dtypes()
   where: dict[str, tuple[pathlib.Path, dict, int]] = {}
   for file in files:
@@ -464,39 +490,68 @@ def _read_safetensors(files: list[pathlib.Path]) -> Tensors:
     for name, entry in header.items():
       where[name] = (file, entry, start)
 
-  def read(name: str) -> np.ndarray:
+  def read_rows(name: str, first: int, stop: int) -> np.ndarray:
     file, entry, start = where[name]
-    begin, end = entry["data_offsets"]
-    raw = (
-      np.memmap(file, dtype=np.uint8, mode="r", offset=start + begin, shape=(end - begin,))
-      if end > begin
-      else np.zeros((0,), np.uint8)
-    )
-    return np.array(raw.view(dtypes[entry["dtype"]]).reshape(entry["shape"]), np.float32)
+    shape, dtype = entry["shape"], dtypes[entry["dtype"]]
+    row = int(np.prod(shape[1:], dtype=np.int64))
+    offset = start + entry["data_offsets"][0] + first * row * dtype.itemsize
+    count = (stop - first) * row
+    data = np.fromfile(file, dtype, count, offset=offset) if count else np.zeros(0, dtype)
+    return data.reshape([stop - first, *shape[1:]])
 
-  return Tensors({name: tuple(e["shape"]) for name, (_, e, _) in where.items()}, read)
+  return Tensors(
+    {name: tuple(e["shape"]) for name, (_, e, _) in where.items()},
+    {name: dtypes[e["dtype"]] for name, (_, e, _) in where.items()},
+    read_rows,
+  )
+
+
+def _torch_load(file: pathlib.Path, mmap: bool) -> dict:
+  """A state dict of tensors (memory-mapped when `mmap`), or CheckpointError."""
+  import torch  # only for .bin checkpoints
+
+  try:
+    part = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+  except Exception as e:  # noqa: BLE001  (torch raises many kinds for a bad file)
+    if mmap and "mmap" in str(e):  # the legacy (pre-zip) format: loaded whole
+      return _torch_load(file, mmap=False)
+    raise CheckpointError(
+      f"{file} could not be read by torch.load ({type(e).__name__}: "
+      f"{str(e)[:200]}); the file is corrupt or not a state dict."
+    ) from None
+  if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+    raise CheckpointError(f"{file} does not hold a state dict of tensors.")
+  return part
+
+
+def _torch_numpy(tensor) -> np.ndarray:
+  """A torch tensor as numpy in the same dtype (bfloat16 through its bits)."""
+  import ml_dtypes
+  import torch
+
+  if tensor.dtype == torch.bfloat16:
+    return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+  return tensor.numpy()
 
 
 def _read_torch(files: list[pathlib.Path]) -> Tensors:
-  """Tensors of pytorch_model.bin files (torch.load with weights_only=True)."""
-  import torch  # only for .bin checkpoints
-
-  state = {}
+  """Tensors of pytorch_model.bin files (torch.load with weights_only=True), one shard open
+  (memory-mapped) at a time, so that at most one shard's pages are resident."""
+  where, shapes, dtypes = {}, {}, {}
   for file in files:
-    try:
-      part = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  (torch raises many kinds for a bad file)
-      raise CheckpointError(
-        f"{file} could not be read by torch.load ({type(e).__name__}: "
-        f"{str(e)[:200]}); the file is corrupt or not a state dict."
-      ) from None
-    if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
-      raise CheckpointError(f"{file} does not hold a state dict of tensors.")
-    state.update(part)
-  return Tensors(
-    {name: tuple(t.shape) for name, t in state.items()},
-    lambda name: state[name].detach().to(torch.float32).numpy().copy(),
-  )
+    for name, t in _torch_load(file, mmap=True).items():
+      where[name], shapes[name] = file, tuple(t.shape)
+      dtypes[name] = _torch_numpy(t.reshape(-1)[:0]).dtype
+  current: dict[pathlib.Path, dict] = {}
+
+  def read_rows(name: str, start: int, stop: int) -> np.ndarray:
+    if where[name] not in current:
+      current.clear()  # drops the previous shard's mapping first
+      current[where[name]] = _torch_load(where[name], mmap=True)
+    tensor = current[where[name]][name]
+    return _torch_numpy(tensor.reshape(-1) if tensor.dim() == 0 else tensor)[start:stop].copy()
+
+  return Tensors(shapes, dtypes, read_rows)
 
 
 def _shard_files(index_file: pathlib.Path) -> list[pathlib.Path]:
@@ -568,6 +623,21 @@ def _check_sparse_layers(cfg: ModelConfig, shapes: dict) -> None:
     )
 
 
+def _equal_rows(tensors: Tensors, a: str, b: str) -> bool:
+  """Whether two tensors are equal, compared a block of rows at a time."""
+  if tensors.shapes[a] != tensors.shapes[b]:
+    return False
+  rows = _rows_per_block(tensors.shapes[a], 4)
+  length = tensors.shapes[a][0] if tensors.shapes[a] else 1
+  return all(
+    np.array_equal(
+      tensors.rows(a, i, i + rows).astype(np.float32),
+      tensors.rows(b, i, i + rows).astype(np.float32),
+    )
+    for i in range(0, length, rows)
+  )
+
+
 def _resolve_tied(cfg: ModelConfig, tensors: Tensors) -> set[str]:
   """Checks the copies of shared.weight that transformers ties, and returns their names (to
   be ignored). A file without shared.weight but with a copy gets the copy as shared.weight."""
@@ -576,15 +646,13 @@ def _resolve_tied(cfg: ModelConfig, tensors: Tensors) -> set[str]:
   if cfg.tie_embeddings and "lm_head.weight" in shapes:
     copies.append("lm_head.weight")
   if "shared.weight" not in shapes and copies:
-    source, read = copies.pop(0), tensors.read
+    source = copies.pop(0)
     shapes["shared.weight"] = shapes[source]
-    tensors.read = lambda name: read(source if name == "shared.weight" else name)
+    tensors.dtypes["shared.weight"] = tensors.dtypes[source]
+    tensors.aliases["shared.weight"] = source
   if not copies or "shared.weight" not in shapes:
     return set(copies)
-  shared = tensors.read("shared.weight")
-  differ = [
-    n for n in copies if shapes[n] != shared.shape or not np.array_equal(tensors.read(n), shared)
-  ]
+  differ = [n for n in copies if not _equal_rows(tensors, n, "shared.weight")]
   if differ:
     raise CheckpointError(
       f"{_names(differ)} differ from shared.weight: switchjax has one token embedding "
@@ -636,41 +704,84 @@ def _get(tree, path: tuple[str, ...]):
   return tree
 
 
-def params_from_tensors(tensors: Tensors, cfg: ModelConfig) -> dict:
-  """switchjax params (numpy float32) from checked HF tensors."""
-  params: dict[str, Any] = {}
-  experts: dict[tuple[str, ...], list] = {}
+# Big dense tensors (the embedding, the logits) are converted and written a block of rows of
+# this size at a time; the experts of a layer one expert at a time.
+BLOCK_BYTES = 4 << 20
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _rows_per_block(shape: tuple[int, ...], itemsize: int) -> int:
+  row = int(np.prod(shape[1:], dtype=np.int64)) * itemsize
+  return max(1, BLOCK_BYTES // max(row, 1))
+
+
+def _jax_layout(spec: TensorSpec, x: np.ndarray) -> np.ndarray:
+  """One HF tensor in switchjax's layout: torch's (out, in) transposed and reshaped (a view
+  where numpy can make one: the writer and LazyArray.__array__ copy it once anyway)."""
+  return x.T.reshape(spec.jax_shape) if spec.transpose else x
+
+
+def _lazy_leaf(tensors: Tensors, specs: list[TensorSpec], dtype: np.dtype, source) -> LazyArray:
+  """One switchjax parameter read from its HF tensors on demand: a layer's experts stacked one
+  expert per block, big 2-D tensors a block of HF rows at a time, anything else whole."""
+  spec = specs[0]
+
+  def rows(name, start=0, stop=None):
+    return tensors.rows(name, start, stop).astype(dtype, copy=False)
+
+  if spec.expert is not None:
+    experts = sorted(specs, key=lambda s: s.expert)
+
+    def read_experts(start, stop):  # [stop - start, in, out]
+      if stop - start == 1:  # the usual block: a view, no copy
+        return _jax_layout(experts[start], rows(experts[start].name))[None]
+      return np.stack([_jax_layout(s, rows(s.name)) for s in experts[start:stop]])
+
+    shape = (len(experts), *spec.jax_shape)
+    return LazyArray(shape, dtype, read_experts, axis=0, block=1, source=source)
+  block = _rows_per_block(spec.hf_shape, dtype.itemsize)
+  if not spec.transpose:  # leaf rows = HF rows
+    read, axis = (lambda a, b: rows(spec.name, a, b)), 0
+  elif len(spec.hf_shape) == 2 and spec.jax_shape == spec.hf_shape[::-1]:  # columns = HF rows
+    read, axis = (lambda a, b: rows(spec.name, a, b).T), 1
+  else:  # whole
+    read, axis, block = (lambda a, b: _jax_layout(spec, rows(spec.name))), 0, None
+  return LazyArray(spec.jax_shape, dtype, read, axis=axis, block=block, source=source)
+
+
+def _leaf_specs(cfg: ModelConfig) -> dict[tuple[str, ...], list[TensorSpec]]:
+  """The HF tensors of each switchjax parameter (several for stacked experts), in order."""
+  groups: dict[tuple[str, ...], list[TensorSpec]] = {}
   for spec in tensor_specs(cfg):
-    x = tensors.read(spec.name)
-    x = np.ascontiguousarray(x.T.reshape(spec.jax_shape) if spec.transpose else x)
-    if spec.expert is None:
-      _set(params, spec.path, x)
-    else:
-      experts.setdefault(spec.path, []).append(x)
-  for path, stack in experts.items():
-    _set(params, path, np.stack(stack))  # [experts, in, out]
+    groups.setdefault(spec.path, []).append(spec)
+  return groups
+
+
+def lazy_params_from_tensors(tensors: Tensors, cfg: ModelConfig, dtype, source=None) -> dict:
+  """switchjax params whose leaves are LazyArrays of `dtype` over checked HF tensors (of the
+  directory `source`)."""
+  params: dict[str, Any] = {}
+  for path, specs in _leaf_specs(cfg).items():
+    _set(params, path, _lazy_leaf(tensors, specs, np.dtype(dtype), source))
   return params
 
 
-def state_dict_from_params(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
-  """HF state dict (numpy float32, torch layout) of switchjax params."""
-  state = {}
-  for spec in tensor_specs(cfg):
-    x = np.asarray(_get(params, spec.path), np.float32)
-    if spec.expert is not None:
-      x = x[spec.expert]
-    if x.shape != spec.jax_shape:
-      raise ValueError(
-        f"params {'/'.join(spec.path)} has shape {x.shape}, expected "
-        f"{spec.jax_shape} for this model config."
-      )
-    state[spec.name] = np.ascontiguousarray(
-      x.reshape(spec.hf_shape[::-1]).T if spec.transpose else x
-    )
-  if not cfg.tie_embeddings:  # transformers 5.x ties nothing then: write the copies
-    for name in TIED_EMBEDDINGS:
-      state[name] = state["shared.weight"].copy()
-  return state
+def _stored_dtype(tensors: Tensors, cfg: ModelConfig) -> str:
+  """The checkpoint's dtype when all its tensors share one switchjax supports; else float32
+  (mixed float16/bfloat16, or float64)."""
+  names = {tensors.aliases.get(s.name, s.name) for s in tensor_specs(cfg)}
+  found = {np.dtype(tensors.dtypes[n]).name for n in names}
+  return found.pop() if len(found) == 1 and found <= set(DTYPES) else "float32"
+
+
+def _numpy_dtype(dtype) -> np.dtype:
+  """np.dtype of 'float32', 'bfloat16' or 'float16' (any spelling); else ValueError."""
+  import ml_dtypes
+
+  name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+  if name not in DTYPES:
+    raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
+  return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
 def _checkpoint_dir(path) -> pathlib.Path:
@@ -710,12 +821,15 @@ def read_hf_config(path) -> dict:
   return hf
 
 
-def from_hf(path) -> tuple[SwitchTransformer, dict]:
-  """(model, params) from a Hugging Face checkpoint directory.
+def lazy_from_hf(path, dtype=None) -> tuple[SwitchTransformer, dict]:
+  """(model, params) of a Hugging Face checkpoint directory with LazyArray leaves: everything is
+  checked (names, shapes, sparse layers, tied copies) but no weight is loaded; each leaf reads
+  its tensors when it is written or converted to numpy.
 
-  The params are numpy float32 in switchjax's layout; `model.apply({"params": params},
-  input_ids, decoder_input_ids)` gives transformers' logits when padding is token 0 (the
-  attention mask is `input_ids != 0`). Raises CheckpointError naming what is wrong.
+  Args:
+    path: the checkpoint directory.
+    dtype: of the params, 'float32', 'bfloat16' or 'float16'; None keeps the checkpoint's own
+      (float32 when its tensors mix dtypes). The model config's param_dtype says which.
   """
   path = _checkpoint_dir(path)
   cfg = config_from_hf(read_hf_config(path))
@@ -723,7 +837,46 @@ def from_hf(path) -> tuple[SwitchTransformer, dict]:
   _check_sparse_layers(cfg, tensors.shapes)
   ignored = _resolve_tied(cfg, tensors)
   _check_names_and_shapes(tensor_specs(cfg), tensors.shapes, ignored)
-  return SwitchTransformer(cfg), params_from_tensors(tensors, cfg)
+  dtype = _numpy_dtype(_stored_dtype(tensors, cfg) if dtype is None else dtype)
+  cfg = dataclasses.replace(cfg, param_dtype=dtype.name)
+  return SwitchTransformer(cfg), lazy_params_from_tensors(tensors, cfg, dtype, path)
+
+
+def from_hf(path, dtype="float32") -> tuple[SwitchTransformer, dict]:
+  """(model, params) from a Hugging Face checkpoint directory, in memory.
+
+  The params are numpy arrays of `dtype` (None: the checkpoint's) in switchjax's layout;
+  `model.apply({"params": params}, input_ids, decoder_input_ids)` gives transformers' logits
+  when padding is token 0 (the attention mask is `input_ids != 0`). Raises CheckpointError
+  naming what is wrong. For models bigger than memory, `convert_from_hf` writes a switchjax
+  checkpoint one tensor at a time.
+  """
+  model, params = lazy_from_hf(path, dtype)
+  return model, jax.tree.map(np.asarray, params)
+
+
+def convert_from_hf(hf_dir, output_dir, *, dtype=None, overwrite: bool = False) -> Config:
+  """Converts a Hugging Face checkpoint directory into a switchjax checkpoint directory
+  (config.json, the parameters as Orbax checkpoint step 0, and spiece.model when `hf_dir` has
+  one), streaming: memory holds a few blocks (one expert, or 4 MiB of rows), never the model.
+
+  `dtype` None keeps the checkpoint's dtype (bfloat16 stays bfloat16). Refuses (ValueError,
+  before writing anything) an output directory inside or around `hf_dir`, or one that is not
+  empty unless `overwrite`. Returns the Config written.
+  """
+  hf_dir, out = pathlib.Path(hf_dir), pathlib.Path(output_dir)
+  checkpoint.check_output_dir(out, [hf_dir], overwrite, "--output_dir")
+  model, params = lazy_from_hf(hf_dir, dtype)
+  config = Config(name=f"hf:{hf_dir.resolve().name}", model=model.config)
+  if (hf_dir / SPM).is_file():
+    spm = (out / SPM).resolve()
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, spm_path=str(spm)))
+  checkpoint.clear_output_dir(out, (checkpoint.CONFIG_FILE, checkpoint.CHECKPOINTS, SPM))
+  if (hf_dir / SPM).is_file():
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(hf_dir / SPM, out / SPM)
+  checkpoint.save_model(out, config.validate(), params)
+  return config
 
 
 def _model_config(model_or_config) -> ModelConfig:
@@ -747,28 +900,239 @@ def _plain_params(params) -> dict:
   return params
 
 
-def to_hf(model_or_config, params, out_dir) -> pathlib.Path:
-  """Writes a Hugging Face checkpoint directory (config.json, generation_config.json,
-  model.safetensors) for `SwitchTransformersForConditionalGeneration.from_pretrained`.
+# --------------------------------------------------------------------------------------------
+# Writing Hugging Face checkpoints: sharded safetensors, one parameter in memory at a time.
+
+SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+HF_OUTPUTS = (
+  "config.json",
+  "generation_config.json",
+  "model.safetensors",
+  "model.safetensors.index.json",
+  "model-*-of-*.safetensors",
+  "pytorch_model.bin",
+  "pytorch_model.bin.index.json",
+  "pytorch_model-*-of-*.bin",
+  SPM,
+)
+
+
+def parse_size(size) -> int:
+  """Bytes of an int or a string like '5GB' (10**9), '500MB', '2GiB' (2**30), '100KB'."""
+  if isinstance(size, int):
+    return size
+  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", str(size).upper())
+  if not m or float(m.group(1)) <= 0:
+    raise ValueError(f"max_shard_size={size!r}: use bytes or a size like '5GB', '500MB', '2GiB'.")
+  base = 1024 if m.group(3) else 1000
+  return int(float(m.group(1)) * base ** " KMGT".index(m.group(2) or " "))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  """One tensor of the HF checkpoint being written: its name, shape, dtype and file."""
+
+  name: str
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  file: str = ""
+
+  @property
+  def nbytes(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def _leaf_and_shape(params, path: tuple[str, ...], specs: list[TensorSpec]):
+  """The parameter at `path`, checked against the config's shape without loading it."""
+  leaf = _get(params, path)
+  spec = specs[0]
+  expected = spec.jax_shape if spec.expert is None else (len(specs), *spec.jax_shape)
+  if tuple(leaf.shape) != expected:
+    raise ValueError(
+      f"params {'/'.join(path)} has shape {tuple(leaf.shape)}, expected {expected} for this "
+      "model config."
+    )
+  return leaf
+
+
+def _hf_entries(params, cfg: ModelConfig, dtype) -> list[tuple[tuple[str, ...], list[_Entry]]]:
+  """For each parameter, the HF tensors written from it (checked shapes, output dtypes)."""
+  plan = []
+  for path, specs in _leaf_specs(cfg).items():
+    leaf = _leaf_and_shape(params, path, specs)
+    out = np.dtype(leaf.dtype) if dtype is None else _numpy_dtype(dtype)
+    if out.name not in SAFETENSORS_DTYPES:
+      raise ValueError(f"params {'/'.join(path)} have dtype {out}, which safetensors lacks.")
+    names = [s.name for s in specs]
+    if path == ("token_embedder", "embedding") and not cfg.tie_embeddings:
+      names += list(TIED_EMBEDDINGS)  # transformers 5.x ties nothing then: write the copies
+    shape = specs[0].hf_shape
+    plan.append((path, [_Entry(n, shape, out) for n in names]))
+  return plan
+
+
+def _shard(entries: list[_Entry], max_shard_size: int) -> list[list[_Entry]]:
+  """Consecutive entries in files of at most max_shard_size bytes (a bigger tensor alone),
+  named as transformers names them."""
+  shards, size = [[]], 0
+  for e in entries:
+    if shards[-1] and size + e.nbytes > max_shard_size:
+      shards.append([])
+      size = 0
+    shards[-1].append(e)
+    size += e.nbytes
+  n = len(shards)
+  return [
+    [
+      dataclasses.replace(
+        e, file="model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+      )
+      for e in shard
+    ]
+    for i, shard in enumerate(shards)
+  ]
+
+
+def _safetensors_prefix(entries: list[_Entry]) -> bytes:
+  """The 8-byte length and JSON header of a safetensors file holding `entries` in order
+  (padded with spaces to a multiple of 8 bytes, as the safetensors library writes it)."""
+  header, offset = {"__metadata__": {"format": "pt"}}, 0
+  for e in entries:
+    header[e.name] = {
+      "dtype": SAFETENSORS_DTYPES[e.dtype.name],
+      "shape": list(e.shape),
+      "data_offsets": [offset, offset + e.nbytes],
+    }
+    offset += e.nbytes
+  text = json.dumps(header, separators=(",", ":")).encode()
+  text += b" " * (-len(text) % 8)
+  return len(text).to_bytes(8, "little") + text
+
+
+def _hf_view(spec: TensorSpec, x) -> np.ndarray:
+  """One switchjax parameter (an expert's slice for experts) as its HF tensor (a view)."""
+  x = np.asarray(x)
+  return x.reshape(spec.hf_shape[::-1]).T if spec.transpose else x
+
+
+def _stored_rows(spec: TensorSpec, leaf) -> Callable[[slice], np.ndarray] | None:
+  """rows(slice) reading HF rows straight from a stored parameter, when a slice of it holds
+  them (not transposed, or a transposed 2-D matrix); else None."""
+  if not isinstance(leaf, checkpoint.StoredArray) or spec.expert is not None:
+    return None
+  if not spec.transpose:
+    return leaf.__getitem__
+  if len(spec.hf_shape) == 2 and leaf.shape == spec.hf_shape[::-1]:
+    return lambda rows: leaf[:, rows].T
+  return None
+
+
+def _blocks(leaf) -> Iterator[tuple[int, np.ndarray]]:
+  """(start, leaf[start:stop]) covering a parameter along its first axis: a stored block (one
+  expert) at a time for LazyArrays, the whole array otherwise."""
+  if isinstance(leaf, LazyArray) and leaf.axis == 0:
+    for start, stop in leaf.block_ranges():
+      yield start, leaf.read_block(start, stop)
+  else:
+    yield 0, np.asarray(leaf)
+
+
+def _hf_arrays(params, cfg: ModelConfig, plan) -> Iterator[tuple[str, Callable]]:
+  """(name, rows) in plan order, where rows(slice) gives those rows of the HF tensor: stacked
+  experts are read a stored block (one expert) at a time, parameters stored in slices that hold
+  HF rows a slice at a time, other parameters whole, one at a time."""
+  specs = _leaf_specs(cfg)
+  for path, entries in plan:
+    by_name = {s.name: s for s in specs[path]}
+    leaf = _get(params, path)
+    if specs[path][0].expert is not None:
+      for start, block in _blocks(leaf):
+        for i, x in enumerate(block):
+          spec = by_name[entries[start + i].name]
+          assert spec.expert == start + i, (spec, start + i)
+          yield spec.name, _hf_view(spec, x).__getitem__
+    else:
+      spec = by_name.get("shared.weight", specs[path][0])
+      rows = _stored_rows(spec, leaf) or _hf_view(spec, leaf).__getitem__
+      for e in entries:
+        yield e.name, rows
+    checkpoint.release_freed_memory()
+
+
+def _write_tensor(fh, entry: _Entry, rows: Callable) -> None:
+  """Writes one tensor from rows(slice) in blocks of BLOCK_BYTES (a transposed tensor is made
+  contiguous a block at a time, not whole)."""
+  if not entry.shape:
+    np.asarray(rows(()), entry.dtype).tofile(fh)
+    return
+  step = _rows_per_block(entry.shape, entry.dtype.itemsize)
+  for a in range(0, entry.shape[0], step):
+    block = np.ascontiguousarray(rows(slice(a, min(a + step, entry.shape[0]))), entry.dtype)
+    assert block.shape == (min(step, entry.shape[0] - a), *entry.shape[1:]), (entry, block.shape)
+    block.tofile(fh)
+
+
+def _write_safetensors(out: pathlib.Path, shards, arrays) -> None:
+  """Writes the shard files (and the index when there are several) from `arrays`."""
+  for shard in shards:
+    with open(out / shard[0].file, "wb") as fh:
+      fh.write(_safetensors_prefix(shard))
+      for e in shard:
+        name, rows = next(arrays)
+        assert name == e.name, (name, e)
+        _write_tensor(fh, e, rows)
+  if len(shards) > 1:
+    entries = [e for shard in shards for e in shard]
+    index = {
+      "metadata": {"total_size": sum(e.nbytes for e in entries)},
+      "weight_map": {e.name: e.file for e in entries},
+    }
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def to_hf(
+  model_or_config,
+  params,
+  out_dir,
+  *,
+  max_shard_size="5GB",
+  dtype=None,
+  overwrite: bool = False,
+) -> pathlib.Path:
+  """Writes a Hugging Face checkpoint directory (config.json, generation_config.json and
+  model.safetensors, or model-0000i-of-0000n.safetensors shards with their index) for
+  `SwitchTransformersForConditionalGeneration.from_pretrained`.
+
+  One parameter is in memory at a time: leaves may be numpy or jax arrays, or LazyArrays
+  (e.g. `checkpoint.lazy_params` of a checkpoint too big to restore whole).
 
   Args:
     model_or_config: a SwitchTransformer, its ModelConfig, or a whole switchjax Config.
-    params: the model's parameters (numpy or jax arrays, possibly boxed).
-    out_dir: created if needed; existing files of the same names are overwritten.
+    params: the model's parameters (possibly boxed).
+    out_dir: created if needed; must be empty unless `overwrite` (which replaces the files a
+      conversion writes and leaves others).
+    max_shard_size: bytes per safetensors file (int, or '5GB', '500MB', ...).
+    dtype: of the written tensors; None keeps each parameter's.
 
-  Raises ValueError (before writing anything) when HF cannot express the model; see
-  `config_to_hf`.
+  Raises ValueError (before writing anything) when HF cannot express the model (see
+  `config_to_hf`), when params do not fit the config, when out_dir is not empty, or when it
+  overlaps the directory lazily read params come from.
   """
-  from safetensors.numpy import save_file
-
   cfg = _model_config(model_or_config)
   hf_config = config_to_hf(cfg)
-  state = state_dict_from_params(_plain_params(params), cfg)
+  params = _plain_params(params)
+  plan = _hf_entries(params, cfg, dtype)
+  shards = _shard([e for _, entries in plan for e in entries], parse_size(max_shard_size))
   out = pathlib.Path(out_dir)
+  sources = {getattr(x, "source", None) for x in jax.tree.leaves(params)} - {None}
+  checkpoint.check_output_dir(out, sources, overwrite, "--hf_output_dir")
+  checkpoint.clear_output_dir(out, HF_OUTPUTS)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+  _write_safetensors(out, shards, _hf_arrays(params, cfg, plan))
+  dtypes = {e.dtype.name for shard in shards for e in shard}
+  hf_config["dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
   (out / "generation_config.json").write_text(
     json.dumps({"decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}, indent=2) + "\n"
   )
-  save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+  (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
   return out

@@ -112,7 +112,10 @@ def moe_losses_and_metrics(
   return loss, metrics
 
 
-def loss_and_metrics(
+SUMMED = ("ce_sum", "z_sum", "correct", "num_tokens")  # add up over microbatches; the rest average
+
+
+def loss_sums(
   logits: Array,
   batch: dict[str, Array],
   intermediates: Any,
@@ -121,11 +124,13 @@ def loss_and_metrics(
   label_smoothing: float = 0.0,
   aux_loss_factor: float = 0.01,
   router_z_loss_factor: float = 0.0,
-) -> tuple[Array, dict[str, Array]]:
-  """The T5X MoE training loss for one batch and its metrics.
+) -> dict[str, Array]:
+  """What the T5X MoE loss of a batch is made of: the sums of CE + z-loss (`ce_sum` without
+  the z part, `z_sum`), correct predictions and real target tokens over the batch, and the
+  weighted MoE loss with the routing metrics (means over layers).
 
   `batch` holds decoder_target_tokens and, optionally, decoder_loss_weights (default:
-  target != 0). The loss is normalised by the number of real target tokens.
+  target != 0).
   """
   targets = batch["decoder_target_tokens"]
   weights = batch.get("decoder_loss_weights")
@@ -134,20 +139,51 @@ def loss_and_metrics(
   total, total_z, num_tokens = cross_entropy_with_z_loss(
     logits, targets, weights, z_loss, label_smoothing
   )
-  denominator = jnp.maximum(num_tokens, 1.0)
-  moe_loss, metrics = moe_losses_and_metrics(intermediates, aux_loss_factor, router_z_loss_factor)
-  loss = total / denominator + moe_loss
+  moe_loss, moe_metrics = moe_losses_and_metrics(
+    intermediates, aux_loss_factor, router_z_loss_factor
+  )
+  correct = jnp.sum((jnp.argmax(logits, -1) == targets) * weights)
+  return {
+    "ce_sum": total - total_z,
+    "z_sum": total_z,
+    "correct": correct,
+    "num_tokens": num_tokens,
+    "moe_loss": moe_loss,
+    **moe_metrics,
+  }
+
+
+def loss_from_sums(sums: dict[str, Array], normalizer: Array | None = None) -> Array:
+  """(CE + z-loss) / normalizer + MoE loss; the normalizer defaults to the real target tokens
+  (T5X's NUM_REAL_TARGET_TOKENS)."""
+  if normalizer is None:
+    normalizer = jnp.maximum(sums["num_tokens"], 1.0)
+  return (sums["ce_sum"] + sums["z_sum"]) / normalizer + sums["moe_loss"]
+
+
+def metrics_from_sums(sums: dict[str, Array]) -> dict[str, Array]:
+  """Loss, cross-entropy, z-loss and accuracy per real target token, plus the MoE metrics."""
+  denominator = jnp.maximum(sums["num_tokens"], 1.0)
+  metrics = {k: v for k, v in sums.items() if k not in SUMMED}
   metrics.update(
     {
-      "loss": loss,
-      "cross_entropy": (total - total_z) / denominator,
-      "z_loss": total_z / denominator,
-      "moe_loss": moe_loss,
-      "num_target_tokens": num_tokens,
-      "accuracy": jnp.sum((jnp.argmax(logits, -1) == targets) * weights) / denominator,
+      "loss": loss_from_sums(sums),
+      "cross_entropy": sums["ce_sum"] / denominator,
+      "z_loss": sums["z_sum"] / denominator,
+      "accuracy": sums["correct"] / denominator,
+      "num_target_tokens": sums["num_tokens"],
     }
   )
-  return loss, metrics
+  return metrics
+
+
+def loss_and_metrics(
+  logits: Array, batch: dict[str, Array], intermediates: Any, **factors
+) -> tuple[Array, dict[str, Array]]:
+  """The T5X MoE training loss of one batch (normalised by its real target tokens) and its
+  metrics; `factors` are those of `loss_sums`."""
+  metrics = metrics_from_sums(loss_sums(logits, batch, intermediates, **factors))
+  return metrics["loss"], metrics
 
 
 # --------------------------------------------------------------------------------------------

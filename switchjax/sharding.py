@@ -123,12 +123,16 @@ def param_specs(boxed_params) -> Any:
   return nn.logical_to_mesh(logical, LOGICAL_AXIS_RULES)
 
 
-def param_shardings(mesh: Mesh, boxed_params) -> Any:
+def named(mesh: Mesh, specs) -> Any:
+  """A tree of PartitionSpecs as NamedShardings on `mesh`."""
   return jax.tree.map(
-    lambda spec: NamedSharding(mesh, spec),
-    param_specs(boxed_params),
-    is_leaf=lambda x: isinstance(x, P),
+    lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P)
   )
+
+
+def param_shardings(mesh: Mesh, boxed_params) -> Any:
+  """NamedShardings of a tree of logically partitioned (boxed) parameters."""
+  return named(mesh, param_specs(boxed_params))
 
 
 def abstract_tree(shapes, shardings) -> Any:

@@ -387,7 +387,7 @@ class RenormalizedTopKRouter(switchjax.Router):
 def test_a_router_defined_outside_the_library_trains_through_the_config(tmp_path):
   import json
 
-  from switchjax.train import train, train_flops_per_example
+  from switchjax.training import train, train_flops_per_example
 
   config = switchjax.load_config(
     "tiny",

@@ -16,7 +16,7 @@ import pytest
 
 from switchjax import checkpoint
 from switchjax.config import load_config
-from switchjax.train import NonFiniteLossError, train
+from switchjax.training import NonFiniteLossError, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PRETRAIN = str(ROOT / "scripts" / "pretrain.py")
@@ -333,7 +333,7 @@ def test_empty_corpus_is_an_error(tmp_path):
 def test_adafactor_state_of_expert_kernels_is_sharded_over_experts():
   from jax.sharding import PartitionSpec as P
 
-  from switchjax.train import opt_state_specs
+  from switchjax.optimizers import opt_state_specs
 
   shapes = {
     "wi": jax.ShapeDtypeStruct((8, 256, 512), np.float32),

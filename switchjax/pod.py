@@ -1,0 +1,215 @@
+"""A pod on one machine: the real train step compiled ahead of time for an emulated mesh.
+
+`simulate(config, (data, expert, model))` plans the run on that many devices (they may be
+emulated CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=N before jax starts),
+lowers `switchjax.training`'s train step with abstract inputs (nothing is allocated) and
+compiles it, then reads what the compiled program needs per device (XLA's memory analysis)
+and which collectives it runs. Expert parallelism shows as all-to-alls (a dispatch and a
+combine per sparse layer, forward and backward); an all-gather of token-sized activations, or
+XLA's "Involuntary full rematerialization" warning, means the batch or the routing groups did
+not split over the devices.
+
+CPU compilation converts bfloat16 collectives to float32, so on TPUs and GPUs the all-to-all
+traffic of a bfloat16 model is half of what these programs move; memory figures are CPU's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+
+import jax
+
+from switchjax.config import Config, MeshConfig
+from switchjax.moe import group_layout
+from switchjax.training import lower_train_step, plan_run, state_layout
+
+COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
+GiB = 2**30
+
+
+@dataclasses.dataclass
+class PodReport:
+  """What one compiled train step needs.
+
+  Attributes:
+    mesh: (data, expert, model) sizes; devices their product.
+    batch_size, num_microbatches: the global batch and its microbatches per step.
+    compile_seconds: lowering plus compilation.
+    argument_bytes, output_bytes, temp_bytes, alias_bytes: XLA's per-device memory figures
+      (arguments: parameters, optimizer state and the batch shard; temp: activations).
+    collectives: instructions of each kind in the compiled program.
+    all_gathers: result shapes of the all-gathers; token_sized_all_gathers: those with
+      dimensions of a routing group, a sequence or the batch and more values per token than
+      'model' shards (activations, not parameters or a cross-shard argmax).
+    replications: XLA's "Involuntary full rematerialization" warnings while compiling.
+  """
+
+  config: str
+  mesh: tuple[int, int, int]
+  batch_size: int
+  num_microbatches: int
+  compile_seconds: float
+  argument_bytes: int
+  output_bytes: int
+  temp_bytes: int
+  alias_bytes: int
+  collectives: dict[str, int]
+  all_gathers: list[str]
+  token_sized_all_gathers: list[str]
+  replications: int
+
+  @property
+  def devices(self) -> int:
+    return math.prod(self.mesh)
+
+  @property
+  def total_bytes(self) -> int:
+    """Peak memory per device: arguments + outputs + temporaries, minus donated buffers."""
+    return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes
+
+  def row(self) -> list[str]:
+    return [
+      "x".join(map(str, self.mesh)),
+      str(self.batch_size),
+      str(self.num_microbatches),
+      str(self.collectives["all-to-all"]),
+      str(self.collectives["all-gather"]),
+      str(len(self.token_sized_all_gathers)),
+      f"{self.argument_bytes / GiB:.2f}",
+      f"{self.temp_bytes / GiB:.2f}",
+      f"{self.total_bytes / GiB:.2f}",
+      f"{self.compile_seconds:.0f}",
+    ]
+
+
+HEADERS = [
+  "mesh (DxExM)",
+  "global batch",
+  "microbatches",
+  "all-to-all",
+  "all-gather",
+  "token-sized all-gathers",
+  "arguments GiB/device",
+  "temp GiB/device",
+  "total GiB/device",
+  "compile s",
+]
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+  """A plain-text table with right-aligned columns."""
+  cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+  lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+  return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
+
+
+def simulate(config: Config, mesh: tuple[int, int, int]) -> PodReport:
+  """Compiles `config`'s train step for a (data, expert, model) mesh of the first devices."""
+  need = math.prod(mesh)
+  if jax.device_count() < need:
+    raise ValueError(
+      f"mesh {mesh} needs {need} devices but {jax.device_count()} exist; on a CPU emulate them "
+      f"with XLA_FLAGS=--xla_force_host_platform_device_count={need} (set before jax starts)."
+    )
+  config = dataclasses.replace(config, mesh=MeshConfig(*mesh))
+  plan = plan_run(config, jax.devices()[:need])
+  layout = state_layout(plan.config, plan.mesh)
+  start = time.perf_counter()
+  with _stderr_to_string() as log:
+    compiled = lower_train_step(layout, plan.config).compile()
+  seconds = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  hlo = compiled.as_text()
+  gathers = all_gather_shapes(hlo)
+  sizes = token_sizes(plan.config, plan.batch_shards)
+  return PodReport(
+    config=plan.config.name,
+    mesh=tuple(mesh),
+    batch_size=plan.config.train.batch_size,
+    num_microbatches=plan.config.train.num_microbatches,
+    compile_seconds=seconds,
+    argument_bytes=int(memory.argument_size_in_bytes),
+    output_bytes=int(memory.output_size_in_bytes),
+    temp_bytes=int(memory.temp_size_in_bytes),
+    alias_bytes=int(memory.alias_size_in_bytes),
+    collectives=count_collectives(hlo),
+    all_gathers=gathers,
+    token_sized_all_gathers=[g for g in gathers if _per_token(g, sizes) > mesh[2]],
+    replications=log.text.count("Involuntary full rematerialization"),
+  )
+
+
+def count_collectives(hlo: str) -> dict[str, int]:
+  """Instructions of each collective kind in an HLO module's text (async starts count once)."""
+  return {op: len(re.findall(rf"\s{op}(?:-start)?\(", hlo)) for op in COLLECTIVES}
+
+
+def all_gather_shapes(hlo: str) -> list[str]:
+  """The result shapes ('f32[32,4096,768]') of the all-gathers in an HLO module's text."""
+  shapes = []
+  for line in hlo.splitlines():
+    found = re.search(r"=\s*(.*?)\sall-gather(?:-start)?\(", line)
+    if found:  # the result type, between '=' and the op
+      shapes += re.findall(r"[a-z]+\d*\[[\d,]*\]", found.group(1))
+  return shapes
+
+
+def token_sizes(config: Config, batch_shards: int) -> set[int]:
+  """Dimensions that only activations have: the sequence lengths, the (micro)batch and the
+  routing groups' sizes and counts (global and per device)."""
+  micro = config.train.batch_size // config.train.num_microbatches
+  sizes = {micro, micro // batch_shards}
+  for stack, length in (
+    ("encoder", config.data.inputs_length),
+    ("decoder", config.data.targets_length),
+  ):
+    layout = group_layout(micro, length, config.model.moe_for(stack), True, batch_shards)
+    sizes |= {length, layout.tokens_per_group, layout.num_groups, micro * length}
+  return {s for s in sizes if s > 1}
+
+
+def _per_token(shape: str, sizes: set[int]) -> int:
+  """Values per token of an all-gather result: its size over its token-sized dimensions (0
+  when it has none). A reduction across the 'model' shards (e.g. the argmax over a vocabulary
+  split over them) gathers one value per shard and token; activations gather many more."""
+  dims = [int(d) for d in re.findall(r"\d+", shape.split("[", 1)[1])]
+  tokens = math.prod(d for d in dims if d in sizes)
+  return math.prod(dims) // tokens if tokens > 1 else 0
+
+
+@contextlib.contextmanager
+def _stderr_to_string():
+  """Collects what native code (XLA) writes to file descriptor 2 (its warnings)."""
+  captured = type("Captured", (), {"text": ""})()
+  with tempfile.TemporaryFile(mode="w+b") as sink:
+    saved = os.dup(2)
+    os.dup2(sink.fileno(), 2)
+    try:
+      yield captured
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      sink.seek(0)
+      captured.text = sink.read().decode(errors="replace")
+
+
+def reexec_with_devices(count: int, argv: list[str], extra_flags: tuple[str, ...] = ()) -> None:
+  """Re-executes this Python script with XLA_FLAGS emulating `count` CPU devices (and
+  `extra_flags`) unless they are already set: XLA reads the flag only when jax starts."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  found = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
+  missing = [f for f in extra_flags if f.split("=")[0] not in flags]
+  if found and int(found.group(1)) >= count and not missing:
+    return
+  flags = flags.replace(found.group(0), "") if found else flags
+  flags = " ".join(flags.split() + [f"--xla_force_host_platform_device_count={count}", *missing])
+  print(f"Restarting with XLA_FLAGS={flags}", flush=True)
+  os.execve(sys.executable, [sys.executable, *argv], {**os.environ, "XLA_FLAGS": flags})
