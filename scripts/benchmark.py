@@ -48,7 +48,6 @@ import math
 import os
 import pathlib
 import platform
-import re
 import statistics
 import sys
 import tarfile
@@ -61,13 +60,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from switchjax import losses, sharding
-from switchjax.config import MeshConfig, MoeConfig, load_config
+from switchjax import losses, pod, sharding
+from switchjax.config import Config, DataConfig, MeshConfig, MoeConfig, load_config
 from switchjax.decoding import generate
 from switchjax.layers import MlpBlock
 from switchjax.model import SwitchTransformer, init_params
 from switchjax.moe import MoeLayer, group_layout
 from switchjax.optimizers import make_optimizer
+from switchjax.pod import format_table
 from switchjax.training import lower_train_step, plan_run, state_layout, train_flops_per_example
 from switchjax.training.state import device_scalar
 
@@ -158,23 +158,10 @@ def parse_args(argv=None):
 def reexec_with_xla_flags(args, argv) -> None:
   """XLA reads XLA_FLAGS once, when jax starts: re-executes this script with the flags it needs
   (the mesh's emulated devices; with --quick, fast compilation as in the tests)."""
-  flags = os.environ.get("XLA_FLAGS", "")
-  add = []
   need = math.prod(args.mesh) if args.mesh and "train" in args.sections else 1
-  count = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
-  if need > 1 and (not count or int(count.group(1)) < need):
-    flags = flags.replace(count.group(0), "") if count else flags
-    add.append(f"--xla_force_host_platform_device_count={need}")
-  if args.quick and "--xla_backend_optimization_level" not in flags:
-    add.append("--xla_backend_optimization_level=0")
-  if add:
-    flags = " ".join(flags.split() + add)
-    print(f"Restarting with XLA_FLAGS={flags}", flush=True)
-    os.execve(
-      sys.executable,
-      [sys.executable, os.path.abspath(__file__), *argv],
-      {**os.environ, "XLA_FLAGS": flags},
-    )
+  extra = ("--xla_backend_optimization_level=0",) if args.quick else ()
+  if need > 1 or extra:
+    pod.reexec_with_devices(need, [os.path.abspath(__file__), *argv], extra)
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,6 +198,20 @@ def time_interleaved(fns: dict, reps: int, warmup: int) -> dict:
   return {name: (statistics.median(t), t) for name, t in times.items()}
 
 
+def matmul_peak_tflops(n: int = 1024, reps: int = 7) -> float:
+  """TFLOP/s of a jitted float32 [n, n] x [n, n] matmul, the best of `reps` calls: the peak
+  that MFU (model FLOPs / s over this) is measured against in this run."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  matmul = jax.jit(jnp.matmul).lower(a, a).compile()
+  jax.block_until_ready(matmul(a, a))
+  best = math.inf
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(matmul(a, a))
+    best = min(best, time.perf_counter() - start)
+  return 2 * n**3 / best / 1e12
+
+
 def memory(compiled) -> dict:
   """XLA's memory figures of a compiled program (bytes; per device), or {} if unknown."""
   m = compiled.memory_analysis()
@@ -219,13 +220,6 @@ def memory(compiled) -> dict:
   out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("temp", "argument", "output")}
   out["total"] = out["temp"] + out["argument"] + out["output"] - int(m.alias_size_in_bytes)
   return out
-
-
-def table(headers, rows) -> str:
-  cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
-  widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-  lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
-  return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
 
 
 def milliseconds(ms: float) -> str:
@@ -423,7 +417,7 @@ def _print_moe(out: list, shape, flaxformer: str) -> None:
     f"capacity factor {cf}, float32, 1 device\n"
   )
   print(
-    table(
+    format_table(
       [
         "E",
         "batch",
@@ -541,6 +535,7 @@ def bench_train(args, config) -> dict:
       tokens_per_s=tokens / median,
       model_tflops_per_s=flops / median / 1e12,
       model_tflops_per_s_per_device=flops / median / 1e12 / r["devices"],
+      mfu=flops / median / 1e12 / args.peak_tflops,
       times_s=times,
     )
     rows.append(
@@ -551,6 +546,7 @@ def bench_train(args, config) -> dict:
         f"{r['ms_per_step']:.1f}",
         f"{r['tokens_per_s']:,.0f}",
         f"{r['model_tflops_per_s']:.4f}",
+        f"{r['mfu']:.1%}",
         mib(r["memory_bytes"], "temp"),
       ]
     )
@@ -561,7 +557,7 @@ def bench_train(args, config) -> dict:
     f"{flops / 1e9:.2f} model GFLOP per step\n"
   )
   print(
-    table(
+    format_table(
       [
         "setup",
         "devices",
@@ -569,11 +565,13 @@ def bench_train(args, config) -> dict:
         "ms/step",
         "tokens/s",
         "model TFLOP/s",
+        "MFU",
         "temp MiB/device",
       ],
       rows,
     )
   )
+  print(f"(MFU: model TFLOP/s over the matmul peak of this run, {args.peak_tflops:.3f} TFLOP/s)")
   if args.mesh:
     name = list(meshes)[1]
     out["mesh_over_1_device_time"] = runs[name]["ms_per_step"] / runs["1 device"]["ms_per_step"]
@@ -613,7 +611,7 @@ def bench_generate(args, config) -> dict:
     f"\n## Greedy generation: --config {config.name} (random weights), batch {batch}, "
     f"{length} input tokens, {new} new tokens per row\n"
   )
-  print(table(["KV cache", "ms/call", "new tokens/s"], rows))
+  print(format_table(["KV cache", "ms/call", "new tokens/s"], rows))
   print(f"uncached / cached time (the cache's speed-up): {out['cache_speedup']:.2f}")
   return out
 
@@ -712,7 +710,13 @@ def hf_generation(hf, model, params, shape, rng, reps, warmup) -> dict:
   return out
 
 
-def hf_train_step(hf, model, params, shape, rng, reps, warmup) -> dict:
+def model_flops_per_step(model_config, batch: int, inputs: int, targets: int) -> float:
+  """`train_flops_per_example` of a model at these lengths, times the batch."""
+  data = DataConfig(inputs_length=inputs, targets_length=targets)
+  return train_flops_per_example(Config(model=model_config, data=data)) * batch
+
+
+def hf_train_step(hf, model, params, shape, rng, reps, warmup, peak_tflops) -> dict:
   """One AdamW step (lr 1e-4, weight decay 0.01) of both on the same batch: cross-entropy plus
   transformers' router z- and load-balancing losses (output_router_logits=True, coefficients
   of its config), forward + backward + update; the first-step losses are reported too."""
@@ -771,9 +775,13 @@ def hf_train_step(hf, model, params, shape, rng, reps, warmup) -> dict:
   out = {"batch": batch, "input_tokens": shape["inputs"], "target_tokens": shape["targets"]}
   out["first_loss"] = {"transformers": hf_step(), "switchjax": switchjax_step()}
   tokens = batch * (shape["inputs"] + shape["targets"])
+  out["flops_per_step"] = flops = model_flops_per_step(
+    model.config, batch, shape["inputs"], shape["targets"]
+  )
   fns = {"transformers": hf_step, "switchjax": switchjax_step}
   for name, (median, times) in time_interleaved(fns, reps, warmup).items():
     out[name] = {"s": median, "tokens_per_s": tokens / median, "times_s": times}
+    out[name]["mfu"] = flops / median / 1e12 / peak_tflops
   out["speedup"] = out["transformers"]["s"] / out["switchjax"]["s"]
   hf.eval()
   return out
@@ -796,7 +804,9 @@ def bench_vs_hf(args) -> dict:
       hf, model, params = hf_and_switchjax(fields, shape, directory)
     out[name] = {
       "generate": hf_generation(hf, model, params, shape, rng, reps, args.warmup),
-      "train_step": hf_train_step(hf, model, params, shape, rng, reps, args.warmup),
+      "train_step": hf_train_step(
+        hf, model, params, shape, rng, reps, args.warmup, args.peak_tflops
+      ),
     }
   rows = []
   for name, r in out.items():
@@ -813,6 +823,7 @@ def bench_vs_hf(args) -> dict:
         f"{t['transformers']['s'] * 1e3:,.0f}",
         f"{t['switchjax']['s'] * 1e3:,.0f}",
         f"{t['speedup']:.2f}",
+        f"{t['transformers']['mfu']:.1%} / {t['switchjax']['mfu']:.1%}",
         f"{t['first_loss']['transformers']:.4f} / {t['first_loss']['switchjax']:.4f}",
       ]
     )
@@ -822,7 +833,7 @@ def bench_vs_hf(args) -> dict:
     "SwitchTransformersForConditionalGeneration, converted by switchjax.hf.from_hf\n"
   )
   print(
-    table(
+    format_table(
       [
         "model",
         "generate rows",
@@ -834,6 +845,7 @@ def bench_vs_hf(args) -> dict:
         "HF ms/step",
         "switchjax ms/step",
         "speed-up",
+        "MFU HF / switchjax",
         "first loss HF / switchjax",
       ],
       rows,
@@ -879,10 +891,12 @@ def main(argv=None) -> int:
     "torch": optional_version("torch"),
     "transformers": optional_version("transformers"),
   }
+  args.peak_tflops = env["matmul_peak_tflops"] = matmul_peak_tflops(256 if args.quick else 1024)
   print(
     f"switchjax benchmark: jax {env['jax']} (jaxlib {env['jaxlib']}), flax {env['flax']}, "
     f"{env['device_count']} x {env['device_kind']} ({env['backend']}), "
-    f"{env['cpu_count']} CPU cores, XLA_FLAGS={env['xla_flags']!r}"
+    f"{env['cpu_count']} CPU cores, XLA_FLAGS={env['xla_flags']!r}; float32 matmul peak "
+    f"{args.peak_tflops:.3f} TFLOP/s (the MFU denominator)"
   )
   print(
     f"Times: median of {args.reps} interleaved repetitions after {args.warmup} warm-up "

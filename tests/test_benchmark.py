@@ -43,6 +43,7 @@ def test_benchmark_quick_reports_every_section(tmp_path):
   assert set(results) == {"env", "moe", "train", "generate", "vs_hf"}
   assert results["env"]["device_count"] >= 8 and results["env"]["jax"]
   assert results["env"]["cpu_count"] >= 1 and results["env"]["torch"]
+  assert results["env"]["matmul_peak_tflops"] > 0
   assert len(results["moe"]) >= 2
   for row in results["moe"]:
     for router in ("tokens_choose_masked", "tokens_choose_scatter"):
@@ -58,6 +59,8 @@ def test_benchmark_quick_reports_every_section(tmp_path):
   assert hf["generate"]["same_tokens"] is True
   for part in ("generate", "train_step"):
     assert hf[part]["speedup"] > 0 and hf[part]["transformers"]["tokens_per_s"] > 0
+  for name in ("transformers", "switchjax"):
+    assert 0 < hf["train_step"][name]["mfu"] < 10
   first = hf["train_step"]["first_loss"]
   assert abs(first["transformers"] - first["switchjax"]) < 1e-4 * first["transformers"]
   runs = results["train"]["runs"]
@@ -65,6 +68,7 @@ def test_benchmark_quick_reports_every_section(tmp_path):
   assert runs["mesh 2x4x1"]["devices"] == 8
   for run in runs.values():
     assert run["tokens_per_s"] > 0 and run["model_tflops_per_s"] > 0 and run["ms_per_step"] > 0
+    assert run["mfu"] > 0
   assert results["train"]["mesh_over_1_device_time"] > 0
   for mode in ("cached", "uncached"):
     assert results["generate"][mode]["tokens_per_s"] > 0
