@@ -1,30 +1,37 @@
 """Speed and memory of switchjax, reported as ratios measured within one run.
 
-  python scripts/benchmark.py                      # all three sections (5-6 min on 2 CPU cores)
-  python scripts/benchmark.py moe generate         # some sections only
+  python scripts/benchmark.py                      # every section (long on 2 CPU cores)
+  python scripts/benchmark.py moe vs_hf --mesh none --json out.json   # README's table
   python scripts/benchmark.py train --set model.moe.router_type=tokens_choose_scatter --mesh 1,8,1
-  python scripts/benchmark.py --quick --json out.json   # the smoke test (~20 s)
+  python scripts/benchmark.py --quick --json out.json   # the smoke test
 
 --quick shrinks everything (the tiny preset, small MoE layers, 3 repetitions) and compiles with
 XLA's CPU backend at optimisation level 0, as the tests do: it checks that the benchmark runs,
-its figures mean little. --json PATH writes every figure, with the raw per-call times.
+its figures mean little. --json PATH writes every figure, the raw per-call times and the
+machine (CPU model, cores, versions, XLA flags, the measured matmul peak).
 
 Sections:
-  moe       MoeLayer forward + backward (jit, float32), one-hot einsum dispatch
-            (moe.router_type=tokens_choose_masked) vs scatter/gather dispatch
-            (tokens_choose_scatter) at a few (tokens, group size, experts E, capacity factor,
-            d_model) settings, d_ff = 4 d_model. Memory is XLA's compiled-program figure
-            (`memory_analysis()`): `temp` holds the intermediates, where the masked dispatch's
-            [groups, group_tokens, E, capacity] one-hot tensors live: they grow as
-            tokens x group_tokens x capacity factor, the scatter buffers as tokens x cf only.
+  moe       MoeLayer forward + backward (jit, float32, 1 device) on B x L x d_model (8 x 512 x
+            768, d_ff 3072) against a dense MlpBlock of the same d_ff, over expert counts E
+            (8, 32, 128): one-hot (tokens_choose_masked), scatter (tokens_choose_scatter) and
+            dropless (tokens_choose_dropless, no capacity) routers, and flaxformer's MoeLayer
+            when its source is found (--flaxformer); a larger batch shows the cost per token
+            when more tokens share the experts' weights. Memory is XLA's compiled-program
+            figure (`memory_analysis()`).
   train     The jitted, sharded train step (`switchjax.training`, Adafactor, as
             pretrain.py builds it) of --config (with --set overrides) on synthetic batches of
             the config's shapes (data loading excluded): ms/step, tokens/s (inputs + targets),
-            model TFLOP/s (`train_flops_per_example`, all devices together) and the compiled
-            step's temporary memory per device, on 1 device and on the --mesh (data, expert,
-            model) mesh; microbatches as pretrain.py picks them. Default --config small.
+            model TFLOP/s (`train_flops_per_example`, all devices together), MFU against the
+            float32 matmul peak measured at the start of the run, and the compiled step's
+            temporary memory per device, on 1 device and on the --mesh (data, expert, model)
+            mesh; microbatches as pretrain.py picks them. Default --config small.
   generate  `switchjax.generate` (greedy) of a randomly initialised --config model with and
             without the KV cache: new tokens/s; EOS is disabled so every row decodes every step.
+  vs_hf     The same random transformers SwitchTransformersForConditionalGeneration converted
+            by `switchjax.hf.from_hf` (a `small`-sized 4+4-layer d_model 128 model and a
+            6+6-layer d_model 512 one, E = 8), when torch and transformers are installed:
+            greedy generation (same tokens checked) and an AdamW train step on the same loss,
+            tokens/s and MFU of both.
 
 How to read it: every time is the median of --reps timed calls after --warmup untimed ones
 (compilation is done before, with `jit(...).lower(...).compile()`), and the variants being
