@@ -24,6 +24,7 @@ from typing import Any
 
 SPARSE_LAYOUTS = ("mixed", "top", "bottom", "middle", "hf")
 PRECISIONS = ("default", "high", "highest")
+DISPATCHES = ("auto", "buffers", "sorted")
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_exact", "silu", "linear")
 
 
@@ -60,6 +61,15 @@ class MoeConfig:
       (flaxformer's tokens-choose routers: the residual stream is float32 from the first
       sparse layer on, even in a bfloat16 model) or 'bfloat16' (faster, keeps activations in
       bfloat16, as flaxformer's experts-choose configs do).
+    dispatch: how routed tokens reach the experts (routing and outputs are the same either
+      way): 'buffers' (flaxformer's [groups, experts, capacity] buffers, which a mesh's
+      all-to-all moves between devices; empty slots are computed too), 'sorted' (the kept
+      choices sorted by expert and run by grouped matmuls, switchjax.gmm: no empty slot is
+      computed; one device's worth of work, not expert-parallel) or 'auto' (sorted in an
+      encoder on one CPU device with at most 16 experts, where it is fastest; buffers
+      otherwise). The dropless router always runs sorted. Sorted runs are cut into matmuls by
+      each expert's whole load, so in a decoder a later token can change an earlier token's
+      output in the last bit (routing stays causal); buffers keep decoders bit-causal.
   """
 
   num_experts: int = 8
@@ -77,6 +87,7 @@ class MoeConfig:
   group_multiple: int = 0
   router_precision: str = "default"
   combine_dtype: str = "float32"
+  dispatch: str = "auto"
 
   def validate(self, prefix: str = "moe") -> None:
     """Raises ValueError naming the field and the fix."""
@@ -115,6 +126,8 @@ class MoeConfig:
       )
     if self.combine_dtype not in ("float32", "bfloat16"):
       raise ValueError(f"{p}.combine_dtype={self.combine_dtype!r}; use float32 or bfloat16.")
+    if self.dispatch not in DISPATCHES:
+      raise ValueError(f"{p}.dispatch={self.dispatch!r}; use one of {', '.join(DISPATCHES)}.")
 
   def validate_causal(self, prefix: str) -> None:
     """Refuses routing that lets a decoder token's routing depend on later tokens."""

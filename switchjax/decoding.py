@@ -21,13 +21,18 @@ where n counts the generated tokens up to and including the first EOS (or all of
 there is none). Beam search ranks finished hypotheses by this score; for greedy and sampling it
 is reported for the chosen tokens under the model's unfiltered distribution (temperature 1).
 
+A cached step costs what its tokens cost: the encoder ran once, the cross-attention keys and
+values were computed once into the cache, and each MoE layer sends each token to its top-k
+experts without capacity buffers (MoeLayer's decode mode: the sorted, dropless path).
+
 When cached and uncached decoding differ:
-- Mixture-of-Experts capacity. A cached step routes one token per sequence: in Hugging Face
-  capacity mode (`moe.expert_capacity`, one group per sequence) nothing is dropped, while a
-  full pass over a long prefix can drop tokens beyond the capacity. In flaxformer mode a step
-  routes the batch's current tokens, the full pass the zero-padded [batch, max_length] decoder
-  input, whose padding takes expert slots too (as all-zero tokens). They agree when neither
-  drops tokens (e.g. eval_capacity_factor = num_experts).
+- Mixture-of-Experts capacity. A cached step never drops a token. In Hugging Face capacity mode
+  (`moe.expert_capacity`, one group per sequence) the step is what the capacity path computes,
+  while a full pass over a long prefix can drop tokens beyond the capacity. In flaxformer mode
+  the step's tokens would form a group whose capacity could overflow; the full pass routes the
+  zero-padded [batch, max_length] decoder input, whose padding takes expert slots too (as
+  all-zero tokens). They agree when the full pass drops nothing (e.g. eval_capacity_factor =
+  num_experts).
 - mask_padding_activations (flaxformer configs): if the model generates the pad id 0, the full
   pass masks that position as padding while no real token follows it; a cached step does not.
 """

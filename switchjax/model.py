@@ -245,12 +245,16 @@ class DecoderLayer(nn.Module):
       ),
       enable_dropout,
     )
+    # A cached decoding step routes its tokens without capacity buffers (see MoeLayer).
+    step = {"decode": decode} if self.sparse else {}
     x = _residual(
       cfg,
       x,
       "pre_mlp_layer_norm",
       logit_mask,
-      lambda h: _mlp(cfg, self.sparse, causal=True, name="mlp")(h, enable_dropout=enable_dropout),
+      lambda h: _mlp(cfg, self.sparse, causal=True, name="mlp")(
+        h, enable_dropout=enable_dropout, **step
+      ),
       enable_dropout,
     )
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))

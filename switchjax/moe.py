@@ -11,6 +11,16 @@ Two capacity modes:
   the train or eval capacity factor.
 - Hugging Face (`expert_capacity` set): every sequence is one group, capacity is fixed.
 
+Dispatch never builds flaxformer's one-hot [groups, tokens, experts, capacity] tensors (whose
+einsums cost tokens x group size x d per group: as much as the experts at 4096-token groups):
+- buffers: each slot of the [groups, experts, capacity, d] buffers gathers its token, each
+  token gathers its outputs back; the experts run on whole buffers, empty slots included;
+- sorted: the kept choices sorted by expert, each expert run on exactly its tokens by grouped
+  matmuls (`switchjax.gmm`); the dropless router's only path, and capacity routing's on one CPU
+  device (`MoeConfig.dispatch`);
+- a router returning flaxformer's RouterMask is dispatched by its one-hot einsums.
+A cached decoding step (one token per sequence) routes without capacity and runs sorted.
+
 Expert parallelism: buffers are laid out [groups, experts, capacity, d] with groups sharded over
 ('data', 'expert') and moved to [experts, groups, capacity, d] with experts sharded over
 'expert'; under a mesh the compiler turns that resharding into an all-to-all.
@@ -22,6 +32,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -29,8 +40,13 @@ import numpy as np
 
 from switchjax import routing, sharding
 from switchjax.config import MoeConfig
+from switchjax.gmm import grouped_matmul
 
 Array = jax.Array
+# dispatch='auto' sorts on one CPU device up to this many experts: measured (B8 L512 d768
+# d_ff 3072) 0.85x the buffers' time at E = 8, equal at E = 32, 1.2x at E = 128 (each sorted
+# expert copies its weights on XLA:CPU, which weighs at many experts).
+SORTED_MAX_EXPERTS = 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,7 +187,7 @@ def expert_kernel_init(scale: float):
 
 
 class MoeLayer(nn.Module):
-  """Sparse MoE MLP: router, capacity-limited dispatch, stacked experts, combine, metrics.
+  """Sparse MoE MLP: router, dispatch, stacked experts, combine, metrics.
 
   Attributes:
     config: routing and capacity settings.
@@ -198,12 +214,17 @@ class MoeLayer(nn.Module):
   kernel_init: nn.initializers.Initializer = expert_kernel_init(1.0)
 
   @nn.compact
-  def __call__(self, inputs: Array, *, enable_dropout: bool = False) -> Array:
+  def __call__(self, inputs: Array, *, enable_dropout: bool = False, decode: bool = False) -> Array:
     """Applies the layer.
 
     Args:
       inputs: <float>[batch, length, d_model].
       enable_dropout: training mode (train capacity factor, jitter, dropout).
+      decode: a cached decoding step. With one new token per sequence (length 1) nothing is
+        dropped: the step's tokens are routed with a capacity of a whole group and each goes
+        to its top-k experts directly (the dropless path, no capacity buffers). Where the
+        capacity path would drop nothing (always in Hugging Face mode, where the group is the
+        one token) the outputs are the same.
 
     Returns:
       <float>[batch, length, d_model].
@@ -227,25 +248,94 @@ class MoeLayer(nn.Module):
 
     router = routing.make_router(cfg, name="router")
     order = causal_token_order(layout) if self.causal else None
+    step = decode and length == 1
+    capacity = layout.tokens_per_group if step else layout.slots
     route, router_logits = router(
-      x, layout.slots, apply_jitter=enable_dropout, causal=self.causal, order=order
+      x, capacity, apply_jitter=enable_dropout, causal=self.causal, order=order
     )
+    if isinstance(route, routing.RouterIndices) and (step or self._sorted_dispatch()):
+      route = routing.choices_of(route, capacity)  # the kept choices, run without buffers
 
-    if isinstance(route, routing.RouterIndices):
-      y, routed = self._scatter_dispatch_and_combine(x, route, layout, enable_dropout)
+    if isinstance(route, routing.RouterChoices):
+      y, stats = self._dropless(x, route, enable_dropout)
+    elif isinstance(route, routing.RouterIndices):
+      y, stats = self._dispatch_by_slots(x, route, capacity, enable_dropout)
     else:
-      y, routed = self._masked_dispatch_and_combine(x, route, enable_dropout)
+      y, stats = self._masked_dispatch_and_combine(x, route, enable_dropout)
 
-    self._sow_metrics(x, route, routed, router_logits, layout, batch, length, type(router))
+    self._sow_metrics(x, route, stats, router_logits, layout, batch, length, type(router))
 
     y = y.reshape(layout.padded_batch, layout.padded_length, d_model)[:batch, :length]
     return nn.with_logical_constraint(y, ("batch", "length", "embed"))
 
+  def _sorted_dispatch(self) -> bool:
+    """Run capacity routing's kept choices sorted by expert (see MoeConfig.dispatch).
+
+    'auto' keeps a decoder's buffers: there a token's slot, and so every float operation on
+    it, depends on earlier tokens only, while sorted runs are cut into matmuls by the
+    experts' whole loads, so later tokens could change earlier outputs in the last bit.
+    """
+    if self.config.dispatch != "auto":
+      return self.config.dispatch == "sorted"
+    one_cpu = jax.default_backend() == "cpu" and mesh_group_shards() == 1
+    return one_cpu and not self.causal and self.config.num_experts <= SORTED_MAX_EXPERTS
+
   # ------------------------------------------------------------------------------------------
+  # Dispatch and combine. Each returns outputs [groups, tokens, d_model] (combine dtype) and
+  # RouteStats.
+
+  def _dispatch_by_slots(self, x, route: routing.RouterIndices, capacity: int, enable_dropout):
+    """Capacity buffers filled by gathering each slot's token and emptied by gathering each
+    token's k outputs (or, when every expert is a choice, adding each slot's weighted output
+    to its token): O(slots * d_model) where flaxformer's one-hot einsums cost
+    O(tokens * slots * d_model) per group, with the same results (a slot holds one token)."""
+    groups, tokens, d_model = x.shape
+    num_experts = self.config.num_experts
+    buffer = num_experts * capacity
+    expert_index, slot = route.dispatch_indices[..., 0], route.dispatch_indices[..., 1]
+    kept = slot < capacity  # [groups, tokens, k]
+    # [groups, tokens * k]: each choice's place in its group's buffer (`buffer`: none).
+    place = jnp.where(kept, expert_index * capacity + slot, buffer).reshape(groups, -1)
+    token_of_choice = jnp.repeat(jnp.arange(tokens, dtype=jnp.int32), kept.shape[-1])
+    weights = route.combine_weights.reshape(groups, -1)
+
+    def slot_tables(place, weights):  # one group: each slot's token (`tokens`: none), weight
+      slot_token = jnp.full((buffer + 1,), tokens, jnp.int32).at[place].set(token_of_choice)
+      slot_weight = jnp.zeros((buffer + 1,), jnp.float32).at[place].set(weights)
+      return slot_token[:buffer], slot_weight[:buffer]
+
+    # [groups, experts * capacity]
+    slot_token, slot_weight = jax.vmap(slot_tables)(place, weights)
+    x_padded = jnp.pad(x.astype(self.dtype), ((0, 0), (0, 1), (0, 0)))  # token `tokens` = 0
+    # [groups, experts, capacity, d_model]
+    expert_inputs = jax.vmap(lambda x, t: x[t])(x_padded, slot_token)
+    expert_outputs = self._experts(
+      expert_inputs.reshape(groups, num_experts, capacity, d_model), enable_dropout
+    )
+    dtype = jnp.dtype(self.config.combine_dtype)
+    outputs = expert_outputs.reshape(groups, buffer, d_model).astype(dtype)
+    k = kept.shape[-1]
+    if tokens * k <= 4 * buffer:  # tokens-choose: each token gathers its k outputs
+      outputs = jnp.pad(outputs, ((0, 0), (0, 1), (0, 0)))  # place `buffer` = 0
+      # [groups, tokens, k, d_model]
+      gathered = jax.vmap(lambda o, p: o[p])(outputs, place).reshape(groups, tokens, k, d_model)
+      y = jnp.einsum("gtkd,gtk->gtd", gathered, route.combine_weights.astype(dtype))
+    else:  # experts-choose (every expert a choice): each slot adds its output to its token
+
+      def combine(values, slot_token):
+        return jnp.zeros((tokens + 1, d_model), dtype).at[slot_token].add(values)[:tokens]
+
+      weighted = outputs * slot_weight[..., None].astype(dtype)
+      y = jax.vmap(combine)(weighted, slot_token)
+    stats = RouteStats(
+      routed=jnp.sum(kept, axis=-1),
+      tokens_per_expert=_bincount(jnp.where(kept, expert_index, -1), num_experts),
+      combine_total=jnp.sum(route.combine_weights),
+    )
+    return y, stats
 
   def _masked_dispatch_and_combine(self, x, route: routing.RouterMask, enable_dropout):
-    """One-hot einsum dispatch. Returns outputs [groups, tokens, d] and, per (group, token),
-    how many experts took the token [groups, tokens]."""
+    """flaxformer's one-hot einsums, for routers that return a RouterMask."""
     dispatch = route.dispatch_mask.astype(self.dtype)
     # [groups, experts, capacity, d_model]
     expert_inputs = jnp.einsum("gtd,gtec->gecd", x.astype(self.dtype), dispatch)
@@ -253,42 +343,86 @@ class MoeLayer(nn.Module):
     # [groups, tokens, d_model], in the combine dtype (float32 by default).
     combine = route.combine_array.astype(self.config.combine_dtype)
     y = jnp.einsum("gecd,gtec->gtd", expert_outputs, combine)
-    routed = jnp.sum(route.dispatch_mask, axis=(2, 3))
-    return y, routed
+    stats = RouteStats(
+      routed=jnp.sum(route.dispatch_mask, axis=(2, 3)),
+      tokens_per_expert=jnp.sum(route.dispatch_mask, axis=(0, 1, 3), dtype=jnp.int32),
+      combine_total=jnp.sum(route.combine_array),
+    )
+    return y, stats
 
-  def _scatter_dispatch_and_combine(self, x, route: routing.RouterIndices, layout, enable_dropout):
-    """Scatter dispatch and gather combine (cheaper than one-hot einsums on CPU/GPU)."""
+  def _dropless(self, x, route: routing.RouterChoices, enable_dropout):
+    """Every choice computed, none dropped: choices sorted by expert into runs (each padded to a
+    multiple of a small block), the experts run on their runs by grouped matmuls
+    (`switchjax.gmm`: jax.lax.ragged_dot, or blocked loops on CPU), outputs gathered back.
+
+    The sort spans all groups of the call. Under a mesh it is not partitioned: XLA gathers the
+    tokens and the expert weights it needs onto each device (correct; no expert-parallel
+    all-to-all, which would need ragged_all_to_all on TPUs/GPUs).
+    """
     groups, tokens, d_model = x.shape
-    k = route.dispatch_indices.shape[2]
-    capacity = layout.slots
-    expert_index = route.dispatch_indices[..., 0]  # [groups, tokens, k]
-    slot = route.dispatch_indices[..., 1]  # [groups, tokens, k]
-    is_routed = slot < capacity  # [groups, tokens, k]
-    # Dropped choices point past the buffer, so the scatter drops them.
-    slot = jnp.where(is_routed, slot, capacity)
-    # [groups, tokens, k, d_model]
-    token_copies = jnp.broadcast_to(
-      x.astype(self.dtype)[:, :, None, :], (groups, tokens, k, d_model)
+    num_experts = self.config.num_experts
+    choices = route.expert_index.reshape(-1)  # [choices], token-major
+    k = route.expert_index.shape[-1]
+    block = dropless_block(choices.shape[0], num_experts)
+    row, group_sizes, rows = sorted_rows(choices, num_experts, block)
+    # [rows]: the token of each buffer row (groups * tokens: none, a zero row).
+    num_tokens = groups * tokens
+    token_of_choice = jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), k)
+    row_token = jnp.full((rows + 1,), num_tokens, jnp.int32).at[row].set(token_of_choice)[:rows]
+    x_flat = jnp.pad(x.reshape(num_tokens, d_model).astype(self.dtype), ((0, 1), (0, 0)))
+    # [rows, d_model]: the experts' inputs, expert by expert.
+    expert_inputs = x_flat[row_token]
+    row_expert = jnp.zeros((rows + 1,), jnp.int32).at[row].set(jnp.maximum(choices, 0))[:rows]
+    expert_outputs = self._grouped_experts(
+      expert_inputs, group_sizes, block, row_expert, enable_dropout
     )
-
-    def scatter(e, s, v):  # one group: [tokens, k] indices, [tokens, k, d] values
-      buffer = jnp.zeros((self.config.num_experts, capacity, d_model), self.dtype)
-      return buffer.at[e, s].add(v, mode="drop")
-
-    # [groups, experts, capacity, d_model]
-    expert_inputs = jax.vmap(scatter)(expert_index, slot, token_copies)
-    expert_outputs = self._experts(expert_inputs, enable_dropout)
-
-    def gather(e, s, out):
-      return out.at[e, s].get(mode="fill", fill_value=0)
-
-    # [groups, tokens, k, d_model]
-    gathered = jax.vmap(gather)(expert_index, slot, expert_outputs)
-    y = jnp.einsum(
-      "gtkd,gtk->gtd", gathered, route.combine_weights.astype(self.config.combine_dtype)
+    # [choices, d_model] -> [groups, tokens, k, d_model]; unrouted choices read the zero row.
+    dtype = jnp.dtype(self.config.combine_dtype)
+    outputs = jnp.pad(expert_outputs.astype(dtype), ((0, 1), (0, 0)))[row]
+    outputs = outputs.reshape(groups, tokens, k, d_model)
+    y = jnp.einsum("gtkd,gtk->gtd", outputs, route.combine_weights.astype(dtype))
+    routed = route.expert_index >= 0
+    stats = RouteStats(
+      routed=jnp.sum(routed, axis=-1),
+      tokens_per_expert=_bincount(route.expert_index, num_experts),
+      combine_total=jnp.sum(route.combine_weights),
     )
-    routed = jnp.sum(is_routed, axis=-1)
-    return y, routed
+    return y, stats
+
+  # ------------------------------------------------------------------------------------------
+  # Experts.
+
+  def _kernels(self, d_model: int) -> tuple[list[Array], Array]:
+    """The stacked expert kernels in the compute dtype: [wi] or [wi_0, wi_1] ([E, d, d_ff])
+    and wo ([E, d_ff, d])."""
+    num_experts = self.config.num_experts
+
+    def kernel(name, shape, axes):
+      return jnp.asarray(
+        self.param(
+          name, nn.with_logical_partitioning(self.kernel_init, axes), shape, self.param_dtype
+        ),
+        self.dtype,
+      )
+
+    in_axes, out_axes = ("expert", "embed", "expert_mlp"), ("expert", "expert_mlp", "embed")
+    gated = len(self.activations) > 1
+    names = [f"wi_{i}" for i in range(len(self.activations))] if gated else ["wi"]
+    wis = [kernel(name, (num_experts, d_model, self.d_ff), in_axes) for name in names]
+    return wis, kernel("wo", (num_experts, self.d_ff, d_model), out_axes)
+
+  def _hidden(self, pre_activations: list[Array]) -> Array:
+    """act(x @ wi), or the gated product of the activations (GEGLU)."""
+    h = 1.0
+    for act, pre in zip(self.activations, pre_activations):
+      h = h * activation_fn(act)(pre)
+    return h
+
+  def _dropout(self, h: Array, enable_dropout: bool) -> Array:
+    """Dropout on [experts, groups, capacity, d_ff] hidden activations, one mask per expert
+    shared by its groups and slots (flaxformer)."""
+    dropout = nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2), name="Dropout_0")
+    return dropout(h, deterministic=not enable_dropout)
 
   def _experts(self, expert_inputs: Array, enable_dropout: bool) -> Array:
     """The stacked expert MLPs on their buffers.
@@ -300,36 +434,18 @@ class MoeLayer(nn.Module):
     Returns:
       <float>[groups, experts, capacity, d_model], sharded the same way.
     """
-    num_experts, d_model = self.config.num_experts, expert_inputs.shape[-1]
+    d_model = expert_inputs.shape[-1]
     x = nn.with_logical_constraint(expert_inputs, ("batch", "unmodeled", "length", "embed"))
     # All-to-all: experts move onto the 'expert' mesh axis, groups keep only 'data'.
     # [experts, groups, capacity, d_model]
     x = nn.with_logical_constraint(
       jnp.swapaxes(x, 0, 1), ("expert", "expert_replicas", "length", "embed")
     )
-
-    def kernel(name, shape, axes):
-      return jnp.asarray(
-        self.param(
-          name, nn.with_logical_partitioning(self.kernel_init, axes), shape, self.param_dtype
-        ),
-        self.dtype,
-      )
-
-    in_axes, out_axes = ("expert", "embed", "expert_mlp"), ("expert", "expert_mlp", "embed")
-    if len(self.activations) == 1:
-      wi = kernel("wi", (num_experts, d_model, self.d_ff), in_axes)
-      h = activation_fn(self.activations[0])(jnp.einsum("egcd,edf->egcf", x, wi))
-    else:  # gated unit, e.g. GEGLU: gelu(x @ wi_0) * (x @ wi_1)
-      h = 1.0
-      for i, act in enumerate(self.activations):
-        wi = kernel(f"wi_{i}", (num_experts, d_model, self.d_ff), in_axes)
-        h = h * activation_fn(act)(jnp.einsum("egcd,edf->egcf", x, wi))
+    wis, wo = self._kernels(d_model)
+    h = self._hidden([jnp.einsum("egcd,edf->egcf", x, wi) for wi in wis])
     # [experts, groups, capacity, d_ff]
     h = nn.with_logical_constraint(h, ("expert", "expert_replicas", "length", "expert_mlp"))
-    # One dropout mask per expert, shared by its groups and slots (flaxformer).
-    h = nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2))(h, deterministic=not enable_dropout)
-    wo = kernel("wo", (num_experts, self.d_ff, d_model), out_axes)
+    h = self._dropout(h, enable_dropout)
     y = jnp.einsum("egcf,efd->egcd", h, wo)
     y = nn.with_logical_constraint(y, ("expert", "expert_replicas", "length", "embed"))
     # All-to-all back: [groups, experts, capacity, d_model]
@@ -337,33 +453,43 @@ class MoeLayer(nn.Module):
       jnp.swapaxes(y, 0, 1), ("batch", "unmodeled", "length", "embed")
     )
 
-  def _sow_metrics(self, x, route, routed, router_logits, layout, batch, length, router_cls):
+  def _grouped_experts(self, rows, group_sizes, block, row_expert, enable_dropout):
+    """The expert MLPs on expert-sorted rows [rows, d_model] (runs of `group_sizes`)."""
+    wis, wo = self._kernels(rows.shape[-1])
+    gmm = lambda lhs, rhs: grouped_matmul(lhs, rhs, group_sizes, block=block)
+    h = self._hidden([gmm(rows, wi) for wi in wis])  # [rows, d_ff]
+    if enable_dropout and self.dropout_rate > 0.0:
+      # The buffers' per-expert masks (same module, rng and shape), each row taking its
+      # expert's.
+      ones = jnp.ones((self.config.num_experts, 1, 1, self.d_ff), self.dtype)
+      keep = self._dropout(ones, enable_dropout)[:, 0, 0] > 0  # [experts, d_ff]
+      h = jnp.where(keep[row_expert], h / (1.0 - self.dropout_rate), 0.0)
+    else:
+      h = self._dropout(h, enable_dropout)  # the identity, as in the buffers' path
+    return gmm(h.astype(self.dtype), wo)
+
+  # ------------------------------------------------------------------------------------------
+
+  def _sow_metrics(self, x, route, stats, router_logits, layout, batch, length, router_cls):
     """Sows flaxformer's five routing metrics plus per-expert token counts and the logits.
 
-    `routed` [groups, tokens] counts the experts that took each token.
+    expert_usage is flaxformer's dispatched / (experts * capacity * groups) (1 for routers
+    whose experts fill their buffers); a dropless router has no capacity: its usage is
+    dispatched / (experts * the busiest expert's tokens), 1 when perfectly balanced.
     """
     cfg = self.config
     if cfg.ignore_padding_tokens:  # only real (non-zero) tokens count
       num_tokens = jnp.sum(jnp.sum(jnp.abs(x), axis=-1) > 0).astype(jnp.float32)
     else:
       num_tokens = jnp.float32(layout.num_groups * layout.tokens_per_group)
-    num_dispatched = jnp.sum(routed).astype(jnp.float32)
-    fraction_left_behind = 1.0 - jnp.sum(routed > 0) / num_tokens
-
-    if isinstance(route, routing.RouterIndices):
-      combine_total = jnp.sum(route.combine_weights)
-      chosen = jnp.where(
-        route.dispatch_indices[..., 1] < layout.slots, route.dispatch_indices[..., 0], -1
-      )
-      tokens_per_expert = jnp.sum(
-        jax.nn.one_hot(chosen, cfg.num_experts, dtype=jnp.int32), axis=(0, 1, 2)
-      )
-    else:
-      combine_total = jnp.sum(route.combine_array)
-      tokens_per_expert = jnp.sum(route.dispatch_mask, axis=(0, 1, 3), dtype=jnp.int32)
+    num_dispatched = jnp.sum(stats.routed).astype(jnp.float32)
+    fraction_left_behind = 1.0 - jnp.sum(stats.routed > 0) / num_tokens
 
     if router_cls.fills_capacity:
       expert_usage = jnp.float32(1.0)  # experts always fill their buffers
+    elif router_cls.dropless:
+      busiest = jnp.maximum(jnp.max(stats.tokens_per_expert), 1).astype(jnp.float32)
+      expert_usage = num_dispatched / (cfg.num_experts * busiest)
     else:
       expert_usage = num_dispatched / (cfg.num_experts * layout.expert_capacity * layout.num_groups)
     metrics = {
@@ -371,11 +497,70 @@ class MoeLayer(nn.Module):
       "router_z_loss": route.router_z_loss,
       "fraction_tokens_left_behind": fraction_left_behind,
       "expert_usage": expert_usage,
-      "router_confidence": combine_total / num_dispatched,
-      "tokens_per_expert": tokens_per_expert,
+      "router_confidence": stats.combine_total / num_dispatched,
+      "tokens_per_expert": stats.tokens_per_expert,
     }
     for name, value in metrics.items():
       self.sow("intermediates", name, jnp.asarray(value))
     # [batch, length, experts], in the input's layout (padding added for grouping removed).
     logits = router_logits.reshape(layout.padded_batch, layout.padded_length, cfg.num_experts)
     self.sow("intermediates", "router_logits", logits[:batch, :length])
+
+
+@flax.struct.dataclass
+class RouteStats:
+  """What the metrics need from a dispatch.
+
+  Attributes:
+    routed: <int>[groups, tokens], how many experts took each token.
+    tokens_per_expert: <int32>[experts], tokens each expert took.
+    combine_total: sum of the combine weights of the kept choices.
+  """
+
+  routed: Array
+  tokens_per_expert: Array
+  combine_total: Array
+
+
+def _bincount(expert_index: Array, num_experts: int) -> Array:
+  """<int32>[experts]: how often each expert occurs in `expert_index` (negatives: never)."""
+  index = jnp.where(expert_index >= 0, expert_index, num_experts).reshape(-1)
+  return jnp.bincount(index, length=num_experts + 1)[:num_experts].astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# The dropless layout: choices sorted by expert.
+
+
+def dropless_block(num_choices: int, num_experts: int) -> int:
+  """Row granularity of the dropless runs: 32 rows (at most 31 padding rows per expert) for
+  batches of training size, down to 1 for a decoding step's few tokens."""
+  per_expert = max(1, num_choices // (16 * num_experts))
+  return min(32, 1 << (per_expert.bit_length() - 1))
+
+
+def sorted_rows(expert_index: Array, num_experts: int, block: int) -> tuple[Array, Array, int]:
+  """Where each choice goes when choices are sorted by expert into runs padded to `block` rows.
+
+  Args:
+    expert_index: <int32>[choices], -1 for choices that go nowhere.
+
+  Returns:
+    row: <int32>[choices], each choice's row in the buffer (`rows` for choices that go nowhere;
+      within an expert, choices keep their order);
+    group_sizes: <int32>[experts], each expert's run, a multiple of `block`;
+    rows: the static buffer size, enough for any routing (choices + experts * (block - 1)).
+  """
+  num_choices = expert_index.shape[0]
+  rows = num_choices + num_experts * (block - 1)
+  key = jnp.where(expert_index >= 0, expert_index, num_experts)  # going nowhere sorts last
+  counts = jnp.bincount(key, length=num_experts + 1)  # [experts + 1]
+  group_sizes = ((counts[:num_experts] + block - 1) // block * block).astype(jnp.int32)
+  run_start = jnp.concatenate([jnp.cumsum(group_sizes) - group_sizes, jnp.array([rows])])
+  first = jnp.cumsum(counts) - counts  # where each key starts in sorted order
+  order = jnp.argsort(key, stable=True)
+  sorted_key = key[order]
+  row_sorted = run_start[sorted_key] + jnp.arange(num_choices) - first[sorted_key]
+  row_sorted = jnp.where(sorted_key < num_experts, row_sorted, rows)
+  row = jnp.zeros((num_choices,), jnp.int32).at[order].set(row_sorted.astype(jnp.int32))
+  return row, group_sizes, rows

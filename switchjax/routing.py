@@ -11,6 +11,13 @@ Faithful to flaxformer's `routing.py` (the code Switch Transformers was trained 
 
 The routing algorithms are pure functions of the router probabilities (easy to test); the
 `Router` module owns the weights and is the one template that calls them.
+
+Routing results come in three forms. The built-in routers return the compact ones, which never
+hold a [groups, tokens, experts, capacity] tensor: `RouterIndices` (each token's k choices as
+(expert, slot), for routing with capacity; the MoE layer dispatches by gathering the slots) and
+`RouterChoices` (each token's k experts, no capacity: dropless routing). `RouterMask` is
+flaxformer's one-hot form (`RouterIndices.to_mask` builds it); a router that returns it is
+dispatched by one-hot einsums, as flaxformer does.
 """
 
 from __future__ import annotations
@@ -64,6 +71,49 @@ class RouterIndices:
   combine_weights: Array
   auxiliary_loss: Array
   router_z_loss: Array = 0.0
+
+  def to_mask(self, num_experts: int, expert_capacity: int) -> RouterMask:
+    """The same routing as flaxformer's one-hot RouterMask (dispatch mask and combine array
+    [groups, tokens, experts, capacity]); the combine array holds each kept choice's weight."""
+    expert_index, slot = self.dispatch_indices[..., 0], self.dispatch_indices[..., 1]
+    kept = (slot < expert_capacity) & (expert_index >= 0)  # [groups, tokens, k]
+    # [groups, tokens, k, experts]: the chosen expert of each kept choice.
+    chosen = jax.nn.one_hot(jnp.where(kept, expert_index, -1), num_experts, dtype=jnp.bool_)
+    # [groups, tokens, experts]: each token's slot at each expert (-1: none), and its weight.
+    token_slot = jnp.max(jnp.where(chosen, slot[..., None], -1), axis=2)
+    weight = jnp.sum(jnp.where(chosen, self.combine_weights[..., None], 0.0), axis=2)
+    dispatch_mask = jax.nn.one_hot(token_slot, expert_capacity, dtype=jnp.bool_)
+    combine_array = weight[..., None] * dispatch_mask
+    return RouterMask(dispatch_mask, combine_array, self.auxiliary_loss, self.router_z_loss)
+
+
+@flax.struct.dataclass
+class RouterChoices:
+  """Each token's k experts and combine weights, without capacity (dropless routing): the MoE
+  layer sorts the choices by expert and runs every expert on exactly its tokens.
+
+  Attributes:
+    expert_index: <int32>[groups, tokens, k], -1 for choices that go nowhere (ignored padding).
+    combine_weights: <float32>[groups, tokens, k]: router probability (0 where expert_index < 0).
+    auxiliary_loss, router_z_loss: as in RouterMask.
+  """
+
+  expert_index: Array
+  combine_weights: Array
+  auxiliary_loss: Array
+  router_z_loss: Array = 0.0
+
+
+def choices_of(route: RouterIndices, expert_capacity: int) -> RouterChoices:
+  """The kept choices of a capacity routing (dropped ones become expert -1, weight 0)."""
+  expert_index, slot = route.dispatch_indices[..., 0], route.dispatch_indices[..., 1]
+  kept = slot < expert_capacity
+  return RouterChoices(
+    jnp.where(kept, expert_index, -1),
+    jnp.where(kept, route.combine_weights, 0.0),
+    route.auxiliary_loss,
+    route.router_z_loss,
+  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,6 +219,58 @@ def choice_priorities(
   return jnp.take_along_axis(priority, inverse[..., None, None], axis=1)
 
 
+def tokens_choose(
+  router_probs: Array,
+  padding_mask: Array | None,
+  expert_capacity: int,
+  num_selected_experts: int = 1,
+  batch_prioritized_routing: bool = False,
+  order: Array | None = None,
+  choice_major: bool = True,
+  route_padding: bool = False,
+) -> RouterIndices:
+  """Each token picks its top-k experts; experts take tokens in priority order up to capacity.
+
+  Args:
+    router_probs: <float32>[groups, tokens, experts].
+    padding_mask: <float>[groups, tokens], 0 for padding tokens, or None.
+    expert_capacity: slots per expert per group.
+    num_selected_experts: k (1 = Switch, 2 = GShard).
+    batch_prioritized_routing: route tokens in decreasing order of their top gate (BPR).
+    order, choice_major: the serving order (see `choice_priorities`); a causal decoder passes
+      its position order and choice_major=False.
+    route_padding: flaxformer's scatter router: padding tokens are down-weighted (probability
+      0) but still take slots. Otherwise (its masked router) they are never routed.
+
+  Returns:
+    RouterIndices: each choice's (expert, slot); a slot >= capacity (or a padding choice) is
+    dropped and has combine weight 0.
+  """
+  num_experts = router_probs.shape[-1]
+  if padding_mask is not None and route_padding:
+    router_probs = router_probs * padding_mask[..., None]
+  # [groups, tokens, k]
+  expert_gate, expert_index = top_k(router_probs, num_selected_experts)
+  routed_index = expert_index
+  if padding_mask is not None and not route_padding:
+    gate_mask = padding_mask[..., None]  # [groups, tokens, 1]
+    expert_gate = expert_gate * gate_mask
+    # Padding choices get negative indices: no expert counts or serves them.
+    routed_index = jnp.where(gate_mask > 0, expert_index, -1 - expert_index)
+    router_probs = router_probs * gate_mask  # so the load-balancing loss ignores padding
+
+  auxiliary_loss = load_balancing_loss(router_probs, routed_index)
+  if batch_prioritized_routing:  # [groups, tokens]: by decreasing top-1 gate
+    order = jnp.argsort(-expert_gate[..., 0], axis=-1)
+  # [groups, tokens, k]: the slot of each choice at its expert (-1 for padding choices).
+  slot = jnp.max(choice_priorities(routed_index, num_experts, order, choice_major), axis=-1)
+  slot = jnp.where(slot < 0, expert_capacity, slot)
+  combine_weights = expert_gate * (slot < expert_capacity)
+  # [groups, tokens, k, 2]
+  dispatch_indices = jnp.stack([expert_index, slot], axis=-1).astype(jnp.int32)
+  return RouterIndices(dispatch_indices, combine_weights, auxiliary_loss)
+
+
 def tokens_choose_masked(
   router_probs: Array,
   padding_mask: Array | None,
@@ -178,40 +280,18 @@ def tokens_choose_masked(
   order: Array | None = None,
   choice_major: bool = True,
 ) -> RouterMask:
-  """Each token picks its top-k experts; experts take tokens in priority order up to capacity.
-
-  Args:
-    router_probs: <float32>[groups, tokens, experts].
-    padding_mask: <float>[groups, tokens], 0 for padding tokens (never routed), or None.
-    expert_capacity: slots per expert per group.
-    num_selected_experts: k (1 = Switch, 2 = GShard).
-    batch_prioritized_routing: route tokens in decreasing order of their top gate (BPR).
-    order, choice_major: the serving order (see `choice_priorities`); a causal decoder passes
-      its position order and choice_major=False.
-  """
-  num_experts = router_probs.shape[-1]
-  # [groups, tokens, k]
-  expert_gate, expert_index = top_k(router_probs, num_selected_experts)
-
-  if padding_mask is not None:
-    gate_mask = padding_mask[..., None]  # [groups, tokens, 1]
-    expert_gate = expert_gate * gate_mask
-    # Padding choices get negative indices, which the one-hot below drops.
-    expert_index = jnp.where(gate_mask > 0, expert_index, -1 - expert_index)
-    router_probs = router_probs * gate_mask  # so the load-balancing loss ignores padding
-
-  auxiliary_loss = load_balancing_loss(router_probs, expert_index)
-  if batch_prioritized_routing:  # [groups, tokens]: by decreasing top-1 gate
-    order = jnp.argsort(-expert_gate[..., 0], axis=-1)
-  # [groups, tokens, experts]: each token's slot at each expert it chose, -1 elsewhere.
-  priority = choice_priorities(expert_index, num_experts, order, choice_major)
-  token_priority = jnp.max(priority, axis=2)
-
-  # One-hot drops slots outside [0, capacity): overflowing tokens are not dispatched.
-  # [groups, tokens, experts, capacity]
-  dispatch_mask = jax.nn.one_hot(token_priority, expert_capacity, dtype=jnp.bool_)
-  combine_array = jnp.einsum("gte,gtec->gtec", router_probs, dispatch_mask.astype(jnp.float32))
-  return RouterMask(dispatch_mask, combine_array, auxiliary_loss)
+  """flaxformer's TokensChooseMaskedRouter as one-hot arrays: `tokens_choose` (padding never
+  routed) as a RouterMask [groups, tokens, experts, capacity]."""
+  route = tokens_choose(
+    router_probs,
+    padding_mask,
+    expert_capacity,
+    num_selected_experts,
+    batch_prioritized_routing,
+    order,
+    choice_major,
+  )
+  return route.to_mask(router_probs.shape[-1], expert_capacity)
 
 
 def tokens_choose_scatter(
@@ -223,53 +303,82 @@ def tokens_choose_scatter(
   order: Array | None = None,
   choice_major: bool = True,
 ) -> RouterIndices:
-  """The same choices and priorities as `tokens_choose_masked`, kept as (expert, slot) indices.
+  """flaxformer's TokensChooseScatterRouter: the same choices and priorities as
+  `tokens_choose_masked`, but padding tokens are down-weighted (probability 0), not excluded:
+  they may still take a slot."""
+  return tokens_choose(
+    router_probs,
+    padding_mask,
+    expert_capacity,
+    num_selected_experts,
+    batch_prioritized_routing,
+    order,
+    choice_major,
+    route_padding=True,
+  )
 
-  As in flaxformer, padding tokens are down-weighted (probability 0), not excluded: they may
-  still take a slot.
+
+def tokens_choose_dropless(
+  router_probs: Array, padding_mask: Array | None, num_selected_experts: int = 1
+) -> RouterChoices:
+  """Each token goes to its top-k experts, all of them: no capacity, nothing dropped, and no
+  token's routing depends on another's (so it is causal as it stands).
+
+  Padding tokens (ignore_padding_tokens) are not routed, as in the masked router; the
+  load-balancing loss is the masked router's (the same choices, before any dropping).
   """
-  num_experts = router_probs.shape[-1]
+  expert_gate, expert_index = top_k(router_probs, num_selected_experts)  # [groups, tokens, k]
+  routed_index = expert_index
   if padding_mask is not None:
-    router_probs = router_probs * padding_mask[..., None]
-
-  # [groups, tokens, k]
-  combine_weights, expert_index = top_k(router_probs, num_selected_experts)
-  auxiliary_loss = load_balancing_loss(router_probs, expert_index)
-  if batch_prioritized_routing:
-    order = jnp.argsort(-combine_weights[..., 0], axis=-1)
-  # [groups, tokens, k]: the slot of each choice at its expert.
-  priority = choice_priorities(expert_index, num_experts, order, choice_major)
-  token_priority = jnp.max(priority, axis=-1)
-
-  combine_weights = combine_weights * (token_priority < expert_capacity)
-  # [groups, tokens, k, 2]
-  dispatch_indices = jnp.stack([expert_index, token_priority], axis=-1).astype(jnp.int32)
-  return RouterIndices(dispatch_indices, combine_weights, auxiliary_loss)
+    gate_mask = padding_mask[..., None]
+    expert_gate = expert_gate * gate_mask
+    routed_index = jnp.where(gate_mask > 0, expert_index, -1 - expert_index)
+    router_probs = router_probs * gate_mask
+  auxiliary_loss = load_balancing_loss(router_probs, routed_index)
+  expert_index = jnp.where(routed_index >= 0, expert_index, -1).astype(jnp.int32)
+  return RouterChoices(expert_index, expert_gate, auxiliary_loss)
 
 
-def experts_choose_masked(
+def experts_choose(
   router_probs: Array, padding_mask: Array | None, expert_capacity: int
-) -> RouterMask:
+) -> RouterIndices:
   """Each expert takes its top-`capacity` tokens of the group (Zhou et al., 2022).
 
-  A token may go to several experts or none. Encoder only: choosing by the whole group lets a
-  decoder see the future. Padding tokens are down-weighted (probability 0), as in flaxformer.
-  The capacity is capped at the group size (an expert cannot take more tokens than exist).
+  A token may go to several experts or none, so the result lists every expert as a choice of
+  every token: dispatch_indices [groups, tokens, experts, 2] holds (e, the token's slot at e),
+  the slot being >= capacity where e did not take the token. Encoder only: choosing by the whole
+  group lets a decoder see the future. Padding tokens are down-weighted (probability 0), as in
+  flaxformer. The capacity is capped at the group size (an expert cannot take more tokens than
+  exist).
   """
-  tokens = router_probs.shape[1]
+  num_groups, tokens, num_experts = router_probs.shape
   if padding_mask is not None:
     router_probs = router_probs * padding_mask[..., None]
   capacity = min(expert_capacity, tokens)
   # [groups, experts, tokens]; a stable sort keeps lax.top_k's tie order and, unlike TopK,
   # is partitioned along the group axis under a mesh.
   probs_t = jnp.swapaxes(router_probs, 1, 2)
-  # [groups, experts, capacity]
+  # [groups, experts, capacity]: the tokens each expert takes, best first.
   token_index = jnp.argsort(-probs_t, axis=-1, stable=True)[..., :capacity]
-  expert_gate = jnp.take_along_axis(probs_t, token_index, axis=-1)
-  # [groups, experts, capacity, tokens] -> [groups, tokens, experts, capacity]
-  dispatch_mask = jnp.moveaxis(jax.nn.one_hot(token_index, tokens, dtype=jnp.bool_), 3, 1)
-  combine_array = jnp.einsum("gec,gtec->gtec", expert_gate, dispatch_mask.astype(jnp.float32))
-  return RouterMask(dispatch_mask, combine_array, jnp.zeros((), jnp.float32))
+
+  def slots_of(token_index):  # one group: [experts, capacity] -> [experts, tokens]
+    slots = jnp.full((num_experts, tokens), expert_capacity, jnp.int32)
+    rows = jnp.arange(num_experts)[:, None]
+    return slots.at[rows, token_index].set(jnp.arange(capacity, dtype=jnp.int32))
+
+  slot = jnp.swapaxes(jax.vmap(slots_of)(token_index), 1, 2)  # [groups, tokens, experts]
+  expert_index = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32), slot.shape)
+  combine_weights = jnp.where(slot < expert_capacity, router_probs, 0.0)
+  dispatch_indices = jnp.stack([expert_index, slot], axis=-1)
+  return RouterIndices(dispatch_indices, combine_weights, jnp.zeros((), jnp.float32))
+
+
+def experts_choose_masked(
+  router_probs: Array, padding_mask: Array | None, expert_capacity: int
+) -> RouterMask:
+  """`experts_choose` as flaxformer's one-hot RouterMask [groups, tokens, experts, capacity]."""
+  route = experts_choose(router_probs, padding_mask, expert_capacity)
+  return route.to_mask(router_probs.shape[-1], min(expert_capacity, router_probs.shape[1]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,9 +413,9 @@ class Router(nn.Module):
   one routing algorithm (`route`), in the spirit of flaxformer's router classes.
 
   A new router is one subclass registered with `@register_router("name")`: it implements
-  `route` and, where they differ from these defaults, the class facts the rest of the code asks
-  for (`config_problem`, `causal_problem`, `experts_per_token`, `hf_problem`,
-  `fills_capacity`).
+  `route` (returning RouterIndices, RouterChoices or RouterMask) and, where they differ from
+  these defaults, the class facts the rest of the code asks for (`config_problem`,
+  `causal_problem`, `experts_per_token`, `hf_problem`, `fills_capacity`, `dropless`).
 
   Attributes:
     config: the MoE settings (num_experts, jitter_noise, router_bias, ignore_padding_tokens,
@@ -320,6 +429,8 @@ class Router(nn.Module):
   router_type: ClassVar[str] = ""
   # Experts always fill their buffers (expert_usage is then 1 by definition, as flaxformer).
   fills_capacity: ClassVar[bool] = False
+  # Routes without capacity (returns RouterChoices; the layer runs no capacity buffers).
+  dropless: ClassVar[bool] = False
 
   # -- class facts ----------------------------------------------------------------------------
 
@@ -357,7 +468,7 @@ class Router(nn.Module):
     expert_capacity: int,
     causal: bool,
     order: Array | None,
-  ) -> RouterMask | RouterIndices:
+  ) -> RouterIndices | RouterChoices | RouterMask:
     """The routing instructions of a batch of groups (see `__call__`)."""
     raise NotImplementedError(f"{type(self).__name__} must implement route().")
 
@@ -369,7 +480,7 @@ class Router(nn.Module):
     apply_jitter: bool = False,
     causal: bool = False,
     order: Array | None = None,
-  ) -> tuple[RouterMask | RouterIndices, Array]:
+  ) -> tuple[RouterIndices | RouterChoices | RouterMask, Array]:
     """Routes a batch of token groups.
 
     Args:
@@ -485,18 +596,21 @@ class TokensChooseRouter(Router):
 
 @register_router("tokens_choose_masked")
 class TokensChooseMaskedRouter(TokensChooseRouter):
-  """Switch top-1 / GShard top-k, dispatched by one-hot einsum (`tokens_choose_masked`)."""
+  """Switch top-1 / GShard top-k with flaxformer's masked-router semantics (padding is never
+  routed). It returns the routing as (expert, slot) indices: the MoE layer gathers the slots,
+  with the results of flaxformer's one-hot einsums (`tokens_choose_masked` gives the one-hot
+  arrays)."""
 
   def route(self, router_probs, padding_mask, expert_capacity, causal, order):
     return self._route_with(
-      tokens_choose_masked, router_probs, padding_mask, expert_capacity, causal, order
+      tokens_choose, router_probs, padding_mask, expert_capacity, causal, order
     )
 
 
 @register_router("tokens_choose_scatter")
 class TokensChooseScatterRouter(TokensChooseRouter):
-  """The same choices as the masked router, dispatched by scatter and gather
-  (`tokens_choose_scatter`)."""
+  """The same choices as the masked router with flaxformer's scatter-router semantics: padding
+  tokens are down-weighted, not excluded (`tokens_choose_scatter`)."""
 
   def route(self, router_probs, padding_mask, expert_capacity, causal, order):
     return self._route_with(
@@ -506,7 +620,8 @@ class TokensChooseScatterRouter(TokensChooseRouter):
 
 @register_router("experts_choose_masked")
 class ExpertsChooseMaskedRouter(Router):
-  """Each expert takes its top-capacity tokens (`experts_choose_masked`); encoder only."""
+  """Each expert takes its top-capacity tokens (`experts_choose`; flaxformer's
+  ExpertsChooseMaskedRouter, dispatched by gathering the slots); encoder only."""
 
   fills_capacity: ClassVar[bool] = True
 
@@ -532,7 +647,37 @@ class ExpertsChooseMaskedRouter(Router):
     return config.train_capacity_factor if train else config.eval_capacity_factor
 
   def route(self, router_probs, padding_mask, expert_capacity, causal, order):
-    return experts_choose_masked(router_probs, padding_mask, expert_capacity)
+    return experts_choose(router_probs, padding_mask, expert_capacity)
+
+
+@register_router("tokens_choose_dropless")
+class TokensChooseDroplessRouter(TokensChooseRouter):
+  """Every token goes to its top-k experts, with no capacity (MegaBlocks / MaxText dropless
+  routing): the MoE layer sorts the choices by expert and runs each expert on exactly its
+  tokens (`tokens_choose_dropless`). Capacity factors and group sizes only shape the
+  load-balancing loss (computed per routing group, as the other routers); expert_usage is the
+  mean over the experts of their load relative to the busiest one (1 = perfectly balanced)."""
+
+  dropless: ClassVar[bool] = True
+
+  @classmethod
+  def config_problem(cls, config: MoeConfig, prefix: str) -> str | None:
+    if config.batch_prioritized_routing:
+      return (
+        f"{prefix}.batch_prioritized_routing=True orders tokens competing for capacity; "
+        f"{prefix}.router_type='tokens_choose_dropless' has no capacity, so set it to False."
+      )
+    return super().config_problem(config, prefix)
+
+  @classmethod
+  def hf_problem(cls, config: MoeConfig) -> str | None:
+    return (
+      "dropless routing: HF's router drops the tokens beyond expert_capacity; set "
+      "model.moe.router_type='tokens_choose_masked' and model.moe.expert_capacity"
+    )
+
+  def route(self, router_probs, padding_mask, expert_capacity, causal, order):
+    return tokens_choose_dropless(router_probs, padding_mask, self.config.num_selected_experts)
 
 
 def make_router(config: MoeConfig, **kwargs) -> Router:

@@ -36,23 +36,41 @@ def test_benchmark_quick_reports_every_section(tmp_path):
     timeout=600,
   )
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  for title in ("## MoE layer", "## Train step", "## Greedy generation"):
+  for title in ("## MoE layer", "## Train step", "## Greedy generation", "## vs transformers"):
     assert title in proc.stdout, proc.stdout
   results = json.loads(out.read_text())
 
-  assert set(results) == {"env", "moe", "train", "generate"}
+  assert set(results) == {"env", "moe", "train", "generate", "vs_hf"}
   assert results["env"]["device_count"] >= 8 and results["env"]["jax"]
+  assert results["env"]["cpu_count"] >= 1 and results["env"]["torch"]
+  assert results["env"]["matmul_peak_tflops"] > 0
   assert len(results["moe"]) >= 2
   for row in results["moe"]:
     for router in ("tokens_choose_masked", "tokens_choose_scatter"):
       assert row[router]["ms"] > 0 and row[router]["memory_bytes"]["temp"] > 0
     assert row["scatter_over_masked_time"] > 0
     assert row["scatter_over_masked_total_memory"] > 0
+    # The E sweep against a dense MLP of the same d_ff.
+    for name in ("tokens_choose_masked", "tokens_choose_dropless"):
+      assert row[f"{name}_over_dense"] > 0 and row["dense"]["ms"] > 0
+  assert len({row["experts"] for row in results["moe"]}) >= 2
+  # The same converted model in transformers: same greedy tokens, both timed.
+  (hf,) = results["vs_hf"].values()
+  assert hf["generate"]["same_tokens"] is True
+  for part in ("generate", "train_step"):
+    assert hf[part]["speedup"] > 0 and hf[part]["transformers"]["tokens_per_s"] > 0
+  for name in ("transformers", "switchjax"):
+    assert 0 < hf["train_step"][name]["mfu"] < 10
+  first = hf["train_step"]["first_loss"]
+  for name in ("switchjax", "switchjax_sorted_decoder"):
+    assert abs(first["transformers"] - first[name]) < 1e-4 * first["transformers"]
+  assert hf["train_step"]["speedup_sorted_decoder"] > 0
   runs = results["train"]["runs"]
   assert set(runs) == {"1 device", "mesh 2x4x1"}
   assert runs["mesh 2x4x1"]["devices"] == 8
   for run in runs.values():
     assert run["tokens_per_s"] > 0 and run["model_tflops_per_s"] > 0 and run["ms_per_step"] > 0
+    assert run["mfu"] > 0
   assert results["train"]["mesh_over_1_device_time"] > 0
   for mode in ("cached", "uncached"):
     assert results["generate"][mode]["tokens_per_s"] > 0

@@ -360,7 +360,9 @@ def test_attention_dropout_shares_its_mask_across_queries():
 
 
 def test_expert_dropout_uses_one_mask_per_expert_over_all_its_slots():
-  config = MoeConfig(num_experts=4, max_group_size=8, train_capacity_factor=2.0)
+  # The capacity buffers' layout, whose slots this test inspects (the sorted dispatch draws the
+  # same masks: tests/test_dropless.py).
+  config = MoeConfig(num_experts=4, max_group_size=8, train_capacity_factor=2.0, dispatch="buffers")
   layer = MoeLayer(config, d_ff=16, activations=("gelu",), dropout_rate=0.5)
   x = jax.random.normal(jax.random.key(0), (4, 8, 8))  # 4 groups of 8 tokens
   variables = layer.init(jax.random.key(1), x)
