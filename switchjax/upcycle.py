@@ -74,10 +74,12 @@ class RenormalizedTokensChooseRouter(routing.TokensChooseMaskedRouter):
     )
 
   def route(self, router_probs, padding_mask, expert_capacity, causal, order):
-    mask = super().route(router_probs, padding_mask, expert_capacity, causal, order)
+    routed = super().route(router_probs, padding_mask, expert_capacity, causal, order)
     # [groups, tokens]: the probability mass of each token's k choices (> 0: a softmax).
     chosen = jnp.sum(routing.top_k(router_probs, self.config.num_selected_experts)[0], axis=-1)
-    return mask.replace(combine_array=mask.combine_array / chosen[..., None, None])
+    if isinstance(routed, routing.RouterIndices):  # combine weights [groups, tokens, k]
+      return routed.replace(combine_weights=routed.combine_weights / chosen[..., None])
+    return routed.replace(combine_array=routed.combine_array / chosen[..., None, None])
 
 
 # --------------------------------------------------------------------------------------------
