@@ -31,6 +31,7 @@ setup(
   extras_require={
     "test": [
       "pytest>=8",
+      "pytest-xdist>=3.5",
       "transformers>=5.18",
       "torch==2.13.0",
       "safetensors",
