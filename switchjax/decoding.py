@@ -237,6 +237,23 @@ class BeamState(NamedTuple):
   go: Array  # bool scalar: some row may still change
 
 
+def _add_finished(s: BeamState, seqs, penalised, just_finished, stop_when_full: bool):
+  """The K best of the finished set and the hypotheses that just finished ([B, 2K] `seqs`
+  with length-penalised scores `penalised`), unless their row is closed (full with
+  early_stopping=True, or not improvable): (finished, scores, is_finished)."""
+  K = s.scores.shape[1]
+  row_full = jnp.all(s.is_finished, axis=-1, keepdims=True) & stop_when_full
+  candidates = penalised + row_full.astype(jnp.float32) * NEG
+  candidates += (~s.improvable[:, None]).astype(jnp.float32) * NEG
+  candidates += (~just_finished).astype(jnp.float32) * NEG
+  merged_scores = jnp.concatenate([s.scores, candidates], axis=1)  # [B, 3K]
+  best = jax.lax.top_k(merged_scores, K)[1]  # [B, K]
+  finished = _gather_beams(jnp.concatenate([s.finished, seqs], axis=1), best)
+  scores = _gather_beams(merged_scores, best)
+  is_finished = _gather_beams(jnp.concatenate([s.is_finished, just_finished], axis=1), best)
+  return finished, scores, is_finished
+
+
 def _beam_search(
   decoder: StepDecoder,
   max_new_tokens: int,
@@ -285,19 +302,11 @@ def _beam_search(
     source_rows = jnp.arange(batch)[:, None] * K + _gather_beams(topk_beam, keep)  # [B, K]
     cache = reorder_cache(cache, source_rows.reshape(-1))
 
-    # Those that stopped among the first K join the finished set if they beat its worst,
-    # unless the row is closed (full with early_stopping=True, or not improvable).
+    # Those that stopped among the first K join the finished set if they beat its worst.
     just_finished = stops & first_k[None, :]  # [B, 2K]
-    candidates = topk_scores / penalties[i]  # length i + 1
-    row_full = jnp.all(s.is_finished, axis=-1, keepdims=True) & stop_when_full
-    candidates += row_full.astype(jnp.float32) * NEG
-    candidates += (~s.improvable[:, None]).astype(jnp.float32) * NEG
-    candidates += (~just_finished).astype(jnp.float32) * NEG
-    merged_scores = jnp.concatenate([s.scores, candidates], axis=1)  # [B, 3K]
-    best = jax.lax.top_k(merged_scores, K)[1]  # [B, K]
-    finished = _gather_beams(jnp.concatenate([s.finished, topk_seqs], axis=1), best)
-    scores = _gather_beams(merged_scores, best)
-    is_finished = _gather_beams(jnp.concatenate([s.is_finished, just_finished], axis=1), best)
+    finished, scores, is_finished = _add_finished(
+      s, topk_seqs, topk_scores / penalties[i], just_finished, stop_when_full
+    )
 
     # Can the best running beam still beat the worst finished one?
     length = L if early_stopping == "never" and length_penalty > 0.0 else i + 1
@@ -422,21 +431,7 @@ def generate(
   tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
   if tokens.ndim != 2:
     raise ValueError(f"encoder_input_tokens must be [batch, length], got shape {tokens.shape}.")
-  if method not in METHODS:
-    raise ValueError(f"method={method!r}; use one of {', '.join(METHODS)}.")
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
-  if method == "sample":
-    if not temperature > 0:
-      raise ValueError(
-        f"temperature={temperature} must be > 0 (use method='greedy' for the temperature-0 limit)."
-      )
-    if not 0 < top_p <= 1:
-      raise ValueError(f"top_p={top_p} must be in (0, 1]; 1.0 turns nucleus filtering off.")
-    if top_k < 0:
-      raise ValueError(f"top_k={top_k} must be >= 0; 0 turns top-k filtering off.")
-  if method == "beam" and num_beams < 1:
-    raise ValueError(f"num_beams={num_beams} must be >= 1.")
+  _check_settings(method, max_new_tokens, temperature, top_k, top_p, num_beams)
   if early_stopping != "never":
     early_stopping = bool(early_stopping)
   if method != "beam":  # beam-only settings: one compile for greedy / sampling
@@ -460,3 +455,22 @@ def generate(
     use_cache=bool(use_cache),
   )
   return (out, scores) if return_scores else out
+
+
+def _check_settings(method, max_new_tokens, temperature, top_k, top_p, num_beams) -> None:
+  """generate()'s settings, or a ValueError naming the bad one and its range."""
+  if method not in METHODS:
+    raise ValueError(f"method={method!r}; use one of {', '.join(METHODS)}.")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
+  if method == "sample":
+    if not temperature > 0:
+      raise ValueError(
+        f"temperature={temperature} must be > 0 (use method='greedy' for the temperature-0 limit)."
+      )
+    if not 0 < top_p <= 1:
+      raise ValueError(f"top_p={top_p} must be in (0, 1]; 1.0 turns nucleus filtering off.")
+    if top_k < 0:
+      raise ValueError(f"top_k={top_k} must be >= 0; 0 turns top-k filtering off.")
+  if method == "beam" and num_beams < 1:
+    raise ValueError(f"num_beams={num_beams} must be >= 1.")

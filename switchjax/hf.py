@@ -224,45 +224,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
   """
   cfg.validate()
   moe = cfg.moe
-  refusals = []
-  if len(cfg.mlp_activations) != 1 or len(cfg.expert_acts) != 1:
-    refusals.append(
-      f"gated MLPs (mlp_activations={cfg.mlp_activations}, expert_activations="
-      f"{cfg.expert_acts}): HF's SwitchTransformers has only act(x @ wi) @ wo; use one "
-      "activation, e.g. ('relu',)"
-    )
-  elif cfg.mlp_activations != cfg.expert_acts:
-    refusals.append(
-      f"expert_activations={cfg.expert_acts} differ from mlp_activations="
-      f"{cfg.mlp_activations}: HF has one dense_act_fn for both"
-    )
-  elif cfg.mlp_activations[0] not in TO_HF_ACTIVATIONS:
-    refusals.append(
-      f"activation {cfg.mlp_activations[0]!r} has no HF dense_act_fn; use one "
-      f"of {', '.join(TO_HF_ACTIVATIONS)}"
-    )
-  if cfg.expert_mlp_dim != cfg.d_ff:
-    refusals.append(
-      f"expert_d_ff={cfg.expert_d_ff} differs from d_ff={cfg.d_ff}: HF's experts "
-      "have the dense width; set model.expert_d_ff=None"
-    )
-  if moe.expert_capacity is None:
-    refusals.append(
-      "capacity-factor routing (moe.expert_capacity=None): HF routes each "
-      "sequence with a fixed number of slots per expert; set "
-      "model.moe.expert_capacity (switch-base-*: 64)"
-    )
-  if router_problem := moe.router().hf_problem(moe):
-    refusals.append(router_problem)
-  if cfg.decoder_moe is not None and cfg.decoder_moe != moe:
-    refusals.append(
-      "the decoder has its own MoE settings (model.decoder_moe): HF routes both stacks with "
-      "one router configuration; unset model.decoder_moe"
-    )
-  if moe.ignore_padding_tokens:
-    refusals.append(
-      "moe.ignore_padding_tokens=True: HF routes padding like any token; set it to False"
-    )
+  refusals = _hf_refusals(cfg)
   layouts = {}
   for stack, n, layers in (
     ("encoder", cfg.num_layers, encoder_sparse_layers(cfg)),
@@ -312,6 +274,52 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     "decoder_start_token_id": 0,
     "dtype": "float32",
   }
+
+
+def _hf_refusals(cfg: ModelConfig) -> list[str]:
+  """What HF's SwitchTransformers cannot express in `cfg` (besides the sparse layout), each
+  with the setting to change."""
+  moe = cfg.moe
+  refusals = []
+  if len(cfg.mlp_activations) != 1 or len(cfg.expert_acts) != 1:
+    refusals.append(
+      f"gated MLPs (mlp_activations={cfg.mlp_activations}, expert_activations="
+      f"{cfg.expert_acts}): HF's SwitchTransformers has only act(x @ wi) @ wo; use one "
+      "activation, e.g. ('relu',)"
+    )
+  elif cfg.mlp_activations != cfg.expert_acts:
+    refusals.append(
+      f"expert_activations={cfg.expert_acts} differ from mlp_activations="
+      f"{cfg.mlp_activations}: HF has one dense_act_fn for both"
+    )
+  elif cfg.mlp_activations[0] not in TO_HF_ACTIVATIONS:
+    refusals.append(
+      f"activation {cfg.mlp_activations[0]!r} has no HF dense_act_fn; use one "
+      f"of {', '.join(TO_HF_ACTIVATIONS)}"
+    )
+  if cfg.expert_mlp_dim != cfg.d_ff:
+    refusals.append(
+      f"expert_d_ff={cfg.expert_d_ff} differs from d_ff={cfg.d_ff}: HF's experts "
+      "have the dense width; set model.expert_d_ff=None"
+    )
+  if moe.expert_capacity is None:
+    refusals.append(
+      "capacity-factor routing (moe.expert_capacity=None): HF routes each "
+      "sequence with a fixed number of slots per expert; set "
+      "model.moe.expert_capacity (switch-base-*: 64)"
+    )
+  if router_problem := moe.router().hf_problem(moe):
+    refusals.append(router_problem)
+  if cfg.decoder_moe is not None and cfg.decoder_moe != moe:
+    refusals.append(
+      "the decoder has its own MoE settings (model.decoder_moe): HF routes both stacks with "
+      "one router configuration; unset model.decoder_moe"
+    )
+  if moe.ignore_padding_tokens:
+    refusals.append(
+      "moe.ignore_padding_tokens=True: HF routes padding like any token; set it to False"
+    )
+  return refusals
 
 
 # --------------------------------------------------------------------------------------------

@@ -396,7 +396,6 @@ class Decoder(nn.Module):
     """
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
-    length = decoder_input_tokens.shape[1]
     relpos = layers.RelativePositionBias(
       cfg.num_heads,
       cfg.relative_attention_num_buckets,
@@ -409,29 +408,9 @@ class Decoder(nn.Module):
     )
     cross_bias = padding_bias(encoder_input_tokens, dtype)
 
-    position = None
-    if decode and self.has_variable("cache", "position"):
-      # One decoding step: the query sits at `position`; keys are the cache's positions.
-      position_var = self.variable("cache", "position")
-      key_positions = self.variable("cache", "key_positions").value  # [max_length]
-      position = position_var.value
-      position_var.value = position + 1
-      max_length = key_positions.shape[0]
-      future = jnp.where(key_positions > position, layers.NEG_INF, 0.0).astype(dtype)
-      self_bias = relpos.decode_step(position, max_length) + future[None, None, None, :]
-      logit_mask = None
-    else:
-      if decode:  # cache creation
-        self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
-        self.variable("cache", "key_positions", lambda: jnp.arange(length, dtype=jnp.int32))
-      self_bias = relpos(length, length) + causal_bias(length, dtype)
-      if decoder_target_tokens is not None:  # T5X: padding targets are masked as keys too
-        self_bias = self_bias + padding_bias(decoder_target_tokens, dtype)
-      logit_mask = (
-        decoder_logit_mask(decoder_input_tokens).astype(dtype)
-        if cfg.mask_padding_activations
-        else None
-      )
+    self_bias, logit_mask, position = self._self_attention_bias(
+      relpos, decoder_input_tokens, decoder_target_tokens, decode
+    )
 
     x = self.embedder(decoder_input_tokens)
     x = _dropout(cfg)(x, deterministic=not enable_dropout)
@@ -457,20 +436,55 @@ class Decoder(nn.Module):
         )
     x = _norm(cfg, "decoder_norm")(x)
     x = _dropout(cfg)(x, deterministic=not enable_dropout)
-    if cfg.tie_embeddings:
-      logits = self.embedder.attend(x * cfg.d_model**-0.5)
-    else:
-      kernel = self.param(
-        "logits_dense",
-        nn.with_logical_partitioning(
-          nn.initializers.variance_scaling(cfg.init_scale, "fan_in", "truncated_normal"),
-          ("embed", "vocab"),
-        ),
-        (cfg.d_model, cfg.vocab_size),
-        jnp.dtype(cfg.param_dtype),
-      )
-      logits = jnp.einsum("bld,dv->blv", x.astype(jnp.float32), jnp.asarray(kernel, jnp.float32))
+    logits = self._logits(x)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+  def _self_attention_bias(self, relpos, decoder_input_tokens, decoder_target_tokens, decode):
+    """(self-attention bias, logit mask, decoding position): causal relative bias over the
+    whole sequence, or in a cached decoding step the one query at the cache's position
+    against all the cache's keys (and the position advanced)."""
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    length = decoder_input_tokens.shape[1]
+    if decode and self.has_variable("cache", "position"):
+      # One decoding step: the query sits at `position`; keys are the cache's positions.
+      position_var = self.variable("cache", "position")
+      key_positions = self.variable("cache", "key_positions").value  # [max_length]
+      position = position_var.value
+      position_var.value = position + 1
+      max_length = key_positions.shape[0]
+      future = jnp.where(key_positions > position, layers.NEG_INF, 0.0).astype(dtype)
+      self_bias = relpos.decode_step(position, max_length) + future[None, None, None, :]
+      return self_bias, None, position
+    if decode:  # cache creation
+      self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+      self.variable("cache", "key_positions", lambda: jnp.arange(length, dtype=jnp.int32))
+    self_bias = relpos(length, length) + causal_bias(length, dtype)
+    if decoder_target_tokens is not None:  # T5X: padding targets are masked as keys too
+      self_bias = self_bias + padding_bias(decoder_target_tokens, dtype)
+    logit_mask = (
+      decoder_logit_mask(decoder_input_tokens).astype(dtype)
+      if cfg.mask_padding_activations
+      else None
+    )
+    return self_bias, logit_mask, None
+
+  def _logits(self, x: Array) -> Array:
+    """float32 logits [batch, length, vocab]: the tied embedding (scaled by d_model^-0.5, as
+    T5) or the separate `logits_dense` kernel."""
+    cfg = self.config
+    if cfg.tie_embeddings:
+      return self.embedder.attend(x * cfg.d_model**-0.5)
+    kernel = self.param(
+      "logits_dense",
+      nn.with_logical_partitioning(
+        nn.initializers.variance_scaling(cfg.init_scale, "fan_in", "truncated_normal"),
+        ("embed", "vocab"),
+      ),
+      (cfg.d_model, cfg.vocab_size),
+      jnp.dtype(cfg.param_dtype),
+    )
+    return jnp.einsum("bld,dv->blv", x.astype(jnp.float32), jnp.asarray(kernel, jnp.float32))
 
 
 # --------------------------------------------------------------------------------------------

@@ -327,6 +327,35 @@ def make_pretraining_data(
   """
   data_cfg.validate()
   seed = data_cfg.shuffle_seed if seed is None else seed
+  _check_batch_arguments(seed, global_batch_size, process_index, process_count)
+  raw_length = _raw_chunk_length(data_cfg)
+
+  corpus = open_corpus(data_cfg)
+  tokenizer = tokenizer or get_tokenizer(data_cfg, corpus)
+  check_sentinels(
+    tokenizer, num_noise_spans(raw_length, data_cfg.noise_density, data_cfg.mean_noise_span_length)
+  )
+  _check_model_vocab(tokenizer, model_vocab_size)
+  tokens = tokenize_corpus(corpus, tokenizer, cache.cache_dir(data_cfg.cache_dir))
+  chunks = TokenChunks(tokens, raw_length)
+  split = _split_chunks(len(chunks), data_cfg, global_batch_size, raw_length, corpus, len(tokens))
+
+  task = SpanCorruptionTask(
+    chunks,
+    tokenizer.sentinel_ids,
+    data_cfg.inputs_length,
+    data_cfg.targets_length,
+    data_cfg.noise_density,
+    data_cfg.mean_noise_span_length,
+  )
+  train = TrainIterator(task, split, global_batch_size, process_index, process_count, int(seed))
+  data = PretrainingData(tokenizer, train, task, split, raw_length, len(tokens))
+  log.info("Data: %s: %s.", corpus.description, data.describe())
+  return data
+
+
+def _check_batch_arguments(seed, global_batch_size: int, process_index: int, process_count: int):
+  """The seed, the global batch and this host's share of it, or a ValueError naming the fix."""
   if not (isinstance(seed, (int, np.integer)) and seed >= 0):
     raise ValueError(f"seed={seed!r}: the data seed must be an integer >= 0.")
   if global_batch_size < 1:
@@ -341,7 +370,10 @@ def make_pretraining_data(
       f"{process_count} processes; use a multiple of {process_count}."
     )
 
-  # Lengths.
+
+def _raw_chunk_length(data_cfg) -> int:
+  """Raw tokens per chunk that span corruption turns into inputs_length input tokens; checks
+  that targets_length holds the targets they make."""
   raw_length, targets_needed = random_spans_helper(
     data_cfg.inputs_length, data_cfg.noise_density, data_cfg.mean_noise_span_length
   )
@@ -351,13 +383,11 @@ def make_pretraining_data(
       f"data.inputs_length={data_cfg.inputs_length} makes {targets_needed} target tokens "
       f"(chunks of {raw_length} raw tokens); set data.targets_length={targets_needed}."
     )
+  return raw_length
 
-  # Tokenizer and tokens.
-  corpus = open_corpus(data_cfg)
-  tokenizer = tokenizer or get_tokenizer(data_cfg, corpus)
-  check_sentinels(
-    tokenizer, num_noise_spans(raw_length, data_cfg.noise_density, data_cfg.mean_noise_span_length)
-  )
+
+def _check_model_vocab(tokenizer: Tokenizer, model_vocab_size: int | None) -> None:
+  """The model's embedding holds every id of the tokenizer (sentinels included)."""
   if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
     rounded = -(-tokenizer.vocab_size // 128) * 128
     raise ValueError(
@@ -366,13 +396,14 @@ def make_pretraining_data(
       f"set model.vocab_size >= {tokenizer.vocab_size} (e.g. {rounded}) or train a smaller "
       "tokenizer (data.spm_vocab_size)."
     )
-  tokens = tokenize_corpus(corpus, tokenizer, cache.cache_dir(data_cfg.cache_dir))
-  chunks = TokenChunks(tokens, raw_length)
 
-  # Split.
-  num_chunks = len(chunks)
+
+def _split_chunks(
+  num_chunks: int, data_cfg, global_batch_size: int, raw_length: int, corpus, num_tokens: int
+) -> ChunkSplit:
+  """Chunks held out for evaluation and the rest for training, which must fill one batch."""
   size = (
-    f"{corpus.description} has {len(tokens)} tokens, which make {num_chunks} chunks of "
+    f"{corpus.description} has {num_tokens} tokens, which make {num_chunks} chunks of "
     f"{raw_length} tokens (for data.inputs_length={data_cfg.inputs_length})"
   )
   if num_chunks == 0:
@@ -391,17 +422,4 @@ def make_pretraining_data(
       f"{needed * raw_length} tokens. Add text, or lower the batch size or "
       "data.inputs_length."
     )
-  split = ChunkSplit(num_chunks, num_eval)
-
-  task = SpanCorruptionTask(
-    chunks,
-    tokenizer.sentinel_ids,
-    data_cfg.inputs_length,
-    data_cfg.targets_length,
-    data_cfg.noise_density,
-    data_cfg.mean_noise_span_length,
-  )
-  train = TrainIterator(task, split, global_batch_size, process_index, process_count, int(seed))
-  data = PretrainingData(tokenizer, train, task, split, raw_length, len(tokens))
-  log.info("Data: %s: %s.", corpus.description, data.describe())
-  return data
+  return ChunkSplit(num_chunks, num_eval)
