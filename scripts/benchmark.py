@@ -205,6 +205,20 @@ def time_interleaved(fns: dict, reps: int, warmup: int) -> dict:
   return {name: (statistics.median(t), t) for name, t in times.items()}
 
 
+def warn_if_loaded(load: float, cores: int) -> bool:
+  """Warns (and returns True) when other jobs were running as the benchmark started: under
+  load PyTorch's threads slow down far more than XLA's, so the vs_hf ratios come out several
+  times too favourable to switchjax (measured: 3.06x instead of 0.61x for a train step)."""
+  if load < 0.5 * cores:
+    return False
+  print(
+    f"warning: the load average is {load:.2f} on {cores} cores: other jobs are running. "
+    "Ratios against transformers are not reliable under load; rerun on a quiet machine.",
+    flush=True,
+  )
+  return True
+
+
 def matmul_peak_tflops(n: int = 1024, reps: int = 7) -> float:
   """TFLOP/s of a jitted float32 [n, n] x [n, n] matmul, the best of `reps` calls: the peak
   that MFU (model FLOPs / s over this) is measured against in this run."""
@@ -930,6 +944,7 @@ def main(argv=None) -> int:
     "cpu_model": cpu_model(),
     "torch": optional_version("torch"),
     "transformers": optional_version("transformers"),
+    "load_average_1min": os.getloadavg()[0],
   }
   args.peak_tflops = env["matmul_peak_tflops"] = matmul_peak_tflops(256 if args.quick else 1024)
   print(
@@ -938,6 +953,7 @@ def main(argv=None) -> int:
     f"{env['cpu_count']} CPU cores, XLA_FLAGS={env['xla_flags']!r}; float32 matmul peak "
     f"{args.peak_tflops:.3f} TFLOP/s (the MFU denominator)"
   )
+  warn_if_loaded(env["load_average_1min"], env["cpu_count"])
   print(
     f"Times: median of {args.reps} interleaved repetitions after {args.warmup} warm-up "
     "calls, compilation excluded. Compare the ratios, not absolute times."

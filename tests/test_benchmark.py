@@ -44,6 +44,7 @@ def test_benchmark_quick_reports_every_section(tmp_path):
   assert results["env"]["device_count"] >= 8 and results["env"]["jax"]
   assert results["env"]["cpu_count"] >= 1 and results["env"]["torch"]
   assert results["env"]["matmul_peak_tflops"] > 0
+  assert results["env"]["load_average_1min"] >= 0
   assert len(results["moe"]) >= 2
   for row in results["moe"]:
     for router in ("tokens_choose_masked", "tokens_choose_scatter"):
@@ -80,3 +81,18 @@ def test_benchmark_quick_reports_every_section(tmp_path):
   assert len(found) > 50
   bad = [(p, v) for p, v in found if not (math.isfinite(v) and v > 0)]
   assert not bad, bad
+
+
+def test_a_loaded_machine_is_warned_about(capsys):
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("benchmark_script", BENCHMARK)
+  benchmark = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(benchmark)
+  assert benchmark.warn_if_loaded(1.5, 2) is True
+  assert capsys.readouterr().out == (
+    "warning: the load average is 1.50 on 2 cores: other jobs are running. Ratios against "
+    "transformers are not reliable under load; rerun on a quiet machine.\n"
+  )
+  assert benchmark.warn_if_loaded(0.4, 2) is False
+  assert capsys.readouterr().out == ""
