@@ -353,7 +353,7 @@ class Encoder(nn.Module):
       param_dtype=jnp.dtype(cfg.param_dtype),
       name="relpos_bias",
     )
-    bias = relpos(length, length) + padding_bias(tokens, jnp.dtype(cfg.dtype))
+    bias = relpos(length, length, tokens.shape[0]) + padding_bias(tokens, jnp.dtype(cfg.dtype))
     logit_mask = (tokens > 0)[..., None].astype(x.dtype) if cfg.mask_padding_activations else None
     if cfg.scan_layers:
       scanned, carry_dtype = _scanned(
@@ -459,7 +459,7 @@ class Decoder(nn.Module):
     if decode:  # cache creation
       self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
       self.variable("cache", "key_positions", lambda: jnp.arange(length, dtype=jnp.int32))
-    self_bias = relpos(length, length) + causal_bias(length, dtype)
+    self_bias = relpos(length, length, decoder_input_tokens.shape[0]) + causal_bias(length, dtype)
     if decoder_target_tokens is not None:  # T5X: padding targets are masked as keys too
       self_bias = self_bias + padding_bias(decoder_target_tokens, dtype)
     logit_mask = (
