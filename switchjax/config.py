@@ -65,11 +65,12 @@ class MoeConfig:
       way): 'buffers' (flaxformer's [groups, experts, capacity] buffers, which a mesh's
       all-to-all moves between devices; empty slots are computed too), 'sorted' (the kept
       choices sorted by expert and run by grouped matmuls, switchjax.gmm: no empty slot is
-      computed; one device's worth of work, not expert-parallel) or 'auto' (sorted in an
-      encoder on one CPU device with at most 16 experts, where it is fastest; buffers
-      otherwise). The dropless router always runs sorted. Sorted runs are cut into matmuls by
-      each expert's whole load, so in a decoder a later token can change an earlier token's
-      output in the last bit (routing stays causal); buffers keep decoders bit-causal.
+      computed; one device's worth of work, not expert-parallel) or 'auto' (sorted on one CPU
+      device with at most 16 experts, where it is fastest, except in a decoder outside
+      training; buffers otherwise). The dropless router always runs sorted. Sorted runs are
+      cut into matmuls by each expert's whole load, so in a decoder a later token can change
+      an earlier token's output in the last bit (routing stays causal); buffers keep decoders
+      bit-causal, which 'auto' keeps for scoring and decoding.
   """
 
   num_experts: int = 8

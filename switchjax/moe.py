@@ -253,7 +253,7 @@ class MoeLayer(nn.Module):
     route, router_logits = router(
       x, capacity, apply_jitter=enable_dropout, causal=self.causal, order=order
     )
-    if isinstance(route, routing.RouterIndices) and (step or self._sorted_dispatch()):
+    if isinstance(route, routing.RouterIndices) and (step or self._sorted_dispatch(enable_dropout)):
       route = routing.choices_of(route, capacity)  # the kept choices, run without buffers
 
     if isinstance(route, routing.RouterChoices):
@@ -268,17 +268,21 @@ class MoeLayer(nn.Module):
     y = y.reshape(layout.padded_batch, layout.padded_length, d_model)[:batch, :length]
     return nn.with_logical_constraint(y, ("batch", "length", "embed"))
 
-  def _sorted_dispatch(self) -> bool:
+  def _sorted_dispatch(self, train: bool) -> bool:
     """Run capacity routing's kept choices sorted by expert (see MoeConfig.dispatch).
 
-    'auto' keeps a decoder's buffers: there a token's slot, and so every float operation on
-    it, depends on earlier tokens only, while sorted runs are cut into matmuls by the
-    experts' whole loads, so later tokens could change earlier outputs in the last bit.
+    'auto' keeps a decoder's buffers outside training: there a token's slot, and so every
+    float operation on it, depends on earlier tokens only, while sorted runs are cut into
+    matmuls by the experts' whole loads, so later tokens could change earlier outputs in the
+    last bit (scoring a prefix would then differ from decoding it). A training step sees every
+    position at once, and sorted runs skip the empty slots (8x the work in Hugging Face mode,
+    whose capacity of 64 per sequence exceeds a 29-token target).
     """
     if self.config.dispatch != "auto":
       return self.config.dispatch == "sorted"
     one_cpu = jax.default_backend() == "cpu" and mesh_group_shards() == 1
-    return one_cpu and not self.causal and self.config.num_experts <= SORTED_MAX_EXPERTS
+    few = self.config.num_experts <= SORTED_MAX_EXPERTS
+    return one_cpu and few and (train or not self.causal)
 
   # ------------------------------------------------------------------------------------------
   # Dispatch and combine. Each returns outputs [groups, tokens, d_model] (combine dtype) and

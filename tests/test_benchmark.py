@@ -63,9 +63,7 @@ def test_benchmark_quick_reports_every_section(tmp_path):
   for name in ("transformers", "switchjax"):
     assert 0 < hf["train_step"][name]["mfu"] < 10
   first = hf["train_step"]["first_loss"]
-  for name in ("switchjax", "switchjax_sorted_decoder"):
-    assert abs(first["transformers"] - first[name]) < 1e-4 * first["transformers"]
-  assert hf["train_step"]["speedup_sorted_decoder"] > 0
+  assert abs(first["transformers"] - first["switchjax"]) < 1e-4 * first["transformers"]
   runs = results["train"]["runs"]
   assert set(runs) == {"1 device", "mesh 2x4x1"}
   assert runs["mesh 2x4x1"]["devices"] == 8

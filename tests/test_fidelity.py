@@ -122,13 +122,18 @@ DECODER_ROUTERS = [
 ]
 
 
+@pytest.mark.parametrize("dispatch", ["buffers", "sorted"])
 @pytest.mark.parametrize("router", DECODER_ROUTERS, ids=lambda r: "-".join(map(str, r.values())))
-def test_decoder_token_outputs_ignore_later_tokens(router):
+def test_decoder_token_outputs_ignore_later_tokens(router, dispatch):
   """Decoder logits at positions <= t do not change when tokens after t change, in training
   mode with capacity overflow, several sequences per routing group (4 x 8 tokens in one group)
-  and every router a decoder accepts."""
+  and every router a decoder accepts. The capacity buffers are bit-causal; sorted runs (what
+  dispatch='auto' trains with on one CPU device) are cut into matmuls by each expert's whole
+  load, so later tokens may move an earlier output by a rounding error, never its routing (a
+  routing leak moves outputs by more than 1e-3: see the next test)."""
   cfg = _tiny()
-  cfg = dataclasses.replace(cfg, decoder_moe=dataclasses.replace(cfg.moe_for("decoder"), **router))
+  decoder_moe = dataclasses.replace(cfg.moe_for("decoder"), **router, dispatch=dispatch)
+  cfg = dataclasses.replace(cfg, decoder_moe=decoder_moe)
   model = SwitchTransformer(cfg)
   rng = np.random.default_rng(0)
   inputs = rng.integers(2, cfg.vocab_size, (4, 16))
@@ -154,7 +159,11 @@ def test_decoder_token_outputs_ignore_later_tokens(router):
   for t in range(7):
     changed = decoder_inputs.copy()
     changed[:, t + 1 :] = rng.integers(2, cfg.vocab_size, changed[:, t + 1 :].shape)
-    np.testing.assert_array_equal(logits(changed)[0][:, : t + 1], reference[:, : t + 1])
+    earlier = logits(changed)[0][:, : t + 1]
+    if dispatch == "buffers":
+      np.testing.assert_array_equal(earlier, reference[:, : t + 1])
+    else:
+      np.testing.assert_allclose(earlier, reference[:, : t + 1], rtol=0, atol=2e-6)
 
 
 def test_encoder_style_routing_would_leak_the_future():
