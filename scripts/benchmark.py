@@ -890,10 +890,8 @@ def bench_vs_hf(args) -> dict:
     "(greedy: transformers generate(do_sample=False, min_new_tokens=max_new_tokens) under "
     "torch.no_grad vs switchjax.generate with EOS disabled, both exactly the new tokens per "
     "row; 'same tokens' compares both with EOS on. Train step: cross-entropy + router losses, "
-    "AdamW, forward + backward + update, parameters donated; speed-ups: HF time over switchjax's "
-    "default / with model.decoder_moe.dispatch=sorted (each expert computes exactly its tokens, "
-    "as transformers does; the default keeps the decoder's bit-causal capacity buffers). "
-    f"Median of {reps} interleaved calls.)"
+    "AdamW, forward + backward + update, parameters donated; speed-ups: HF time over "
+    f"switchjax's. Median of {reps} interleaved calls.)"
   )
   return out
 

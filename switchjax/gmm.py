@@ -31,6 +31,10 @@ import jax.numpy as jnp
 Array = jax.Array
 IMPLEMENTATIONS = ("auto", "ragged_dot", "blocked")
 UNROLL_GROUPS = 16  # the weight gradient's loop over groups is unrolled up to this many
+# Up to this many rows (a decoding step's tokens), each group multiplies all rows and keeps its
+# own: one matmul per expert instead of a chunk loop, whose conditionals cost more than the
+# few extra rows (the weights, read once either way, dominate).
+WHOLE_ROWS = 16
 
 
 def grouped_matmul(
@@ -106,6 +110,11 @@ def _loop_matmul(lhs: Array, rhs: Array, group_sizes: Array, block: int, transpo
 
   def group(e, out):
     w = jax.lax.dynamic_index_in_dim(rhs, e, keepdims=False)  # [k, n] (or [n, k])
+    if rows <= WHOLE_ROWS:  # every row, the group's kept
+      y = jax.lax.dot_general(lhs, w, (contract, ((), ())))  # [rows, n]
+      row = jnp.arange(rows)
+      mine = (row >= starts[e]) & (row < starts[e] + group_sizes[e])
+      return jnp.where(mine[:, None], y.astype(out.dtype), out)
 
     def chunk_matmul(offset, chunk, out):
       x = jax.lax.dynamic_slice_in_dim(lhs, offset, chunk)  # [chunk, k]

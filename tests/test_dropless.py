@@ -23,11 +23,19 @@ from switchjax.model import SwitchTransformer, init_params
 # Grouped matmul and the sorted layout.
 
 
-@pytest.mark.parametrize("block", [1, 4])
-def test_grouped_matmul_loops_equal_ragged_dot(block):
+@pytest.mark.parametrize(
+  "runs, block",
+  [
+    ([5, 0, 1, 12, 0, 3], 1),  # empty groups and runs of many chunks
+    ([5, 0, 1, 12, 0, 3], 4),
+    ([2, 0, 1, 3, 0, 1], 1),  # a decoding step's few rows: one whole-rows matmul per group
+  ],
+)
+def test_grouped_matmul_loops_equal_ragged_dot(runs, block):
   rng = np.random.default_rng(block)
-  sizes = np.array([5, 0, 1, 12, 0, 3]) * block  # empty groups and runs of many chunks
+  sizes = np.array(runs) * block
   rows = int(sizes.sum()) + 2 * block
+  assert (rows <= gmm.WHOLE_ROWS) == (sum(runs) < 10)  # both of the loops' paths are covered
   lhs = np.zeros((rows, 6), np.float32)
   lhs[: sizes.sum()] = rng.normal(size=(sizes.sum(), 6))
   rhs = rng.normal(size=(len(sizes), 6, 5)).astype(np.float32)
