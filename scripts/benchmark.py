@@ -45,6 +45,10 @@ XLA_FLAGS=--xla_force_host_platform_device_count=N, which XLA reads only when ja
 the flag is missing (or too small) the script re-executes itself with it added. Emulated devices
 share the host's cores, so on a CPU the mesh ratio measures the cost of partitioning and
 collectives (all-to-all), not a speed-up. --mesh none skips the mesh.
+
+Huge pages: run as a script, it restarts once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1
+(`switchjax.huge_pages`; both sides of vs_hf run under it); set glibc.malloc.hugetlb=0 to
+measure without.
 """
 
 import argparse
@@ -67,7 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from switchjax import losses, pod, sharding
+from switchjax import huge_pages, losses, pod, sharding
 from switchjax.config import Config, DataConfig, MeshConfig, MoeConfig, load_config
 from switchjax.decoding import generate
 from switchjax.layers import MlpBlock
@@ -900,9 +904,12 @@ def bench_vs_hf(args) -> dict:
 
 
 def main(argv=None) -> int:
+  as_script = argv is None
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
   reexec_with_xla_flags(args, argv)
+  if as_script:  # XLA's buffers on huge pages (both sides of vs_hf share the setting)
+    huge_pages.reexec()
   try:
     config = load_config(args.config, args.set)
   except (ValueError, FileNotFoundError) as e:
@@ -918,6 +925,8 @@ def main(argv=None) -> int:
     "device_count": jax.device_count(),
     "cpu_count": os.cpu_count(),
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+    "transparent_huge_pages": huge_pages.thp_mode(),
     "reps": args.reps,
     "warmup": args.warmup,
     "quick": args.quick,
@@ -932,7 +941,9 @@ def main(argv=None) -> int:
   print(
     f"switchjax benchmark: jax {env['jax']} (jaxlib {env['jaxlib']}), flax {env['flax']}, "
     f"{env['device_count']} x {env['device_kind']} ({env['backend']}), "
-    f"{env['cpu_count']} CPU cores, XLA_FLAGS={env['xla_flags']!r}; float32 matmul peak "
+    f"{env['cpu_count']} CPU cores, XLA_FLAGS={env['xla_flags']!r}, "
+    f"GLIBC_TUNABLES={env['glibc_tunables']!r} (huge pages: {env['transparent_huge_pages']}); "
+    "float32 matmul peak "
     f"{args.peak_tflops:.3f} TFLOP/s (the MFU denominator)"
   )
   warn_if_loaded(env["load_average_1min"], env["cpu_count"])

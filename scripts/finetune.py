@@ -11,7 +11,8 @@ fine-tuning run's WORKDIR/best), whose parameters and tokenizer start the run, o
 expert dropout 0.4, constant learning rate 1e-3) comes before --set, which overrides it. The
 run resumes from WORKDIR's newest checkpoint (the resume rules of pretraining), keeps the best
 one in WORKDIR/best, and saves and exits on SIGTERM or Ctrl-C (status 130); errors print one
-line and exit with status 1.
+line and exit with status 1. Run as a script it restarts once with XLA's buffers on huge pages
+(switchjax/huge_pages.py; GLIBC_TUNABLES=glibc.malloc.hugetlb=0 opts out).
 """
 
 import argparse
@@ -19,7 +20,11 @@ import sys
 
 
 def main(argv=None) -> int:
+  from switchjax import huge_pages
   from switchjax.training import cli
+
+  if argv is None:  # run as a script: once restarted with XLA's buffers on huge pages
+    huge_pages.reexec()
 
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", required=True, help="a checkpoint directory or a preset name")

@@ -11,6 +11,9 @@ settings that would change the model or its tokenizer are refused, a changed dat
 --coordinator_address/--num_processes/--process_id, or nothing on TPU pods and clusters whose
 environment JAX reads. Expected errors print one line and exit with status 1; SIGTERM or Ctrl-C
 stops with status 130 (at once during start-up, after saving a checkpoint once training).
+Run as a script it restarts once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (XLA's buffers on
+transparent huge pages, switchjax/huge_pages.py: ~20% faster steps on CPU); set
+glibc.malloc.hugetlb=0 there to opt out.
 """
 
 import argparse
@@ -18,7 +21,11 @@ import sys
 
 
 def main(argv=None) -> int:
+  from switchjax import huge_pages
   from switchjax.training import cli
+
+  if argv is None:  # run as a script: once restarted with XLA's buffers on huge pages
+    huge_pages.reexec()
 
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument(

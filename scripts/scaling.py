@@ -10,7 +10,8 @@ embedded corpus (switchjax.scaling.base_config: the small preset shrunk to 2 + 2
 width 64, 16 x (64 + 14) tokens per step; --config picks another, --set changes fields). Runs
 live in WORKDIR/<variant>/seed<N> (an interrupted sweep resumes); all of them are written to
 --output (default WORKDIR/results.json) and the tables are printed.
-notebooks/expert_scaling.ipynb plots them.
+notebooks/expert_scaling.ipynb plots them. Run as a script it restarts once with XLA's
+buffers on huge pages (switchjax/huge_pages.py; GLIBC_TUNABLES=glibc.malloc.hugetlb=0 opts out).
 """
 
 import argparse
@@ -24,6 +25,10 @@ def numbers(kind):
 
 
 def main(argv=None) -> int:
+  if argv is None:  # run as a script: once restarted with XLA's buffers on huge pages
+    from switchjax import huge_pages
+
+    huge_pages.reexec()
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", default="runs/scaling", help="one directory per run in here")
   parser.add_argument("--output", default=None, help="results JSON (WORKDIR/results.json)")

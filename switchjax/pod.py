@@ -26,6 +26,7 @@ import time
 
 import jax
 
+from switchjax import huge_pages
 from switchjax.config import Config, MeshConfig
 from switchjax.moe import group_layout
 from switchjax.training import lower_train_step, plan_run, state_layout
@@ -203,7 +204,8 @@ def _stderr_to_string():
 
 def reexec_with_devices(count: int, argv: list[str], extra_flags: tuple[str, ...] = ()) -> None:
   """Re-executes this Python script with XLA_FLAGS emulating `count` CPU devices (and
-  `extra_flags`) unless they are already set: XLA reads the flag only when jax starts."""
+  `extra_flags`) unless they are already set: XLA reads the flag only when jax starts. The
+  new process also gets `switchjax.huge_pages`' malloc setting (one restart for both)."""
   flags = os.environ.get("XLA_FLAGS", "")
   found = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
   missing = [f for f in extra_flags if f.split("=")[0] not in flags]
@@ -212,4 +214,5 @@ def reexec_with_devices(count: int, argv: list[str], extra_flags: tuple[str, ...
   flags = flags.replace(found.group(0), "") if found else flags
   flags = " ".join(flags.split() + [f"--xla_force_host_platform_device_count={count}", *missing])
   print(f"Restarting with XLA_FLAGS={flags}", flush=True)
-  os.execve(sys.executable, [sys.executable, *argv], {**os.environ, "XLA_FLAGS": flags})
+  environ = huge_pages.environment() or dict(os.environ)
+  os.execve(sys.executable, [sys.executable, *argv], {**environ, "XLA_FLAGS": flags})

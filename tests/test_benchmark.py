@@ -5,9 +5,12 @@ Speed itself is never asserted (timings here are noise); the benchmark reports r
 
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
+
+from switchjax import huge_pages
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARK = str(ROOT / "scripts" / "benchmark.py")
@@ -45,6 +48,9 @@ def test_benchmark_quick_reports_every_section(tmp_path):
   assert results["env"]["cpu_count"] >= 1 and results["env"]["torch"]
   assert results["env"]["matmul_peak_tflops"] > 0
   assert results["env"]["load_average_1min"] >= 0
+  # restarted once, for the XLA flags and with huge pages where the host grants them
+  expected = (huge_pages.environment() or os.environ).get("GLIBC_TUNABLES", "")
+  assert results["env"]["glibc_tunables"] == expected
   assert len(results["moe"]) >= 2
   for row in results["moe"]:
     for router in ("tokens_choose_masked", "tokens_choose_scatter"):
