@@ -904,12 +904,11 @@ def bench_vs_hf(args) -> dict:
 
 
 def main(argv=None) -> int:
-  as_script = argv is None
+  command_line = argv
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
-  reexec_with_xla_flags(args, argv)
-  if as_script:  # XLA's buffers on huge pages (both sides of vs_hf share the setting)
-    huge_pages.reexec()
+  reexec_with_xla_flags(args, argv)  # with huge pages when it restarts
+  huge_pages.reexec_script(command_line)  # both sides of vs_hf share the setting
   try:
     config = load_config(args.config, args.set)
   except (ValueError, FileNotFoundError) as e:

@@ -23,8 +23,7 @@ def main(argv=None) -> int:
   from switchjax import huge_pages
   from switchjax.training import cli
 
-  if argv is None:  # run as a script: once restarted with XLA's buffers on huge pages
-    huge_pages.reexec()
+  huge_pages.reexec_script(argv)  # from the command line: once restarted, on huge pages
 
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", required=True, help="a checkpoint directory or a preset name")

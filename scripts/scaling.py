@@ -25,10 +25,9 @@ def numbers(kind):
 
 
 def main(argv=None) -> int:
-  if argv is None:  # run as a script: once restarted with XLA's buffers on huge pages
-    from switchjax import huge_pages
+  from switchjax import huge_pages
 
-    huge_pages.reexec()
+  huge_pages.reexec_script(argv)  # from the command line: once restarted, on huge pages
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", default="runs/scaling", help="one directory per run in here")
   parser.add_argument("--output", default=None, help="results JSON (WORKDIR/results.json)")

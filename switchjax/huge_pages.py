@@ -63,6 +63,13 @@ def environment(
   return environ
 
 
+def reexec_script(argv: list[str] | None) -> None:
+  """`reexec()` for a script's `main(argv=None)`: only when run from the command line (argv
+  None); a main() called with arguments (tests, notebooks) stays in its process."""
+  if argv is None:
+    reexec()
+
+
 def reexec() -> None:
   """Re-executes this process's command line (`sys.orig_argv`, interpreter options included)
   with huge pages on, or returns when there is nothing to change. Call it first thing in a

@@ -93,3 +93,12 @@ def test_a_script_restarts_once_and_faults_in_huge_pages():
   else:
     assert tunables == expected["GLIBC_TUNABLES"] == TUNABLE
     assert faults < plain_faults // 10, (faults, plain_faults)
+
+
+def test_reexec_script_leaves_a_called_main_in_its_process(monkeypatch):
+  calls = []
+  monkeypatch.setattr(huge_pages, "reexec", lambda: calls.append(1))
+  huge_pages.reexec_script(["--config=tiny"])  # main(argv) from a test or a notebook
+  assert calls == []
+  huge_pages.reexec_script(None)  # main() from the command line
+  assert calls == [1]
