@@ -95,6 +95,25 @@ def _broadcast_rows_bwd(rows, _, g):
 broadcast_rows.defvjp(_broadcast_rows_fwd, _broadcast_rows_bwd)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def softmax(x: Array, axis: int = -1) -> Array:
+  """jax.nn.softmax (the same forward) with the derivative y * (dx - sum(y * dx)): the rule of
+  jax's `jax_softmax_custom_jvp` flag, off by default. The default differentiates exp / sum,
+  so the backward pass keeps and reads both and their quotient; this one reads the
+  probabilities alone. Measured: attention forward + backward at 32 x 4 x 128 x 128 15.9 ->
+  10.7 ms; the 6+6 d_model 512 train step of benchmark.py's vs_hf ~7% faster (interleaved)."""
+  x_max = jnp.max(x, axis, keepdims=True)
+  unnormalized = jnp.exp(x - x_max)
+  return unnormalized / jnp.sum(unnormalized, axis, keepdims=True)
+
+
+@softmax.defjvp
+def _softmax_jvp(axis, primals, tangents):
+  (x,), (x_dot,) = primals, tangents
+  y = softmax(x, axis)
+  return y, y * (x_dot - jnp.sum(y * x_dot, axis, keepdims=True))
+
+
 class RelativePositionBias(nn.Module):
   """Learned per-head bias of each relative-position bucket; one per stack, shared by its layers.
 
@@ -227,7 +246,7 @@ class MultiHeadAttention(nn.Module):
     logits = jnp.einsum(f"bqhk,{keys}->bhqv", q, k).astype(jnp.float32)
     if bias is not None:
       logits = logits + bias.astype(jnp.float32)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    weights = softmax(logits, -1).astype(self.dtype)
     # One dropout mask per (row, head, key), shared by all queries (flaxformer's
     # broadcast_dropout).
     weights = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(

@@ -131,6 +131,22 @@ def test_rms_norm_is_float32_and_scale_only():
   np.testing.assert_allclose(np.asarray(y, np.float32), expected, rtol=1e-2)
 
 
+def test_attention_softmax_is_jax_softmax_with_the_probability_only_derivative():
+  k1, k2 = jax.random.split(jax.random.key(0))
+  x = 4.0 * jax.random.normal(k1, (2, 3, 5, 7))
+  x = x.at[..., -2:].set(layers.NEG_INF)  # masked keys, as attention adds them
+  g = jax.random.normal(k2, x.shape)
+  y = layers.softmax(x, -1)
+  np.testing.assert_array_equal(y, jax.nn.softmax(x, axis=-1))  # the same forward, bit for bit
+  (grad,) = jax.vjp(lambda x: layers.softmax(x, -1), x)[1](g)
+  y64, g64 = np.asarray(y, np.float64), np.asarray(g, np.float64)
+  expected = y64 * (g64 - np.sum(g64 * y64, -1, keepdims=True))  # d softmax, from y alone
+  np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)  # eps x |y g| ~ 1
+  (jax_grad,) = jax.vjp(lambda x: jax.nn.softmax(x, axis=-1), x)[1](g)
+  np.testing.assert_allclose(grad, jax_grad, rtol=1e-5, atol=1e-6)
+  assert np.all(np.asarray(grad)[..., -2:] == 0.0)
+
+
 def _tiny_config(**kw) -> ModelConfig:
   base = dict(
     vocab_size=64,
