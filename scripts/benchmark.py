@@ -188,6 +188,15 @@ def cpu_model() -> str:
     return platform.processor()
 
 
+def usable_cores() -> int:
+  """The cores this process may run on (its CPU affinity, e.g. under `taskset -c 0`), which
+  os.cpu_count() does not see; the machine's count where affinity is unknown."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):
+    return os.cpu_count() or 1
+
+
 def optional_version(package: str) -> str | None:
   try:
     return importlib.metadata.version(package)
@@ -923,6 +932,7 @@ def main(argv=None) -> int:
     "device_kind": jax.devices()[0].device_kind,
     "device_count": jax.device_count(),
     "cpu_count": os.cpu_count(),
+    "usable_cores": usable_cores(),
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     "transparent_huge_pages": huge_pages.thp_mode(),
@@ -940,7 +950,7 @@ def main(argv=None) -> int:
   print(
     f"switchjax benchmark: jax {env['jax']} (jaxlib {env['jaxlib']}), flax {env['flax']}, "
     f"{env['device_count']} x {env['device_kind']} ({env['backend']}), "
-    f"{env['cpu_count']} CPU cores, XLA_FLAGS={env['xla_flags']!r}, "
+    f"{env['cpu_count']} CPU cores ({env['usable_cores']} usable), XLA_FLAGS={env['xla_flags']!r}, "
     f"GLIBC_TUNABLES={env['glibc_tunables']!r} (huge pages: {env['transparent_huge_pages']}); "
     "float32 matmul peak "
     f"{args.peak_tflops:.3f} TFLOP/s (the MFU denominator)"

@@ -46,6 +46,7 @@ def test_benchmark_quick_reports_every_section(tmp_path):
   assert set(results) == {"env", "moe", "train", "generate", "vs_hf"}
   assert results["env"]["device_count"] >= 8 and results["env"]["jax"]
   assert results["env"]["cpu_count"] >= 1 and results["env"]["torch"]
+  assert results["env"]["usable_cores"] == len(os.sched_getaffinity(0))
   assert results["env"]["matmul_peak_tflops"] > 0
   assert results["env"]["load_average_1min"] >= 0
   # restarted once, for the XLA flags and with huge pages where the host grants them
@@ -87,12 +88,17 @@ def test_benchmark_quick_reports_every_section(tmp_path):
   assert not bad, bad
 
 
-def test_a_loaded_machine_is_warned_about(capsys):
+def load_benchmark():
   import importlib.util
 
   spec = importlib.util.spec_from_file_location("benchmark_script", BENCHMARK)
   benchmark = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(benchmark)
+  return benchmark
+
+
+def test_a_loaded_machine_is_warned_about(capsys):
+  benchmark = load_benchmark()
   assert benchmark.warn_if_loaded(1.5, 2) is True
   assert capsys.readouterr().out == (
     "warning: the load average is 1.50 on 2 cores: other jobs are running. Ratios against "
@@ -100,3 +106,15 @@ def test_a_loaded_machine_is_warned_about(capsys):
   )
   assert benchmark.warn_if_loaded(0.4, 2) is False
   assert capsys.readouterr().out == ""
+
+
+def test_usable_cores_follow_the_affinity_that_cpu_count_ignores():
+  benchmark = load_benchmark()
+  allowed = os.sched_getaffinity(0)
+  assert benchmark.usable_cores() == len(allowed)
+  os.sched_setaffinity(0, {min(allowed)})  # as `taskset -c N`, for this thread
+  try:
+    assert benchmark.usable_cores() == 1
+    assert os.cpu_count() >= len(allowed)
+  finally:
+    os.sched_setaffinity(0, allowed)
