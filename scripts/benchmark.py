@@ -913,11 +913,10 @@ def bench_vs_hf(args) -> dict:
 
 
 def main(argv=None) -> int:
-  command_line = argv
-  argv = sys.argv[1:] if argv is None else list(argv)
-  args = parse_args(argv)
-  reexec_with_xla_flags(args, argv)  # with huge pages when it restarts
-  huge_pages.reexec_script(command_line)  # both sides of vs_hf share the setting
+  arguments = sys.argv[1:] if argv is None else list(argv)
+  args = parse_args(arguments)
+  reexec_with_xla_flags(args, arguments)  # with huge pages when it restarts
+  huge_pages.reexec_script(argv)  # both sides of vs_hf share the setting
   try:
     config = load_config(args.config, args.set)
   except (ValueError, FileNotFoundError) as e:
@@ -939,7 +938,7 @@ def main(argv=None) -> int:
     "reps": args.reps,
     "warmup": args.warmup,
     "quick": args.quick,
-    "command": " ".join(["scripts/benchmark.py"] + argv),
+    "command": " ".join(["scripts/benchmark.py"] + arguments),
     "machine": platform.machine(),
     "cpu_model": cpu_model(),
     "torch": optional_version("torch"),
