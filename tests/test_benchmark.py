@@ -1,4 +1,5 @@
-"""Smoke test of scripts/benchmark.py: every section runs and reports sane figures.
+"""Smoke test of scripts/benchmark.py (switchjax.benchmarks): every section runs and reports
+sane figures.
 
 Speed itself is never asserted (timings here are noise); the benchmark reports ratios.
 """
@@ -11,6 +12,7 @@ import subprocess
 import sys
 
 from switchjax import huge_pages
+from switchjax.benchmarks import machine, moe_layer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARK = str(ROOT / "scripts" / "benchmark.py")
@@ -88,33 +90,43 @@ def test_benchmark_quick_reports_every_section(tmp_path):
   assert not bad, bad
 
 
-def load_benchmark():
-  import importlib.util
-
-  spec = importlib.util.spec_from_file_location("benchmark_script", BENCHMARK)
-  benchmark = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(benchmark)
-  return benchmark
-
-
 def test_a_loaded_machine_is_warned_about(capsys):
-  benchmark = load_benchmark()
-  assert benchmark.warn_if_loaded(1.5, 2) is True
+  assert machine.warn_if_loaded(1.5, 2) is True
   assert capsys.readouterr().out == (
     "warning: the load average is 1.50 on 2 cores: other jobs are running. Ratios against "
     "transformers are not reliable under load; rerun on a quiet machine.\n"
   )
-  assert benchmark.warn_if_loaded(0.4, 2) is False
+  assert machine.warn_if_loaded(0.4, 2) is False
   assert capsys.readouterr().out == ""
 
 
 def test_usable_cores_follow_the_affinity_that_cpu_count_ignores():
-  benchmark = load_benchmark()
   allowed = os.sched_getaffinity(0)
-  assert benchmark.usable_cores() == len(allowed)
+  assert machine.usable_cores() == len(allowed)
   os.sched_setaffinity(0, {min(allowed)})  # as `taskset -c N`, for this thread
   try:
-    assert benchmark.usable_cores() == 1
+    assert machine.usable_cores() == 1
     assert os.cpu_count() >= len(allowed)
   finally:
     os.sched_setaffinity(0, allowed)
+
+
+def test_moe_ratios_divide_each_router_by_dense_flaxformer_and_the_first_expert_count():
+  def run(ms, temp):
+    return {"ms": ms, "memory_bytes": {"temp": temp, "total": 2 * temp}}
+
+  rows = [
+    {"experts": e, "dense": run(100.0, 1)}
+    | {r: run(ms, t) for r, ms, t in zip(moe_layer.ROUTERS, masked_scatter_dropless, (4, 2, 1))}
+    for e, masked_scatter_dropless in ((8, (120.0, 90.0, 110.0)), (128, (240.0, 180.0, 330.0)))
+  ]
+  rows[0]["flaxformer"] = run(150.0, 8)
+  first, second = moe_layer.moe_ratios(rows)
+  assert first["tokens_choose_masked_over_dense"] == 1.2
+  assert first["tokens_choose_dropless_over_E8"] == 1.0
+  assert first["scatter_over_masked_time"] == 0.75
+  assert first["scatter_over_masked_total_memory"] == 0.5
+  assert first["masked_over_flaxformer"] == 0.8 and first["flaxformer_over_dense"] == 1.5
+  assert second["tokens_choose_masked_over_E8"] == 2.0
+  assert second["tokens_choose_dropless_over_E8"] == 3.0
+  assert "masked_over_flaxformer" not in second

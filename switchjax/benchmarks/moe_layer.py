@@ -1,0 +1,247 @@
+"""MoeLayer forward + backward against a dense MLP and flaxformer's MoeLayer, over expert counts.
+
+Per batch, a dense `MlpBlock` of the same d_ff and, for each expert count E, switchjax's
+MoeLayer with the one-hot (tokens_choose_masked), scatter and dropless routers (sharing their
+parameters) and flaxformer's MoeLayer (masked routing, its one-device groups) when its source is
+found: all compiled first, then timed interleaved, so the ratios between routers, to the dense
+MLP and between expert counts of one batch are measured side by side.
+"""
+
+import dataclasses
+import pathlib
+import sys
+import tarfile
+import tempfile
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from switchjax.benchmarks.timing import memory, mib, milliseconds, time_interleaved
+from switchjax.config import MoeConfig
+from switchjax.layers import MlpBlock
+from switchjax.moe import MoeLayer, group_layout
+from switchjax.pod import format_table
+
+# (batch, length, d_model, d_ff, train capacity factor) and the sweep: per batch (None: the
+# shape's), (experts, with flaxformer) timed together. Default MoeConfig otherwise (groups of
+# <= 8192 tokens following the devices: one group here; top-1).
+SHAPE = (8, 512, 768, 3072, 1.25)
+SWEEP = {None: [(8, True), (32, True), (128, True)], 32: [(8, False), (128, False)]}
+SHAPE_QUICK = (2, 64, 32, 128, 1.25)
+SWEEP_QUICK = {None: [(4, True), (8, True)], 4: [(4, False)]}
+ROUTERS = ("tokens_choose_masked", "tokens_choose_scatter", "tokens_choose_dropless")
+
+
+def load_flaxformer(refs: pathlib.Path):
+  """flaxformer's moe_layers, routing and dense modules from the source tarballs in `refs`
+  (flaxformer-*.tgz and the aqt-stub.tgz it imports), or (None, reason)."""
+  refs = pathlib.Path(refs)
+  sources = sorted(refs.glob("flaxformer-*.tgz"))
+  if not sources:
+    return None, f"no flaxformer-*.tgz in {refs}"
+  target = pathlib.Path(tempfile.mkdtemp(prefix="switchjax-flaxformer-"))
+  for name in [sources[-1].name, "aqt-stub.tgz"]:
+    if (refs / name).exists():
+      with tarfile.open(refs / name) as tar:
+        tar.extractall(target / name.split(".")[0], filter="data")
+  sys.path[:0] = [str(d) for d in target.iterdir()]
+  try:
+    from flaxformer.architectures.moe import moe_layers
+    from flaxformer.architectures.moe import routing as ff_routing
+    from flaxformer.components import dense as ff_dense
+  except ImportError as e:
+    return None, f"flaxformer from {sources[-1]} does not import: {e}"
+  return (moe_layers, ff_routing, ff_dense), str(sources[-1])
+
+
+def flaxformer_layer(flaxformer, config: MoeConfig, d_ff: int):
+  """flaxformer's MoeLayer with `config`'s routing on one device (groups a multiple of E)."""
+  moe_layers, ff_routing, ff_dense = flaxformer
+  expert = ff_dense.MlpBlock(
+    use_bias=False,
+    intermediate_dim=d_ff,
+    activations=("relu",),
+    intermediate_dropout_rate=0.0,
+    final_dropout_rate=0.0,
+    dtype=jnp.float32,
+  )
+  router = ff_routing.TokensChooseMaskedRouter(
+    router_weights=ff_routing.RouterWeights(use_bias=False, dtype=jnp.float32),
+    num_selected_experts=config.num_selected_experts,
+    jitter_noise=0.0,
+    batch_prioritized_routing=False,
+    dtype=jnp.float32,
+    ignore_padding_tokens=False,
+  )
+  return moe_layers.MoeLayer(
+    num_experts=config.num_experts,
+    max_group_size=config.max_group_size,
+    train_capacity_factor=config.train_capacity_factor,
+    eval_capacity_factor=config.eval_capacity_factor,
+    expert=expert,
+    router=router,
+    num_expert_partitions=config.num_experts,
+    num_model_partitions=1,
+    min_expert_capacity=config.min_expert_capacity,
+    dropout_rate=0.0,
+    dtype=jnp.float32,
+  )
+
+
+def compile_fwd_bwd(layer, x, params=None, **apply_kwargs):
+  """(blocking call, compiled program) of d/d(params, x) sum(layer(x)^2)."""
+  if params is None:
+    kwargs = {k: v for k, v in apply_kwargs.items() if k != "rngs"}
+    params = nn.unbox(jax.jit(lambda key: layer.init(key, x, **kwargs))(jax.random.key(0)))
+    params = params["params"]
+
+  def loss(params, x):
+    return jnp.sum(layer.apply({"params": params}, x, **apply_kwargs) ** 2)
+
+  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
+  return (lambda: jax.block_until_ready(fn(params, x))), fn
+
+
+def _compile_experts(x, experts: int, shape, flaxformer, fns: dict, compiled: dict) -> dict:
+  """Compiles the routers (and flaxformer's layer, when given) at E = `experts` into
+  fns/compiled under (experts, name); returns the row that describes their routing groups."""
+  batch_size, length, d_model = x.shape
+  _, _, _, d_ff, cf = shape
+  config = MoeConfig(num_experts=experts, train_capacity_factor=cf)
+  layers = {r: MoeLayer(dataclasses.replace(config, router_type=r), d_ff=d_ff) for r in ROUTERS}
+  params = nn.unbox(jax.jit(layers[ROUTERS[0]].init)(jax.random.key(0), x))["params"]
+  for name, layer in layers.items():  # the routers share the parameters
+    fns[(experts, name)], compiled[(experts, name)] = compile_fwd_bwd(
+      layer, x, params=params, enable_dropout=True
+    )
+  if flaxformer:
+    layer = flaxformer_layer(flaxformer, config, d_ff)
+    fns[(experts, "flaxformer")], compiled[(experts, "flaxformer")] = compile_fwd_bwd(
+      layer, x, enable_dropout=True, rngs={"dropout": jax.random.key(0)}
+    )
+  layout = group_layout(batch_size, length, config, train=True)
+  return {
+    "experts": experts,
+    "batch": batch_size,
+    "length": length,
+    "tokens": batch_size * length,
+    "d_model": d_model,
+    "d_ff": d_ff,
+    "capacity_factor": cf,
+    "num_groups": layout.num_groups,
+    "tokens_per_group": layout.tokens_per_group,
+    "capacity": layout.expert_capacity,
+  }
+
+
+def bench_moe(*, quick: bool, reps: int, warmup: int, flaxformer_refs: pathlib.Path) -> list:
+  """One row per (batch, E): each variant's median time, raw times and compiled memory, and
+  the ratios of `moe_ratios`; prints the table."""
+  flaxformer, where = load_flaxformer(flaxformer_refs)
+  shape = SHAPE_QUICK if quick else SHAPE
+  batch, length, d_model, d_ff, _ = shape
+  out = []
+  for batch_size, sweep in (SWEEP_QUICK if quick else SWEEP).items():
+    batch_size = batch_size or batch
+    x = jax.random.normal(jax.random.key(1), (batch_size, length, d_model), jnp.float32)
+    print(f"MoE layer: compiling batch {batch_size}, E in {[e for e, _ in sweep]}", flush=True)
+    fns, compiled = {}, {}
+    fns["dense"], compiled["dense"] = compile_fwd_bwd(MlpBlock(d_ff), x, enable_dropout=True)
+    rows = [
+      _compile_experts(x, e, shape, flaxformer if ff else None, fns, compiled) for e, ff in sweep
+    ]
+    row_reps = reps if batch_size == batch else max(1, reps // 2)
+    timed = time_interleaved(fns, row_reps, warmup)
+    for row in rows:
+      row["reps"] = row_reps
+      for key, (median, times) in timed.items():
+        if key == "dense" or key[0] == row["experts"]:
+          name = key if key == "dense" else key[1]
+          row[name] = {"ms": median * 1e3, "times_s": times, "memory_bytes": memory(compiled[key])}
+    out.extend(moe_ratios(rows))
+  print_moe(out, shape[2:], where if flaxformer else "skipped, " + where)
+  return out
+
+
+def moe_ratios(rows: list) -> list:
+  """Adds each row's ratios: to the dense MLP, scatter / one-hot, to flaxformer, and the time
+  per token relative to the first expert count of the same batch."""
+  first = rows[0]
+  for r in rows:
+    dense, masked = r["dense"]["ms"], r["tokens_choose_masked"]
+    for name in ROUTERS:
+      r[f"{name}_over_dense"] = r[name]["ms"] / dense
+      r[f"{name}_over_E{first['experts']}"] = r[name]["ms"] / first[name]["ms"]
+    scatter = r["tokens_choose_scatter"]
+    r["scatter_over_masked_time"] = scatter["ms"] / masked["ms"]
+    if masked["memory_bytes"] and scatter["memory_bytes"]:
+      r["scatter_over_masked_total_memory"] = (
+        scatter["memory_bytes"]["total"] / masked["memory_bytes"]["total"]
+      )
+    if "flaxformer" in r:
+      r["flaxformer_over_dense"] = r["flaxformer"]["ms"] / dense
+      r["masked_over_flaxformer"] = masked["ms"] / r["flaxformer"]["ms"]
+      r["dropless_over_flaxformer"] = r["tokens_choose_dropless"]["ms"] / r["flaxformer"]["ms"]
+  return rows
+
+
+HEADERS = [
+  "E",
+  "batch",
+  "groups",
+  "capacity",
+  "dense ms",
+  "one-hot ms (x dense)",
+  "scatter ms",
+  "dropless ms",
+  "flaxformer ms",
+  "one-hot/flaxformer",
+  "one-hot per token",
+  "one-hot temp MiB",
+  "dropless temp MiB",
+]
+
+
+def _cell(r: dict, name: str) -> str:
+  """'ms (x dense)' of one variant, or '-' where it was not run."""
+  if name not in r:
+    return "-"
+  return f"{milliseconds(r[name]['ms'])} ({r[name]['ms'] / r['dense']['ms']:.2f}x)"
+
+
+def print_moe(out: list, shape, flaxformer: str) -> None:
+  """The section's table: one line per (E, batch)."""
+  d_model, d_ff, cf = shape
+  rows = []
+  for r in out:
+    first_e = next(f["experts"] for f in out if f["batch"] == r["batch"])
+    rows.append(
+      [
+        r["experts"],
+        f"{r['batch']}x{r['length']}",
+        f"{r['num_groups']}x{r['tokens_per_group']}",
+        r["capacity"],
+        milliseconds(r["dense"]["ms"]),
+        _cell(r, "tokens_choose_masked"),
+        _cell(r, "tokens_choose_scatter"),
+        _cell(r, "tokens_choose_dropless"),
+        _cell(r, "flaxformer"),
+        f"{r['masked_over_flaxformer']:.2f}" if "masked_over_flaxformer" in r else "-",
+        f"{r[f'tokens_choose_masked_over_E{first_e}']:.2f} (E={first_e})",
+        mib(r["tokens_choose_masked"]["memory_bytes"], "temp"),
+        mib(r["tokens_choose_dropless"]["memory_bytes"], "temp"),
+      ]
+    )
+  print(
+    f"\n## MoE layer forward + backward vs a dense MLP: d_model {d_model}, d_ff {d_ff}, "
+    f"capacity factor {cf}, float32, 1 device\n"
+  )
+  print(format_table(HEADERS, rows))
+  print(
+    "(one-hot = moe.router_type tokens_choose_masked, flaxformer's masked routing; dense = "
+    f"MlpBlock(d_ff); flaxformer: {flaxformer}; one-hot per token: the time relative to the "
+    "first expert count of the same batch (timed interleaved with it); the larger batch, "
+    "without flaxformer (which pads E=128 16x), shows the cost per token when more tokens "
+    "share the experts' weights, with half the repetitions)"
+  )
