@@ -16,6 +16,7 @@ import numpy as np
 from switchjax import sharding
 from switchjax.benchmarks.timing import memory, mib, time_interleaved
 from switchjax.config import Config, MeshConfig
+from switchjax.data.pipeline import make_batch
 from switchjax.model import SwitchTransformer, init_params
 from switchjax.optimizers import make_optimizer
 from switchjax.pod import format_table
@@ -24,15 +25,11 @@ from switchjax.training.state import device_scalar
 
 
 def synthetic_batch(config: Config, batch_size: int, rng) -> dict:
-  """A batch of random tokens in the train step's layout (every target weighted)."""
+  """A batch of random non-padding tokens in the train step's layout (every target weighted)."""
   d, vocab = config.data, config.model.vocab_size
   targets = rng.integers(2, vocab, (batch_size, d.targets_length), dtype=np.int32)
-  return {
-    "encoder_input_tokens": rng.integers(2, vocab, (batch_size, d.inputs_length), dtype=np.int32),
-    "decoder_target_tokens": targets,
-    "decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0))),
-    "decoder_loss_weights": np.ones_like(targets, np.float32),
-  }
+  inputs = rng.integers(2, vocab, (batch_size, d.inputs_length), dtype=np.int32)
+  return make_batch(inputs, targets)
 
 
 def init_model(config: Config):

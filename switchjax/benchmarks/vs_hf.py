@@ -15,6 +15,7 @@ import numpy as np
 from switchjax import losses
 from switchjax.benchmarks.timing import time_interleaved
 from switchjax.config import Config, DataConfig
+from switchjax.data.pipeline import make_batch
 from switchjax.decoding import generate
 from switchjax.pod import format_table
 from switchjax.training import train_flops_per_example
@@ -122,7 +123,7 @@ def adamw_step(model, params, inputs, targets, coefficients):
   (cross-entropy + z_coef * router z-loss + aux_coef * load balancing), returning the loss."""
   import optax
 
-  decoder_inputs = np.pad(targets[:, :-1], ((0, 0), (1, 0)))
+  decoder_inputs = make_batch(inputs, targets)["decoder_input_tokens"]  # shifted right
   z_coef, aux_coef = coefficients
 
   def loss_fn(params):
