@@ -287,8 +287,10 @@ class CheckpointStore:
     try:
       for step in reversed(steps):
         try:
-          self.check_compatible(step, abstract_params, abstract_opt_state)
+          # Checksums first: changed bytes in OCDBT's index would otherwise surface as a
+          # DATA_LOSS error of the metadata read by check_compatible, not as what they are.
           self.verify(step)
+          self.check_compatible(step, abstract_params, abstract_opt_state)
           restored = self.restore(step, abstract_params, abstract_opt_state)
           self.last_complete, self.last_source = step, "restored"
           return restored
