@@ -6,10 +6,9 @@ import jax
 import numpy as np
 
 from switchjax.benchmarks.timing import time_interleaved
-from switchjax.benchmarks.train_step import init_model
 from switchjax.config import Config
 from switchjax.decoding import generate
-from switchjax.model import SwitchTransformer
+from switchjax.model import SwitchTransformer, init_params
 from switchjax.pod import format_table
 
 
@@ -18,7 +17,7 @@ def bench_generate(config: Config, *, quick: bool, reps: int, warmup: int) -> di
   every step. Prints the table."""
   batch, length, new = (2, 16, 8) if quick else (8, config.data.inputs_length, 64)
   model = SwitchTransformer(config.model)
-  params = jax.jit(lambda: nn.unbox(init_model(config)))()
+  params = jax.jit(lambda: nn.unbox(init_params(model, jax.random.key(config.train.seed))))()
   inputs = np.random.default_rng(0).integers(
     2, config.model.vocab_size, (batch, length), dtype=np.int32
   )

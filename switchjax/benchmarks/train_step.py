@@ -9,7 +9,6 @@ measures the cost of partitioning and collectives, not a speed-up.
 import dataclasses
 import math
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -17,10 +16,14 @@ from switchjax import sharding
 from switchjax.benchmarks.timing import memory, mib, time_interleaved
 from switchjax.config import Config, MeshConfig
 from switchjax.data.pipeline import make_batch
-from switchjax.model import SwitchTransformer, init_params
-from switchjax.optimizers import make_optimizer
 from switchjax.pod import format_table
-from switchjax.training import lower_train_step, plan_run, state_layout, train_flops_per_example
+from switchjax.training import (
+  lower_train_step,
+  make_train_state,
+  plan_run,
+  state_layout,
+  train_flops_per_example,
+)
 from switchjax.training.state import device_scalar
 
 
@@ -32,20 +35,17 @@ def synthetic_batch(config: Config, batch_size: int, rng) -> dict:
   return make_batch(inputs, targets)
 
 
-def init_model(config: Config):
-  """Boxed (logically partitioned) parameters of the config's model, seed train.seed."""
-  return init_params(SwitchTransformer(config.model), jax.random.key(config.train.seed))
-
-
-def compile_train_step(config: Config, devices, params, opt_state, batch):
+def compile_train_step(config: Config, devices, batch):
   """pretrain.py's train step (switchjax.training) compiled for config.mesh over `devices`,
-  with the state and batch placed on that mesh: (compiled, its arguments, the run plan)."""
+  with a fresh train state (seed train.seed) and the batch placed on that mesh: (compiled,
+  its arguments, the run plan)."""
   plan = plan_run(config, devices)
   layout = state_layout(plan.config, plan.mesh)
   compiled = lower_train_step(layout, plan.config).compile()
+  state, _ = make_train_state(layout, plan.config)
   args = (
-    jax.device_put(params, layout.param_shardings, may_alias=False),  # donated
-    jax.device_put(opt_state, layout.opt_state_shardings, may_alias=False),
+    state.params,  # donated, as the optimizer state
+    state.opt_state,
     device_scalar(0, plan.mesh),
     jax.device_put(batch, sharding.batch_sharding(plan.mesh)),
   )
@@ -57,15 +57,10 @@ def _compile_runs(config: Config, meshes: dict) -> tuple[dict, dict]:
   one step that carries the donated state over to the next call."""
   devices = jax.devices()
   batch = synthetic_batch(config, config.train.batch_size, np.random.default_rng(0))
-  params = jax.jit(lambda: nn.unbox(init_model(config)))()
-  axes = nn.get_partition_spec(jax.eval_shape(lambda: init_model(config)))
-  opt_state = jax.jit(make_optimizer(config.train, axes).init)(params)
   runs, fns = {}, {}
   for name, shape in meshes.items():
     mesh_config = dataclasses.replace(config, mesh=MeshConfig(*shape))
-    step, step_args, plan = compile_train_step(
-      mesh_config, devices[: math.prod(shape)], params, opt_state, batch
-    )
+    step, step_args, plan = compile_train_step(mesh_config, devices[: math.prod(shape)], batch)
     for line in plan.describe()[1:]:
       print(f"{name}: {line}")
     runs[name] = {
