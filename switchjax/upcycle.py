@@ -221,19 +221,14 @@ def read_hf_t5(path) -> DenseModel:
     tensors.aliases["lm_head.weight"] = "shared.weight"  # transformers 5.x ties it
     shapes["lm_head.weight"] = shapes["shared.weight"]
   try:
-    ignored = hf._resolve_tied(cfg, tensors)
+    ignored = hf.resolve_tied(cfg, tensors)
     # Some files carry a never-used bias of the first cross-attention (transformers ignores it).
     ignored |= {n for n in shapes if n.endswith("EncDecAttention.relative_attention_bias.weight")}
     specs = t5_tensor_specs(cfg)
-    hf._check_names_and_shapes(specs, shapes, ignored)
+    hf.check_names_and_shapes(specs, shapes, ignored)
   except hf.CheckpointError as e:
     raise ValueError(f"{path}: {e}") from None
-  groups: dict[tuple[str, ...], list[hf.TensorSpec]] = {}
-  for spec in specs:
-    groups.setdefault(spec.path, []).append(spec)
-  params: dict[str, Any] = {}
-  for leaf_path, leaf_specs in groups.items():
-    hf._set(params, leaf_path, hf._lazy_leaf(tensors, leaf_specs, np.dtype("float32"), path))
+  params = hf.lazy_params(tensors, specs, np.float32, path)
   return DenseModel(cfg, params, path, "Hugging Face T5")
 
 
@@ -302,7 +297,7 @@ def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
 def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
   tree: dict = {}
   for path, value in flat.items():
-    hf._set(tree, path, value)
+    hf.set_path(tree, path, value)
   return tree
 
 

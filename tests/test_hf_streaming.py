@@ -125,7 +125,7 @@ def test_conversion_memory_is_bounded_and_values_exact(medium):
   assert config.model.param_dtype == "float32"
   source = source_tensors(hf_dir)
   for spec in hf.tensor_specs(config.model):
-    x = np.asarray(hf._get(params, spec.path))
+    x = np.asarray(hf.get_path(params, spec.path))
     x = x if spec.expert is None else x[spec.expert]
     expected = source[spec.name].T.reshape(spec.jax_shape) if spec.transpose else source[spec.name]
     assert np.array_equal(x, expected), spec.name
