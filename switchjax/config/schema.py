@@ -8,14 +8,8 @@ import dataclasses
 from switchjax.config.sizes import check_sizes
 
 SPARSE_LAYOUTS = ("mixed", "top", "bottom", "middle", "hf")
-
-
 PRECISIONS = ("default", "high", "highest")
-
-
 DISPATCHES = ("auto", "buffers", "sorted")
-
-
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_exact", "silu", "linear")
 
 

@@ -12,8 +12,6 @@ if TYPE_CHECKING:
 
 
 MAX_PARAMETERS = 10**13  # 6x switch-c-2048 (1.57e12), the largest released Switch model.
-
-
 # field: (limit, why). Each is far beyond any published T5 or Switch model.
 SIZE_LIMITS = {
   "model.vocab_size": (2**24, "67x mT5's 250,112"),

@@ -24,8 +24,6 @@ HF_ACTIVATIONS = {
   "swish": "silu",
   "linear": "linear",
 }
-
-
 # switchjax activation -> HF `dense_act_fn`.
 TO_HF_ACTIVATIONS = {
   "relu": "relu",
@@ -35,8 +33,6 @@ TO_HF_ACTIVATIONS = {
   "silu": "silu",
   "linear": "linear",
 }
-
-
 HF_DEFAULTS = {
   "vocab_size": 32128,
   "d_model": 768,

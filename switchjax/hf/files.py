@@ -24,11 +24,7 @@ WEIGHT_FILES = (
   "pytorch_model.bin",
   "pytorch_model.bin.index.json",
 )
-
-
 SPM = "spiece.model"
-
-
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
 

@@ -126,8 +126,6 @@ def get_path(tree, path: tuple[str, ...]):
 # Big dense tensors (the embedding, the logits) are converted and written a block of rows of
 # this size at a time; the experts of a layer one expert at a time.
 BLOCK_BYTES = 4 << 20
-
-
 DTYPES = ("float32", "bfloat16", "float16")
 
 

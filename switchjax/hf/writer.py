@@ -29,8 +29,6 @@ from switchjax.hf.tensor_map import (
 from switchjax.model import SwitchTransformer
 
 SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-
-
 HF_OUTPUTS = (
   "config.json",
   "generation_config.json",
