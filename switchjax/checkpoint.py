@@ -48,6 +48,7 @@ import tensorstore as ts
 
 from switchjax import config as config_lib
 from switchjax import sharding
+from switchjax.errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,6 @@ class CorruptCheckpointError(ValueError):
 class WriteError(RuntimeError):
   """A run's directory could not be written (full disk, permissions); what was complete is
   kept."""
-
-
-def _one_line(error: BaseException, limit: int = 300) -> str:
-  text = " ".join(str(error).split()) or type(error).__name__
-  return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,7 +107,7 @@ def verify_manifest(step_dir) -> str | None:
   try:
     files = json.loads(path.read_text())["files"]
   except (OSError, ValueError, KeyError, TypeError) as e:
-    return f"its {MANIFEST} is unreadable ({_one_line(e, 100)})"
+    return f"its {MANIFEST} is unreadable ({one_line(e, 100)})"
   for name, (size, digest) in files.items():
     file = step_dir / name
     if not file.is_file():
@@ -299,7 +295,7 @@ class CheckpointStore:
         except Exception as e:  # noqa: BLE001  (any read failure: try the previous one)
           report(
             f"Checkpoint step {step} in {self.directory / CHECKPOINTS} could not be "
-            f"restored ({type(e).__name__}: {_one_line(e, 200)}); trying the previous one."
+            f"restored ({type(e).__name__}: {one_line(e, 200)}); trying the previous one."
           )
           self.broken.append(step)
       return None
@@ -351,7 +347,9 @@ def _write_failure(error: Exception) -> str:
   if isinstance(error, OSError) and error.errno:
     return f"{error.strerror}, errno {error.errno}"
   code = re.search(r"\[os_error_code='?(\d+)'?\]", str(error))
-  return f"{os.strerror(int(code.group(1)))}, errno {code.group(1)}" if code else _one_line(error)
+  if code:
+    return f"{os.strerror(int(code.group(1)))}, errno {code.group(1)}"
+  return one_line(error, 300)
 
 
 def _saved_items(step_dir: pathlib.Path) -> set[str]:
@@ -715,7 +713,7 @@ def load_model(
     except IncompatibleCheckpointError:
       raise
     except Exception as e:  # noqa: BLE001  (any read failure: try the previous step)
-      errors.append(f"step {s}: {type(e).__name__}: {_one_line(e, 200)}")
+      errors.append(f"step {s}: {type(e).__name__}: {one_line(e, 200)}")
       continue
     if errors:
       log.warning("Restored step %d of %s; newer steps failed: %s", s, directory, "; ".join(errors))

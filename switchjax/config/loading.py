@@ -17,6 +17,7 @@ import typing
 from switchjax.config.overrides import apply_overrides
 from switchjax.config.schema import Config
 from switchjax.config.serialization import read_config
+from switchjax.errors import one_line
 
 PRESETS_PACKAGE = "switchjax.configs"  # The top-level configs/ directory, installed by setup.py.
 
@@ -104,17 +105,13 @@ def _checkpoint_config(path: pathlib.Path) -> Config:
   return dataclasses.replace(config, train=train, data=data)
 
 
-def _one_line(error: BaseException) -> str:
-  return " ".join(str(error).split()) or type(error).__name__
-
-
 def _read_json_config(path: pathlib.Path) -> Config:
   """A saved config.json; a file that is not one is a ValueError naming it."""
   try:
     return read_config(path)
   except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as e:
     raise ValueError(
-      f"{path} is not a switchjax config.json ({_one_line(e)}); give a config.json written by "
+      f"{path} is not a switchjax config.json ({one_line(e)}); give a config.json written by "
       "switchjax (pretrain.py or convert_hf.py), a preset name or a .py file."
     ) from None
 
@@ -155,11 +152,11 @@ def _config_from_module(path: pathlib.Path, load) -> Config:
     ) from None
   except ImportError as e:
     raise ValueError(
-      f"{path}: an import failed ({_one_line(e)}); fix the import or install what it needs."
+      f"{path}: an import failed ({one_line(e)}); fix the import or install what it needs."
     ) from None
   except Exception as e:  # noqa: BLE001  (any error of the user's file: report it in one line)
     raise ValueError(
-      f"{path}: running the file raised {type(e).__name__}: {_one_line(e)}; fix the file."
+      f"{path}: running the file raised {type(e).__name__}: {one_line(e)}; fix the file."
     ) from None
   get_config = getattr(module, "get_config", None)
   if not callable(get_config):
@@ -168,7 +165,7 @@ def _config_from_module(path: pathlib.Path, load) -> Config:
     config = get_config()
   except Exception as e:  # noqa: BLE001
     raise ValueError(
-      f"{path}: get_config() raised {type(e).__name__}: {_one_line(e)}; fix the file."
+      f"{path}: get_config() raised {type(e).__name__}: {one_line(e)}; fix the file."
     ) from None
   if not isinstance(config, Config):
     kind = f"{type(config).__module__}.{type(config).__qualname__}"

@@ -35,6 +35,7 @@ import numpy as np
 from switchjax import checkpoint
 from switchjax import config as config_lib
 from switchjax.config import Config
+from switchjax.errors import one_line
 
 HISTORY = "config_history.jsonl"
 SPM = "spiece.model"
@@ -334,7 +335,7 @@ def _read_saved(config_file: pathlib.Path) -> Config:
     return config_lib.read_config(config_file)
   except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as e:
     raise WorkdirError(
-      f"{config_file} is not a switchjax config ({config_lib._one_line(e)[:120]}), so "
+      f"{config_file} is not a switchjax config ({one_line(e)[:120]}), so "
       f"{config_file.parent} is not a switchjax workdir (a Hugging Face checkpoint?): choose a "
       "new or empty --workdir."
     ) from None
