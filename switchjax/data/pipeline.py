@@ -220,7 +220,7 @@ class TrainIterator:
     self.next_example = int(state["next_example"])
 
 
-def _eval_batches(
+def host_eval_batches(
   task: SpanCorruptionTask,
   split: ChunkSplit,
   global_batch_size: int,
@@ -228,7 +228,8 @@ def _eval_batches(
   process_count: int,
   num_batches: int | None,
 ) -> Iterator[dict[str, np.ndarray]]:
-  """Eval examples in a fixed order, cycling through the eval chunks; the same every call."""
+  """This host's eval examples in a fixed order, cycling through the eval chunks; the same every
+  call."""
   step = 0
   while num_batches is None or step < num_batches:
     rows = _host_rows(step * global_batch_size, global_batch_size, process_index, process_count)
@@ -283,7 +284,7 @@ class PretrainingData:
         "there is no eval split: data.eval_fraction=0; set it above 0 (e.g. "
         "0.01) to hold out chunks for evaluation."
       )
-    return _eval_batches(
+    return host_eval_batches(
       self.task,
       self.split,
       self.train.global_batch_size,

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from switchjax.data.pipeline import TrainIterator, _eval_batches, make_batch
+from switchjax.data.pipeline import TrainIterator, host_eval_batches, make_batch
 from switchjax.data.tokenizer import EOS_ID, Tokenizer
 
 SUFFIXES = (".tsv", ".jsonl", ".json")
@@ -143,7 +143,7 @@ class SupervisedData:
 
   def eval_batches(self, num_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     it = self.train
-    return _eval_batches(
+    return host_eval_batches(
       self.task, self.split, it.global_batch_size, it.process_index, it.process_count, num_batches
     )
 
