@@ -47,7 +47,6 @@ from switchjax.hf.files import (
   WEIGHT_FILES,
   CheckpointError,
   Tensors,
-  checkpoint_dir,
   read_extra_ids,
   read_hf_config,
   read_tensors,
@@ -58,7 +57,6 @@ from switchjax.hf.reader import (
   convert_from_hf,
   from_hf,
   lazy_from_hf,
-  lazy_leaf,
   lazy_params,
   resolve_tied,
 )
@@ -68,9 +66,6 @@ from switchjax.hf.tensor_map import (
   TIED_EMBEDDINGS,
   TensorSpec,
   get_path,
-  leaf_specs,
-  numpy_dtype,
-  rows_per_block,
   set_path,
   tensor_specs,
 )
