@@ -168,24 +168,11 @@ def t5_config_from_hf(hf_config: dict) -> ModelConfig:
   scaled = c.get("scale_decoder_outputs", c.get("tie_word_embeddings", True) is not False)
   activations = (hf.HF_ACTIVATIONS[act], "linear") if gated else (hf.HF_ACTIVATIONS[act],)
   return ModelConfig(
-    vocab_size=c["vocab_size"],
-    d_model=c["d_model"],
-    d_ff=c["d_ff"],
-    num_heads=c["num_heads"],
-    d_kv=c["d_kv"],
-    num_layers=c["num_layers"],
-    num_decoder_layers=c.get("num_decoder_layers") or c["num_layers"],
+    **hf.t5_fields(c),
     num_sparse_encoder_layers=0,
     num_sparse_decoder_layers=0,
     mlp_activations=activations,
-    dropout_rate=c["dropout_rate"],
-    relative_attention_num_buckets=c["relative_attention_num_buckets"],
-    relative_attention_max_distance=c["relative_attention_max_distance"],
     tie_embeddings=bool(scaled),
-    layer_norm_epsilon=c["layer_norm_epsilon"],
-    dtype="float32",
-    init_scale=1.0,
-    mask_padding_activations=False,
   )
 
 

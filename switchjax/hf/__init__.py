@@ -40,6 +40,7 @@ from switchjax.hf.config_map import (
   config_to_hf,
   hf_sparse_count,
   hf_sparse_layers,
+  t5_fields,
 )
 from switchjax.hf.files import (
   SPM,

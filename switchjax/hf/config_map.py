@@ -90,6 +90,29 @@ def hf_sparse_count(num_layers: int, layers: tuple[int, ...], stack: str) -> tup
   )
 
 
+def t5_fields(hf: dict) -> dict:
+  """The ModelConfig fields every T5-family config.json (T5, mT5, Switch) gives the same way,
+  from a dict already completed with transformers' defaults: sizes, dropout, relative
+  attention, norm epsilon, and float32 compute with transformers' initialisation and
+  unmasked padding activations."""
+  return dict(
+    vocab_size=hf["vocab_size"],
+    d_model=hf["d_model"],
+    d_ff=hf["d_ff"],
+    num_heads=hf["num_heads"],
+    d_kv=hf["d_kv"],
+    num_layers=hf["num_layers"],
+    num_decoder_layers=hf["num_decoder_layers"] or hf["num_layers"],
+    dropout_rate=hf["dropout_rate"],
+    relative_attention_num_buckets=hf["relative_attention_num_buckets"],
+    relative_attention_max_distance=hf["relative_attention_max_distance"],
+    layer_norm_epsilon=hf["layer_norm_epsilon"],
+    dtype="float32",
+    init_scale=1.0,
+    mask_padding_activations=False,
+  )
+
+
 def config_from_hf(hf: dict) -> ModelConfig:
   """ModelConfig equivalent to a Hugging Face SwitchTransformersConfig dict (4.x or 5.x)."""
   if hf.get("model_type") != "switch_transformers":
@@ -123,28 +146,15 @@ def config_from_hf(hf: dict) -> ModelConfig:
     num_decoder_layers, hf["num_sparse_decoder_layers"], hf.get("decoder_sparse_step")
   )
   return ModelConfig(
-    vocab_size=hf["vocab_size"],
-    d_model=hf["d_model"],
-    d_ff=hf["d_ff"],
-    num_heads=hf["num_heads"],
-    d_kv=hf["d_kv"],
-    num_layers=num_layers,
-    num_decoder_layers=num_decoder_layers,
+    **t5_fields(hf),
     num_sparse_encoder_layers=len(enc),
     num_sparse_decoder_layers=len(dec),
     sparse_layout="hf",
     sparse_encoder_layers=enc,
     sparse_decoder_layers=dec,
     mlp_activations=(HF_ACTIVATIONS[act],),
-    dropout_rate=hf["dropout_rate"],
-    relative_attention_num_buckets=hf["relative_attention_num_buckets"],
-    relative_attention_max_distance=hf["relative_attention_max_distance"],
     tie_embeddings=hf["tie_word_embeddings"],
-    layer_norm_epsilon=hf["layer_norm_epsilon"],
-    dtype="float32",
     param_dtype="float32",
-    init_scale=1.0,
-    mask_padding_activations=False,
     moe=MoeConfig(
       num_experts=hf["num_experts"],
       router_type="tokens_choose_masked",
