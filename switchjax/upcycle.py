@@ -140,6 +140,23 @@ def _plain_dict(tree) -> dict:
   return {k: _plain_dict(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
 
 
+# transformers' T5Config and MT5Config defaults where they differ from Switch's (hf.HF_DEFAULTS);
+# an absent num_decoder_layers is num_layers in both.
+T5_DEFAULTS = {
+  "t5": dict(
+    vocab_size=32128, d_model=512, d_ff=2048, num_layers=6, num_heads=8, feed_forward_proj="relu"
+  ),
+  "mt5": dict(
+    vocab_size=250112,
+    d_model=512,
+    d_ff=1024,
+    num_layers=8,
+    num_heads=6,
+    feed_forward_proj="gated-gelu",
+  ),
+}
+
+
 def t5_config_from_hf(hf_config: dict) -> ModelConfig:
   """The dense ModelConfig computing what transformers' T5ForConditionalGeneration computes.
 
@@ -147,7 +164,9 @@ def t5_config_from_hf(hf_config: dict) -> ModelConfig:
   d_model**-0.5 before the shared embedding: switchjax's tied logits. T5 1.1 and mT5
   ('gated-gelu', `tie_word_embeddings=False` in transformers 4.x files,
   `scale_decoder_outputs=False` in 5.x ones) do not scale and read `lm_head` (the shared
-  embedding when the file has none): switchjax's untied logits.
+  embedding when the file has none): switchjax's untied logits. mT5 never scales
+  (MT5ForConditionalGeneration of transformers 5.x has no scaling, and 4.x files say
+  `tie_word_embeddings=False`).
   """
   kind = hf_config.get("model_type")
   if kind not in ("t5", "mt5"):
@@ -156,8 +175,9 @@ def t5_config_from_hf(hf_config: dict) -> ModelConfig:
       "(T5ForConditionalGeneration, model_type 't5' or 'mt5'); a Switch Transformers "
       "checkpoint is already sparse."
     )
-  c = {**hf.HF_DEFAULTS, "d_ff": 2048, "num_layers": 6, "num_heads": 8, "d_kv": 64, **hf_config}
-  proj = str(c.get("feed_forward_proj", "relu"))
+  c = {**hf.HF_DEFAULTS, **T5_DEFAULTS[kind], **hf_config}
+  c["num_decoder_layers"] = hf_config.get("num_decoder_layers") or c["num_layers"]
+  proj = str(c["feed_forward_proj"])
   gated, act = proj.startswith("gated-"), proj.split("-")[-1]
   act = "gelu_new" if proj == "gated-gelu" else act  # transformers' special case
   if act not in hf.HF_ACTIVATIONS or proj.count("-") > 1 or (proj.count("-") and not gated):
@@ -165,7 +185,7 @@ def t5_config_from_hf(hf_config: dict) -> ModelConfig:
       f"config.json has feed_forward_proj={proj!r}; supported: relu, gelu, gated-gelu, "
       f"gated-{{{', '.join(hf.HF_ACTIVATIONS)}}}."
     )
-  scaled = c.get("scale_decoder_outputs", c.get("tie_word_embeddings", True) is not False)
+  scaled = kind == "t5" and c.get("scale_decoder_outputs", c["tie_word_embeddings"] is not False)
   activations = (hf.HF_ACTIVATIONS[act], "linear") if gated else (hf.HF_ACTIVATIONS[act],)
   return ModelConfig(
     **hf.t5_fields(c),

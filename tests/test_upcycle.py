@@ -183,14 +183,26 @@ T5 = dict(
 
 def build_t5(directory: pathlib.Path, layout: str) -> transformers.T5ForConditionalGeneration:
   """A random tiny T5 saved in `layout`: 't5' (1.0: relu, tied and scaled logits), 't5_v1_1'
-  (gated-gelu saved by transformers 5.x: no lm_head in the file, unscaled logits) or
+  (gated-gelu saved by transformers 5.x: no lm_head in the file, unscaled logits),
   't5_v1_1_4x' (transformers 4.x files of 1.1: an lm_head of its own, tie_word_embeddings
-  false). Returns the model transformers loads from it."""
-  kwargs = {} if layout == "t5" else dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+  false), 'mt5' (MT5ForConditionalGeneration saved by 5.x: gated-gelu, no lm_head,
+  tie_word_embeddings true, unscaled logits) or 'mt5_4x' (mT5's 4.x files: an lm_head).
+  Returns the model transformers loads from it."""
+  mt5 = layout.startswith("mt5")
+  kind = (
+    transformers.MT5ForConditionalGeneration if mt5 else transformers.T5ForConditionalGeneration
+  )
+  if mt5:
+    hf_config = transformers.MT5Config(**T5)
+  elif layout == "t5":
+    hf_config = transformers.T5Config(**T5)
+  else:
+    hf_config = transformers.T5Config(
+      **T5, feed_forward_proj="gated-gelu", tie_word_embeddings=False
+    )
   torch.manual_seed(0)
-  model = transformers.T5ForConditionalGeneration(transformers.T5Config(**T5, **kwargs))
-  model.save_pretrained(directory)
-  if layout == "t5_v1_1_4x":
+  kind(hf_config).save_pretrained(directory)
+  if layout.endswith("_4x"):
     weights = load_file(directory / "model.safetensors")
     weights["lm_head.weight"] = (
       np.random.default_rng(0).normal(size=weights["shared.weight"].shape).astype(np.float32)
@@ -199,12 +211,12 @@ def build_t5(directory: pathlib.Path, layout: str) -> transformers.T5ForConditio
     save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
     hf_config = json.loads((directory / "config.json").read_text())
     hf_config.update(tie_word_embeddings=False)
-    hf_config.pop("scale_decoder_outputs")
+    hf_config.pop("scale_decoder_outputs", None)
     (directory / "config.json").write_text(json.dumps(hf_config))
-  return transformers.T5ForConditionalGeneration.from_pretrained(directory).eval()
+  return kind.from_pretrained(directory).eval()
 
 
-@pytest.mark.parametrize("layout", ["t5", "t5_v1_1", "t5_v1_1_4x"])
+@pytest.mark.parametrize("layout", ["t5", "t5_v1_1", "t5_v1_1_4x", "mt5", "mt5_4x"])
 def test_hugging_face_t5_upcycles_to_transformers_logits(tmp_path, layout):
   reference_model = build_t5(tmp_path / "hf", layout)
   dense = upcycle.read_dense(tmp_path / "hf")
@@ -238,6 +250,42 @@ def test_hugging_face_t5_upcycles_to_transformers_logits(tmp_path, layout):
     dense.config, jax.tree.map(np.asarray, dense.params), (encoder, decoder)
   )
   assert np.abs(dense_logits - expected).max() < 2e-5
+
+
+@pytest.mark.parametrize(
+  "hf_config",
+  [
+    {"model_type": "t5"},
+    {"model_type": "t5", "num_layers": 3, "d_model": 24},
+    {"model_type": "t5", "num_layers": 3, "num_decoder_layers": 5, "feed_forward_proj": "gelu"},
+    {"model_type": "mt5"},
+    {"model_type": "mt5", "num_layers": 2, "tie_word_embeddings": True},
+  ],
+)
+def test_absent_t5_config_keys_take_the_defaults_of_transformers(hf_config):
+  """A config.json that lacks keys means what T5Config / MT5Config make of it: their own
+  defaults, and as many decoder layers as encoder layers."""
+  kind = transformers.MT5Config if hf_config["model_type"] == "mt5" else transformers.T5Config
+  expected = kind(**{k: v for k, v in hf_config.items() if k != "model_type"})
+  config = upcycle.t5_config_from_hf(hf_config)
+  for ours, theirs in [
+    ("vocab_size", "vocab_size"),
+    ("d_model", "d_model"),
+    ("d_ff", "d_ff"),
+    ("num_heads", "num_heads"),
+    ("d_kv", "d_kv"),
+    ("num_layers", "num_layers"),
+    ("num_decoder_layers", "num_decoder_layers"),
+    ("dropout_rate", "dropout_rate"),
+    ("layer_norm_epsilon", "layer_norm_epsilon"),
+    ("relative_attention_num_buckets", "relative_attention_num_buckets"),
+    ("relative_attention_max_distance", "relative_attention_max_distance"),
+  ]:
+    assert getattr(config, ours) == getattr(expected, theirs), ours
+  gated = expected.is_gated_act
+  activation = {"relu": "relu", "gelu": "gelu_exact", "gelu_new": "gelu"}[expected.dense_act_fn]
+  assert config.mlp_activations == ((activation, "linear") if gated else (activation,))
+  assert config.tie_embeddings == getattr(expected, "scale_decoder_outputs", False)
 
 
 # --------------------------------------------------------------------------------------------
