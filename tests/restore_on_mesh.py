@@ -57,7 +57,7 @@ def main(argv=None) -> int:
   config = checkpoint.read_checkpoint_config(args.checkpoint)
   mesh = sharding.make_mesh(MeshConfig(data=data, expert=expert, model=model_axis))
   model = SwitchTransformer(config.model)
-  boxed = checkpoint._abstract_params(model)
+  boxed = checkpoint.abstract_params(model)
   shardings = sharding.param_shardings(mesh, boxed)
   before = rss_mib()  # the restore starts here
   config, params = checkpoint.load_model(args.checkpoint, shardings=shardings)

@@ -411,7 +411,7 @@ def test_generate_on_a_mesh_matches_one_device(tmp_path):
     moe=MoeConfig(num_experts=4, eval_capacity_factor=4.0),
   )
   rng = np.random.default_rng(0)
-  shapes = sharding.unbox(checkpoint._abstract_params(SwitchTransformer(cfg)))
+  shapes = sharding.unbox(checkpoint.abstract_params(SwitchTransformer(cfg)))
   params = jax.tree.map(lambda s: rng.normal(0.0, 0.5, s.shape).astype(np.float32), shapes)
   checkpoint.save_model(tmp_path, Config(model=cfg), params)
   command = [ROOT / "scripts/generate.py", "--checkpoint", tmp_path, "--max_new_tokens", "6"]
