@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from switchjax.moe import activation_fn
+from switchjax.activations import activation_fn
 
 Array = jax.Array
 NEG_INF = -1e10  # added to masked attention logits

@@ -1,46 +1,22 @@
-"""The sparse Mixture-of-Experts MLP layer (flaxformer's `MoeLayer`).
-
-Tokens of the flattened batch are cut into groups; a router assigns each token of a group to
-experts, each expert holding at most `capacity` tokens per group; the experts (one stacked MLP)
-run on their buffers; outputs are combined with the router probabilities. Dropped tokens give 0
-(the residual connection around the layer passes them through).
-
-Two capacity modes:
-- flaxformer (default): groups of at most `max_group_size` tokens, the count chosen by
-  flaxformer's rule; capacity = max(round(cf * tokens_per_group / E), min_expert_capacity) with
-  the train or eval capacity factor.
-- Hugging Face (`expert_capacity` set): every sequence is one group, capacity is fixed.
-
-Dispatch never builds flaxformer's one-hot [groups, tokens, experts, capacity] tensors (whose
-einsums cost tokens x group size x d per group: as much as the experts at 4096-token groups):
-- buffers: each slot of the [groups, experts, capacity, d] buffers gathers its token, each
-  token gathers its outputs back; the experts run on whole buffers, empty slots included;
-- sorted: the kept choices sorted by expert, each expert run on exactly its tokens by grouped
-  matmuls (`switchjax.gmm`); the dropless router's only path, and capacity routing's on one CPU
-  device (`MoeConfig.dispatch`);
-- a router returning flaxformer's RouterMask is dispatched by its one-hot einsums.
-A cached decoding step (one token per sequence) routes without capacity and runs sorted.
-
-Expert parallelism: buffers are laid out [groups, experts, capacity, d] with groups sharded over
-('data', 'expert') and moved to [experts, groups, capacity, d] with experts sharded over
-'expert'; under a mesh the compiler turns that resharding into an all-to-all.
-"""
+"""MoeLayer: router, dispatch (capacity buffers, sorted runs, or one-hot einsums), stacked
+experts, combine, and the routing metrics. The module docstring of `switchjax.moe` describes
+the modes."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Sequence
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from switchjax import routing, sharding
+from switchjax import routing
+from switchjax.activations import activation_fn
 from switchjax.config import MoeConfig
 from switchjax.gmm import grouped_matmul
+from switchjax.moe.groups import causal_token_order, group_layout, mesh_group_shards
+from switchjax.moe.sorted_layout import dropless_block, sorted_rows
 
 Array = jax.Array
 # dispatch='auto' sorts on one CPU device up to this many experts: measured (B8 L512 d768
@@ -49,141 +25,10 @@ Array = jax.Array
 SORTED_MAX_EXPERTS = 16
 
 
-# --------------------------------------------------------------------------------------------
-# Grouping and capacity (static shape arithmetic).
-
-
-@dataclasses.dataclass(frozen=True)
-class GroupLayout:
-  """How a [batch, length] block of tokens is routed.
-
-  Attributes:
-    padded_batch, padded_length: the token block after flaxformer's padding (zero tokens are
-      added along batch or length when the token count is not a multiple of the group count's
-      multiple).
-    num_groups, tokens_per_group: the routing groups (contiguous runs of flattened tokens).
-    expert_capacity: flaxformer's capacity per expert per group (what expert_usage counts).
-  """
-
-  padded_batch: int
-  padded_length: int
-  num_groups: int
-  tokens_per_group: int
-  expert_capacity: int
-
-  @property
-  def slots(self) -> int:
-    """Buffer slots per expert per group: the capacity, but never more than the group's
-    tokens (an expert cannot receive more), so small groups do not pad the expert buffers."""
-    return min(self.expert_capacity, self.tokens_per_group)
-
-
-def num_groups(num_tokens: int, max_group_size: int, multiple: int) -> int:
-  """flaxformer's `_num_groups`: the fewest groups, at least num_tokens // max_group_size and
-  at least `multiple`, that divide the tokens evenly and are a multiple of `multiple` (so the
-  groups split evenly over the devices that hold the batch)."""
-  if max_group_size < 1:
-    raise ValueError(f"moe.max_group_size={max_group_size} must be >= 1 token.")
-  n = max(num_tokens // max_group_size, multiple)
-  while n < num_tokens and not (num_tokens % n == 0 and n % multiple == 0):
-    n += 1
-  if num_tokens % n or n % multiple:
-    raise ValueError(
-      f"Cannot split {num_tokens} tokens into a multiple of {multiple} routing groups; use a "
-      "batch size or sequence length whose product is a multiple of it."
-    )
-  return n
-
-
-def _padding_for(batch: int, length: int, multiple: int) -> tuple[int, int]:
-  """flaxformer's `_maybe_pad`: extra (batch, length) so that tokens % multiple == 0, along the
-  dimension that needs fewer padding tokens (length on ties)."""
-  if (batch * length) % multiple == 0:
-    return 0, 0
-  pad_b = next(p for p in range(1, multiple + 1) if (batch + p) * length % multiple == 0)
-  pad_l = next(p for p in range(1, multiple + 1) if batch * (length + p) % multiple == 0)
-  return (0, pad_l) if pad_l * batch <= pad_b * length else (pad_b, 0)
-
-
-def mesh_group_shards() -> int:
-  """The data x expert devices of the mesh set by `jax.set_mesh` (1 without one): the devices
-  the batch, and so the routing groups, are split over."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return 1
-  return math.prod(mesh.shape.get(axis, 1) for axis in sharding.BATCH_MESH_AXES)
-
-
-def group_layout(
-  batch: int, length: int, config: MoeConfig, train: bool, num_shards: int = 1
-) -> GroupLayout:
-  """Groups and capacity for a [batch, length] input whose batch is split over `num_shards`
-  devices.
-
-  The group count is a multiple of `config.group_multiple`, or of `num_shards` when that is 0;
-  a fixed multiple whose groups cannot split over `num_shards` devices is refused.
-  Capacity = max(round(cf * tokens_per_group / E), min_expert_capacity).
-  """
-  if config.expert_capacity is not None:  # Hugging Face: one group per sequence.
-    return GroupLayout(batch, length, batch, length, config.expert_capacity)
-  multiple = config.group_multiple or num_shards
-  pad_b, pad_l = _padding_for(batch, length, multiple)
-  tokens = (batch + pad_b) * (length + pad_l)
-  groups = num_groups(tokens, config.max_group_size, multiple)
-  if groups % num_shards:
-    raise ValueError(
-      f"moe.group_multiple={config.group_multiple} gives {groups} routing groups, which do not "
-      f"split over the {num_shards} data x expert devices of the mesh; set moe.group_multiple "
-      f"to a multiple of {num_shards}, or to 0 so that groups follow the mesh."
-    )
-  tokens_per_group = tokens // groups
-  factor = config.train_capacity_factor if train else config.eval_capacity_factor
-  capacity = max(
-    int(round(factor * tokens_per_group / config.num_experts)), config.min_expert_capacity
-  )
-  return GroupLayout(batch + pad_b, length + pad_l, groups, tokens_per_group, capacity)
-
-
-def causal_token_order(layout: GroupLayout) -> np.ndarray | None:
-  """[groups, tokens] order in which a decoder's tokens take expert slots: by position in
-  their sequence, then by place in the group, so a token's slot never depends on later
-  positions (of its own or another sequence of its group). None when that is the group's own
-  order (every group within one sequence)."""
-  positions = np.arange(layout.num_groups * layout.tokens_per_group) % layout.padded_length
-  positions = positions.reshape(layout.num_groups, layout.tokens_per_group)
-  order = np.argsort(positions, axis=1, kind="stable")
-  return (
-    None
-    if np.array_equal(order, np.broadcast_to(np.arange(order.shape[1]), order.shape))
-    else order
-  )
-
-
-# --------------------------------------------------------------------------------------------
-# Activations shared with the dense MLP.
-
-
-def activation_fn(name: str):
-  """Activation names -> functions. 'gelu' is the tanh approximation (flaxformer; HF's
-  'gelu_new'); 'gelu_exact' is the erf form (HF's 'gelu')."""
-  return {
-    "relu": jax.nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
-    "silu": jax.nn.silu,
-    "linear": lambda x: x,
-  }[name]
-
-
 def expert_kernel_init(scale: float):
   """flaxformer's expert init: variance_scaling(scale, fan_in, normal) per expert (the expert
   axis is a batch axis, not part of the fan-in)."""
   return nn.initializers.variance_scaling(scale, "fan_in", "normal", batch_axis=(0,))
-
-
-# --------------------------------------------------------------------------------------------
-# The layer.
 
 
 class MoeLayer(nn.Module):
@@ -530,41 +375,3 @@ def _bincount(expert_index: Array, num_experts: int) -> Array:
   """<int32>[experts]: how often each expert occurs in `expert_index` (negatives: never)."""
   index = jnp.where(expert_index >= 0, expert_index, num_experts).reshape(-1)
   return jnp.bincount(index, length=num_experts + 1)[:num_experts].astype(jnp.int32)
-
-
-# --------------------------------------------------------------------------------------------
-# The dropless layout: choices sorted by expert.
-
-
-def dropless_block(num_choices: int, num_experts: int) -> int:
-  """Row granularity of the dropless runs: 32 rows (at most 31 padding rows per expert) for
-  batches of training size, down to 1 for a decoding step's few tokens."""
-  per_expert = max(1, num_choices // (16 * num_experts))
-  return min(32, 1 << (per_expert.bit_length() - 1))
-
-
-def sorted_rows(expert_index: Array, num_experts: int, block: int) -> tuple[Array, Array, int]:
-  """Where each choice goes when choices are sorted by expert into runs padded to `block` rows.
-
-  Args:
-    expert_index: <int32>[choices], -1 for choices that go nowhere.
-
-  Returns:
-    row: <int32>[choices], each choice's row in the buffer (`rows` for choices that go nowhere;
-      within an expert, choices keep their order);
-    group_sizes: <int32>[experts], each expert's run, a multiple of `block`;
-    rows: the static buffer size, enough for any routing (choices + experts * (block - 1)).
-  """
-  num_choices = expert_index.shape[0]
-  rows = num_choices + num_experts * (block - 1)
-  key = jnp.where(expert_index >= 0, expert_index, num_experts)  # going nowhere sorts last
-  counts = jnp.bincount(key, length=num_experts + 1)  # [experts + 1]
-  group_sizes = ((counts[:num_experts] + block - 1) // block * block).astype(jnp.int32)
-  run_start = jnp.concatenate([jnp.cumsum(group_sizes) - group_sizes, jnp.array([rows])])
-  first = jnp.cumsum(counts) - counts  # where each key starts in sorted order
-  order = jnp.argsort(key, stable=True)
-  sorted_key = key[order]
-  row_sorted = run_start[sorted_key] + jnp.arange(num_choices) - first[sorted_key]
-  row_sorted = jnp.where(sorted_key < num_experts, row_sorted, rows)
-  row = jnp.zeros((num_choices,), jnp.int32).at[order].set(row_sorted.astype(jnp.int32))
-  return row, group_sizes, rows
