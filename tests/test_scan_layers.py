@@ -17,7 +17,7 @@ import pytest
 from switchjax import checkpoint, decoding, hf, losses, optimizers, scan, sharding
 from switchjax.config import load_config
 from switchjax.model import SwitchTransformer, init_params
-from switchjax.training import loss_fn, state_layout, train, workdir
+from switchjax.training import loss_fn, resume_rules, state_layout, train
 
 
 def tiny_model(**changes):
@@ -228,5 +228,5 @@ def test_scanned_run_on_an_eight_device_mesh_matches_one_device(tmp_path):
 
 
 def test_layout_may_change_from_init_from_but_not_on_resume():
-  assert workdir.rule_of("model.scan_layers") == workdir.MODEL
-  assert workdir.rule_of("model.scan_layers", starting_from=True) == workdir.FREE
+  assert resume_rules.rule_of("model.scan_layers") == resume_rules.MODEL
+  assert resume_rules.rule_of("model.scan_layers", starting_from=True) == resume_rules.FREE

@@ -16,7 +16,7 @@ import pytest
 
 from switchjax import checkpoint
 from switchjax.config import load_config
-from switchjax.training import NonFiniteLossError, WorkdirError, train
+from switchjax.training import NonFiniteLossError, WorkdirError, resume_rules, train
 from switchjax.training import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -182,7 +182,7 @@ def test_resume_rules_of_the_readme_table():
     "model.moe.train_capacity_factor=2.0",
     "model.moe.expert_capacity=4",
   ]
-  found = workdir_lib.changes(tiny(), tiny(*changed))
+  found = resume_rules.changes(tiny(), tiny(*changed))
   assert [(c.field, c.old, c.new, c.rule) for c in found] == [
     ("data.extra_ids", 100, 50, "tokenizer"),
     ("data.shuffle_seed", 0, 1, "data"),
@@ -196,15 +196,15 @@ def test_resume_rules_of_the_readme_table():
     ("train.optimizer", "adafactor", "adamw", "model"),
     ("train.seed", 0, 3, "optimisation"),
   ]
-  kept = workdir_lib.changes(tiny(), tiny(*changed), starting_from=True)
+  kept = resume_rules.changes(tiny(), tiny(*changed), starting_from=True)
   assert [c.field for c in kept if c.rule != "free"] == [
     "data.extra_ids",
     "model.d_ff",
     "model.moe.expert_capacity",
   ]
   # The decoder's MoE settings follow the encoder's when unset: the same rules.
-  assert workdir_lib.rule_of("model.decoder_moe.expert_capacity") == "model"
-  assert workdir_lib.rule_of("model.decoder_moe.jitter_noise") == "optimisation"
+  assert resume_rules.rule_of("model.decoder_moe.expert_capacity") == "model"
+  assert resume_rules.rule_of("model.decoder_moe.jitter_noise") == "optimisation"
 
 
 def test_resume_with_another_batch_size_is_noted_and_continues_the_data(work):

@@ -6,6 +6,7 @@ step.py       gradient accumulation, the optimizer update, the compiled train/ev
 plan.py       the mesh, microbatches and routing groups of a run
 hooks.py      progress, logging, evaluation, checkpointing and stop signals around the loop
 workdir.py    the workdir: one run at a time (a lock), one model, checks before any write
+resume_rules.py  what a change of each setting means on resume (the README's resume table)
 loop.py       train(): start a run, then step
 flops.py      model FLOPs and device peaks (MFU)
 """

@@ -5,12 +5,12 @@ has passed.
 can be written and locks it: an exclusive `flock` on the directory, held for the run's lifetime
 and released by the kernel when the process ends however it ends (kill -9 included), so a lock
 is never stale. Then every process reads what is there (config.json, the checkpoints,
-spiece.model) and compares the requested config with it by RULES (the README's resume table):
-changes that keep the model and the data order are allowed, noted and recorded in
-config_history.jsonl; changes of the data order need `restart_data` (--restart_data); changes of
-the model, its optimizer or its tokenizer are refused. A directory holding a converted model
-(parameters only) is a read-only input unless `allow_converted`. A run started from
-train.init_from gets the same checks against that checkpoint's model and tokenizer. Every
+spiece.model) and compares the requested config with it by `resume_rules.RULES` (the README's
+resume table): changes that keep the model and the data order are allowed, noted and recorded
+in config_history.jsonl; changes of the data order need `restart_data` (--restart_data);
+changes of the model, its optimizer or its tokenizer are refused. A directory holding a
+converted model (parameters only) is a read-only input unless `allow_converted`. A run started
+from train.init_from gets the same checks against that checkpoint's model and tokenizer. Every
 refusal is a WorkdirError, one line naming the setting and the fix, raised before a byte is
 written: the run's own files are written by `Workdir.commit`, once the data and the train state
 are ready.
@@ -27,7 +27,6 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any
 
 import jax
 import numpy as np
@@ -36,141 +35,24 @@ from switchjax import checkpoint
 from switchjax import config as config_lib
 from switchjax.config import Config
 from switchjax.errors import one_line
+from switchjax.training.resume_rules import (
+  DATA,
+  FREE,
+  MODEL,
+  TOKENIZER,
+  Change,
+  changes,
+  listed,
+)
 
 HISTORY = "config_history.jsonl"
 SPM = "spiece.model"
 METRICS = "metrics.jsonl"
 SUPERSEDED = "metrics_superseded.jsonl"
 
-FREE, OPTIMISATION, DATA, TOKENIZER, MODEL = "free", "optimisation", "data", "tokenizer", "model"
-_MOE_TRAINING = (
-  "train_capacity_factor",
-  "eval_capacity_factor",
-  "min_expert_capacity",
-  "jitter_noise",
-  "max_group_size",
-  "group_multiple",
-  "router_precision",
-  "combine_dtype",
-)
-_BOOKKEEPING = (
-  "num_train_steps",
-  "num_microbatches",
-  "device_microbatch_size",
-  "log_every",
-  "eval_every",
-  "eval_steps",
-  "checkpoint_every",
-  "keep_checkpoints",
-  "init_from",
-  "peak_tflops_per_device",
-)
-# What a change of each setting means on resume; the longest matching prefix decides
-# (model.decoder_moe.* follows model.moe.*). FREE and OPTIMISATION changes are allowed (noted,
-# recorded), DATA needs --restart_data, TOKENIZER and MODEL are refused.
-RULES: dict[str, str] = {
-  "name": FREE,
-  "mesh": FREE,
-  "model": MODEL,
-  "model.remat": FREE,
-  "model.dtype": OPTIMISATION,
-  "model.dropout_rate": OPTIMISATION,
-  "model.expert_dropout_rate": OPTIMISATION,
-  **{f"model.moe.{name}": OPTIMISATION for name in _MOE_TRAINING},
-  "data": DATA,
-  "data.cache_dir": FREE,
-  "data.spm_vocab_size": TOKENIZER,
-  "data.extra_ids": TOKENIZER,
-  "train": OPTIMISATION,
-  **{f"train.{name}": FREE for name in _BOOKKEEPING},
-  **{f"train.{name}": MODEL for name in ("optimizer", "factored", "multiply_by_parameter_scale")},
-  "finetune": DATA,  # the examples: files, task, fields
-  **{f"finetune.{name}": FREE for name in ("exact_match_every", "exact_match_examples")},
-  "finetune.keep_best": FREE,
-}
-# A new run started from train.init_from keeps the checkpoint's model and tokenizer; the
-# parameters are cast to the run's dtype and restacked to its layer layout (model.scan_layers),
-# and the initialisation scale is unused. Resuming refuses a layout change (the optimizer state).
-_INIT_FREE = ("model.param_dtype", "model.init_scale", "model.scan_layers")
-
 
 class WorkdirError(ValueError):
   """A run refused before it wrote anything: one line naming the setting and the fix."""
-
-
-def rule_of(field: str, starting_from: bool = False) -> str:
-  """The RULES entry of a dotted field; `starting_from` a checkpoint (train.init_from) only
-  the model (but its dtype) and the sentinels must stay."""
-  key = field.replace("model.decoder_moe.", "model.moe.")
-  parts = key.split(".")
-  rule = next(
-    RULES[p] for p in (".".join(parts[:i]) for i in range(len(parts), 0, -1)) if p in RULES
-  )
-  if starting_from:
-    keeps = (rule == MODEL and key.startswith("model.") and key not in _INIT_FREE) or (
-      key == "data.extra_ids"
-    )
-    return rule if keeps else FREE
-  return rule
-
-
-@dataclasses.dataclass(frozen=True)
-class Change:
-  """One setting that differs from the workdir's (or the init_from checkpoint's) config."""
-
-  field: str
-  old: Any
-  new: Any
-  rule: str
-
-  def __str__(self) -> str:
-    return f"{self.field}={self.new!r} (was {self.old!r})"
-
-
-# Settings whose unset value follows another one: compared by the value they take, and
-# reported only when set differently (else the setting they follow is the one reported).
-_FOLLOWERS = {
-  "model.num_decoder_layers": lambda m: m.decoder_layers,
-  "model.expert_d_ff": lambda m: m.expert_mlp_dim,
-  "model.expert_activations": lambda m: tuple(m.expert_acts),
-  "model.expert_dropout_rate": lambda m: m.expert_dropout,
-}
-
-
-def comparable(config: Config, tokenizer_file: bool = False) -> dict[str, Any]:
-  """The settings of a config as {field: value} with the sparse layers resolved to indices (a
-  layout and its explicit indices compare equal). data.spm_path is left out (tokenizers are
-  compared by their bytes), and data.spm_vocab_size too when `tokenizer_file` (either config
-  names a model file, so no tokenizer is trained)."""
-  from switchjax.model import decoder_sparse_layers, encoder_sparse_layers
-
-  flat = config_lib.flatten(config)
-  for key in ("sparse_layout", "num_sparse_encoder_layers", "num_sparse_decoder_layers"):
-    flat.pop(f"model.{key}")
-  flat["model.sparse_encoder_layers"] = tuple(encoder_sparse_layers(config.model))
-  flat["model.sparse_decoder_layers"] = tuple(decoder_sparse_layers(config.model))
-  flat.pop("data.spm_path")
-  if tokenizer_file:
-    flat.pop("data.spm_vocab_size")
-  return flat
-
-
-def changes(old: Config, new: Config, starting_from: bool = False) -> list[Change]:
-  """The settings of `new` that differ from `old`, each with its rule."""
-  by_file = bool(old.data.spm_path or new.data.spm_path)
-  before, after = comparable(old, by_file), comparable(new, by_file)
-  differ = [f for f in sorted(set(before) | set(after)) if before.get(f) != after.get(f)]
-  differ = [
-    f for f in differ if f not in _FOLLOWERS or _FOLLOWERS[f](old.model) != _FOLLOWERS[f](new.model)
-  ]
-  if old.model.decoder_moe is None and new.model.decoder_moe is None:  # follows model.moe
-    differ = [f for f in differ if not f.startswith("model.decoder_moe.")]
-  return [Change(f, before.get(f), after.get(f), rule_of(f, starting_from)) for f in differ]
-
-
-def _listed(items: list[Change]) -> str:
-  text = "; ".join(str(c) for c in items[:3])
-  return text + (f" (and {len(items) - 3} more)" if len(items) > 3 else "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,7 +245,7 @@ def _check_resume(workdir: Workdir, config: Config, say) -> None:
   by_rule = {rule: [c for c in found if c.rule == rule] for rule in (MODEL, TOKENIZER, DATA)}
   if by_rule[MODEL]:
     raise WorkdirError(
-      f"{path} holds a run of another model or optimizer: {_listed(by_rule[MODEL])} in its "
+      f"{path} holds a run of another model or optimizer: {listed(by_rule[MODEL])} in its "
       f"config.json. Resume "
       f"it with its own settings (--config={path / checkpoint.CONFIG_FILE}), or start a new run "
       f"in a new --workdir (--set train.init_from={path} starts it from these parameters)."
@@ -371,14 +253,14 @@ def _check_resume(workdir: Workdir, config: Config, say) -> None:
   _check_tokenizer_file(config, path / SPM, f"the model in {path} was trained with")
   if by_rule[TOKENIZER]:
     raise WorkdirError(
-      f"{path} holds a model trained with another tokenizer: {_listed(by_rule[TOKENIZER])} in "
+      f"{path} holds a model trained with another tokenizer: {listed(by_rule[TOKENIZER])} in "
       "its config.json; "
       f"its piece and sentinel ids cannot change. Keep the workdir's settings, or start a new "
       "run in a new --workdir."
     )
   if by_rule[DATA] and not workdir.restart_data:
     raise WorkdirError(
-      f"{_listed(by_rule[DATA])} in {path / checkpoint.CONFIG_FILE}: this would change the "
+      f"{listed(by_rule[DATA])} in {path / checkpoint.CONFIG_FILE}: this would change the "
       "order of its training data. Pass --restart_data to continue its model on this data from "
       "its first example, keep the workdir's setting to resume where it stopped, or use a new "
       "--workdir."
@@ -402,7 +284,7 @@ def check_init_from(config: Config, say=print) -> Config:
   refused = [c for c in found if c.rule != FREE]
   if refused:
     raise WorkdirError(
-      f"train.init_from={source} holds a model with other settings: {_listed(refused)} in its "
+      f"train.init_from={source} holds a model with other settings: {listed(refused)} in its "
       "config.json. "
       f"Start from its own settings with --config={source}, or --set each to the "
       "checkpoint's value."
