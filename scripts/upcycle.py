@@ -41,6 +41,7 @@ def main(argv=None) -> int:
 
   from switchjax import checkpoint, upcycle
   from switchjax.config import load_config
+  from switchjax.sparse_layers import decoder_sparse_layers, encoder_sparse_layers
 
   checkpoint.release_memory_eagerly()
   try:
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
   m = config.model
   print(
     f"Wrote {args.output_dir}: {m.moe.num_experts} experts in encoder layers "
-    f"{upcycle.encoder_sparse_layers(m)} and decoder layers {upcycle.decoder_sparse_layers(m)}, "
+    f"{encoder_sparse_layers(m)} and decoder layers {decoder_sparse_layers(m)}, "
     f"routed by {m.moe.router_type}; train it with "
     f"python scripts/pretrain.py --config={args.output_dir} --workdir=DIR"
   )

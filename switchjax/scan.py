@@ -24,6 +24,7 @@ import numpy as np
 
 from switchjax.checkpoint import LazyArray, StoredArray
 from switchjax.config import ModelConfig
+from switchjax.sparse_layers import decoder_sparse_layers, encoder_sparse_layers
 
 SCAN_NAME = re.compile(r"scan_p(\d+)$")
 LAYER_NAME = re.compile(r"layers_(\d+)$")
@@ -48,8 +49,6 @@ def stack_layout(cfg: ModelConfig, stack: str) -> tuple[int, tuple[bool, ...]]:
   """(period, which layers of a block are sparse) of a stack; a ValueError naming the setting
   when its sparse layers do not repeat with a period shorter than the stack (2 layers or fewer
   always scan, as one block)."""
-  from switchjax.model import decoder_sparse_layers, encoder_sparse_layers
-
   if stack == "encoder":
     n, sparse = cfg.num_layers, encoder_sparse_layers(cfg)
   else:

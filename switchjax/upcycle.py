@@ -45,12 +45,8 @@ import numpy as np
 from switchjax import checkpoint, hf, routing, sharding
 from switchjax.checkpoint import LazyArray
 from switchjax.config import Config, ModelConfig
-from switchjax.model import (
-  SwitchTransformer,
-  decoder_sparse_layers,
-  encoder_sparse_layers,
-  init_params,
-)
+from switchjax.model import SwitchTransformer, init_params
+from switchjax.sparse_layers import decoder_sparse_layers, encoder_sparse_layers
 
 RENORMALIZED_ROUTER = "tokens_choose_renormalized"
 

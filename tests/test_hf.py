@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 
 from switchjax import checkpoint, hf, losses
 from switchjax import config as config_lib
-from switchjax.model import sparse_layer_indices
+from switchjax.sparse_layers import sparse_layer_indices
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOL = 1e-4

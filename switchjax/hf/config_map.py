@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from switchjax.config import ModelConfig, MoeConfig
 from switchjax.hf.files import CheckpointError
-from switchjax.model import (
+from switchjax.sparse_layers import (
   decoder_sparse_layers,
   encoder_sparse_layers,
   hf_sparse_blocks,

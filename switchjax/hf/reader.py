@@ -36,7 +36,8 @@ from switchjax.hf.tensor_map import (
   set_path,
   tensor_specs,
 )
-from switchjax.model import SwitchTransformer, decoder_sparse_layers, encoder_sparse_layers
+from switchjax.model import SwitchTransformer
+from switchjax.sparse_layers import decoder_sparse_layers, encoder_sparse_layers
 
 
 def _names(names, limit: int = 20) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 
 from switchjax import config as config_lib
 from switchjax.config import Config
+from switchjax.sparse_layers import decoder_sparse_layers, encoder_sparse_layers
 
 FREE, OPTIMISATION, DATA, TOKENIZER, MODEL = "free", "optimisation", "data", "tokenizer", "model"
 _MOE_TRAINING = (
@@ -106,8 +107,6 @@ def comparable(config: Config, tokenizer_file: bool = False) -> dict[str, Any]:
   layout and its explicit indices compare equal). data.spm_path is left out (tokenizers are
   compared by their bytes), and data.spm_vocab_size too when `tokenizer_file` (either config
   names a model file, so no tokenizer is trained)."""
-  from switchjax.model import decoder_sparse_layers, encoder_sparse_layers
-
   flat = config_lib.flatten(config)
   for key in ("sparse_layout", "num_sparse_encoder_layers", "num_sparse_decoder_layers"):
     flat.pop(f"model.{key}")
