@@ -268,20 +268,21 @@ def test_absent_t5_config_keys_take_the_defaults_of_transformers(hf_config):
   kind = transformers.MT5Config if hf_config["model_type"] == "mt5" else transformers.T5Config
   expected = kind(**{k: v for k, v in hf_config.items() if k != "model_type"})
   config = upcycle.t5_config_from_hf(hf_config)
-  for ours, theirs in [
-    ("vocab_size", "vocab_size"),
-    ("d_model", "d_model"),
-    ("d_ff", "d_ff"),
-    ("num_heads", "num_heads"),
-    ("d_kv", "d_kv"),
-    ("num_layers", "num_layers"),
-    ("num_decoder_layers", "num_decoder_layers"),
-    ("dropout_rate", "dropout_rate"),
-    ("layer_norm_epsilon", "layer_norm_epsilon"),
-    ("relative_attention_num_buckets", "relative_attention_num_buckets"),
-    ("relative_attention_max_distance", "relative_attention_max_distance"),
-  ]:
-    assert getattr(config, ours) == getattr(expected, theirs), ours
+  same_names = (
+    "vocab_size",
+    "d_model",
+    "d_ff",
+    "num_heads",
+    "d_kv",
+    "num_layers",
+    "num_decoder_layers",
+    "dropout_rate",
+    "layer_norm_epsilon",
+    "relative_attention_num_buckets",
+    "relative_attention_max_distance",
+  )
+  for name in same_names:  # ModelConfig and T5Config name these fields alike
+    assert getattr(config, name) == getattr(expected, name), name
   gated = expected.is_gated_act
   activation = {"relu": "relu", "gelu": "gelu_exact", "gelu_new": "gelu"}[expected.dense_act_fn]
   assert config.mlp_activations == ((activation, "linear") if gated else (activation,))
