@@ -217,3 +217,36 @@ def hf_router_losses(intermediates: Any, stack: str) -> tuple[Array, Array]:
 
 def _layer_index(path: str) -> int:
   return next(int(p.split("_")[1]) for p in path.split("/") if p.startswith("layers_"))
+
+
+def hf_loss(
+  logits: Array,
+  intermediates: Any,
+  targets: Array,
+  weights: Array,
+  model_config,
+  z_coef: float = 0.001,
+  aux_coef: float = 0.001,
+) -> Array:
+  """The loss of transformers' SwitchTransformersForConditionalGeneration given `labels` and
+  `output_router_logits=True`: the mean cross-entropy over the real target tokens (weights 1;
+  HF's labels -100 are weight 0) + z_coef * (encoder + decoder router z-loss) + aux_coef *
+  (their load-balancing losses), pooled by `hf_router_losses`. As in transformers, a stack
+  adds no router loss when its sparse step is not > 1: all its layers sparse, or none.
+  The defaults are SwitchTransformersConfig's router_z_loss_coef and router_aux_loss_coef.
+
+  Args:
+    logits: <float>[batch, length, vocab]; targets, weights: [batch, length].
+    intermediates: the 'intermediates' collection of the same forward pass.
+    model_config: the model's ModelConfig (which layers of each stack are sparse).
+  """
+  total, _, count = cross_entropy_with_z_loss(logits, targets, weights)
+  loss = total / count
+  for stack, num_layers, sparse in (
+    ("encoder", model_config.num_layers, model_config.sparse_encoder_layers),
+    ("decoder", model_config.decoder_layers, model_config.sparse_decoder_layers),
+  ):
+    if 0 < len(sparse) < num_layers:
+      z, aux = hf_router_losses(intermediates, stack)
+      loss = loss + z_coef * z + aux_coef * aux
+  return loss

@@ -99,6 +99,26 @@ def hf_forward(model, output_router_logits: bool = True, labels: bool = False):
     )
 
 
+def hf_gradients(model) -> tuple[float, dict[str, np.ndarray | None]]:
+  """transformers' training loss on `batch()` (labels, output_router_logits=True; the model
+  in eval mode, so no dropout and no router jitter) and its gradient per named parameter
+  (None where autograd left none: an expert that received no token)."""
+  b = batch()
+  model.zero_grad(set_to_none=True)
+  loss = model(
+    input_ids=torch.tensor(b["input_ids"]),
+    attention_mask=torch.tensor(b["input_ids"] != 0),
+    labels=torch.tensor(b["labels"]),
+    output_router_logits=True,
+  ).loss
+  loss.backward()
+  grads = {
+    name: None if p.grad is None else p.grad.numpy().copy() for name, p in model.named_parameters()
+  }
+  model.zero_grad(set_to_none=True)
+  return loss.item(), grads
+
+
 def jax_forward(model, params):
   """(logits, intermediates) of a switchjax model on `batch()`."""
   b = batch()

@@ -120,22 +120,18 @@ def model_flops_per_step(model_config, batch: int, inputs: int, targets: int) ->
 def adamw_step(model, params, inputs, targets, coefficients):
   """switchjax's side of the comparison: a blocking call of one jitted AdamW step (lr 1e-4,
   weight decay 0.01; parameters and optimizer state donated) on the loss transformers computes
-  (cross-entropy + z_coef * router z-loss + aux_coef * load balancing), returning the loss."""
+  (`losses.hf_loss` with its coefficients), returning the loss."""
   import optax
 
   decoder_inputs = make_batch(inputs, targets)["decoder_input_tokens"]  # shifted right
-  z_coef, aux_coef = coefficients
 
   def loss_fn(params):
     logits, state = model.apply(
       {"params": params}, inputs, decoder_inputs, enable_dropout=True, mutable=["intermediates"]
     )
-    total, _, count = losses.cross_entropy_with_z_loss(logits, targets, jnp.ones(targets.shape))
-    loss = total / count
-    for stack in ("encoder", "decoder"):
-      z, aux = losses.hf_router_losses(state["intermediates"], stack)
-      loss = loss + z_coef * z + aux_coef * aux
-    return loss
+    weights = jnp.ones(targets.shape)
+    intermediates = state["intermediates"]
+    return losses.hf_loss(logits, intermediates, targets, weights, model.config, *coefficients)
 
   tx = optax.adamw(1e-4, weight_decay=0.01)
 

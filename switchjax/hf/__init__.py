@@ -67,6 +67,9 @@ from switchjax.hf.tensor_map import (
   TIED_EMBEDDINGS,
   TensorSpec,
   get_path,
+  hf_arrays,
+  hf_layout,
+  jax_layout,
   set_path,
   tensor_specs,
 )

@@ -30,6 +30,7 @@ from switchjax.hf.tensor_map import (
   DTYPES,
   TIED_EMBEDDINGS,
   TensorSpec,
+  jax_layout,
   leaf_specs,
   numpy_dtype,
   rows_per_block,
@@ -136,12 +137,6 @@ def check_names_and_shapes(specs: list[TensorSpec], shapes: dict, ignored: set[s
     raise CheckpointError("The weights do not match config.json: " + ". ".join(problems) + ".")
 
 
-def _jax_layout(spec: TensorSpec, x: np.ndarray) -> np.ndarray:
-  """One HF tensor in switchjax's layout: torch's (out, in) transposed and reshaped (a view
-  where numpy can make one: the writer and LazyArray.__array__ copy it once anyway)."""
-  return x.T.reshape(spec.jax_shape) if spec.transpose else x
-
-
 def lazy_leaf(tensors: Tensors, specs: list[TensorSpec], dtype: np.dtype, source) -> LazyArray:
   """One switchjax parameter read from its HF tensors on demand: a layer's experts stacked one
   expert per block, big 2-D tensors a block of HF rows at a time, anything else whole."""
@@ -155,8 +150,8 @@ def lazy_leaf(tensors: Tensors, specs: list[TensorSpec], dtype: np.dtype, source
 
     def read_experts(start, stop):  # [stop - start, in, out]
       if stop - start == 1:  # the usual block: a view, no copy
-        return _jax_layout(experts[start], rows(experts[start].name))[None]
-      return np.stack([_jax_layout(s, rows(s.name)) for s in experts[start:stop]])
+        return jax_layout(experts[start], rows(experts[start].name))[None]
+      return np.stack([jax_layout(s, rows(s.name)) for s in experts[start:stop]])
 
     shape = (len(experts), *spec.jax_shape)
     return LazyArray(shape, dtype, read_experts, axis=0, block=1, source=source)
@@ -166,7 +161,7 @@ def lazy_leaf(tensors: Tensors, specs: list[TensorSpec], dtype: np.dtype, source
   elif len(spec.hf_shape) == 2 and spec.jax_shape == spec.hf_shape[::-1]:  # columns = HF rows
     read, axis = (lambda a, b: rows(spec.name, a, b).T), 1
   else:  # whole
-    read, axis, block = (lambda a, b: _jax_layout(spec, rows(spec.name))), 0, None
+    read, axis, block = (lambda a, b: jax_layout(spec, rows(spec.name))), 0, None
   return LazyArray(spec.jax_shape, dtype, read, axis=axis, block=block, source=source)
 
 

@@ -99,6 +99,30 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
   return specs
 
 
+def jax_layout(spec: TensorSpec, x: np.ndarray) -> np.ndarray:
+  """One HF tensor in switchjax's layout: torch's (out, in) transposed and reshaped (a view
+  where numpy can make one: the writer and LazyArray.__array__ copy it once anyway)."""
+  return x.T.reshape(spec.jax_shape) if spec.transpose else x
+
+
+def hf_layout(spec: TensorSpec, x) -> np.ndarray:
+  """One switchjax parameter (an expert's slice for experts) as its HF tensor (a view)."""
+  x = np.asarray(x)
+  return x.reshape(spec.hf_shape[::-1]).T if spec.transpose else x
+
+
+def hf_arrays(params, cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """Unscanned `params` of `cfg`, or any tree of their shapes such as their gradients, as
+  numpy arrays named and laid out as in transformers' state dict (without the tied copies of
+  shared.weight). Every map is a transpose or a reshape, so a gradient maps like its
+  parameter; in memory, for comparisons (`to_hf` writes files in bounded memory)."""
+  out = {}
+  for spec in tensor_specs(cfg):
+    x = np.asarray(get_path(params, spec.path))
+    out[spec.name] = hf_layout(spec, x if spec.expert is None else x[spec.expert])
+  return out
+
+
 def leaf_specs(specs: list[TensorSpec]) -> dict[tuple[str, ...], list[TensorSpec]]:
   """`specs` grouped by switchjax parameter (several for stacked experts), in order."""
   groups: dict[tuple[str, ...], list[TensorSpec]] = {}

@@ -21,6 +21,7 @@ from switchjax.hf.tensor_map import (
   TIED_EMBEDDINGS,
   TensorSpec,
   get_path,
+  hf_layout,
   leaf_specs,
   numpy_dtype,
   rows_per_block,
@@ -156,12 +157,6 @@ def _safetensors_prefix(entries: list[_Entry]) -> bytes:
   return len(text).to_bytes(8, "little") + text
 
 
-def _hf_view(spec: TensorSpec, x) -> np.ndarray:
-  """One switchjax parameter (an expert's slice for experts) as its HF tensor (a view)."""
-  x = np.asarray(x)
-  return x.reshape(spec.hf_shape[::-1]).T if spec.transpose else x
-
-
 def _stored_rows(spec: TensorSpec, leaf) -> Callable[[slice], np.ndarray] | None:
   """rows(slice) reading HF rows straight from a stored parameter, when a slice of it holds
   them (not transposed, or a transposed 2-D matrix); else None."""
@@ -197,10 +192,10 @@ def _hf_arrays(params, cfg: ModelConfig, plan) -> Iterator[tuple[str, Callable]]
         for i, x in enumerate(block):
           spec = by_name[entries[start + i].name]
           assert spec.expert == start + i, (spec, start + i)
-          yield spec.name, _hf_view(spec, x).__getitem__
+          yield spec.name, hf_layout(spec, x).__getitem__
     else:
       spec = by_name.get("shared.weight", specs[path][0])
-      rows = _stored_rows(spec, leaf) or _hf_view(spec, leaf).__getitem__
+      rows = _stored_rows(spec, leaf) or hf_layout(spec, leaf).__getitem__
       for e in entries:
         yield e.name, rows
     checkpoint.release_freed_memory()
