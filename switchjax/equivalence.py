@@ -155,6 +155,69 @@ def run_golden_case(case: GoldenCase) -> tuple[np.ndarray, dict[str, float]]:
 
 
 # --------------------------------------------------------------------------------------------
+# flaxformer's gradients on the golden cases.
+
+GRADIENT_TERMS = ("outputs", "auxiliary_loss", "router_z_loss")
+
+
+def layer_gradients(layer, params, inputs, train: bool, cotangent) -> dict[str, dict[str, Any]]:
+  """{term: {"params": gradient tree, "inputs": gradient}} of each of GRADIENT_TERMS:
+  sum(outputs * cotangent) and the two router losses the layer sows (unweighted). Works for
+  flaxformer's MoeLayer and switchjax's alike: both sow these names."""
+
+  def terms(params, x):
+    y, state = layer.apply(
+      {"params": params},
+      x,
+      enable_dropout=train,
+      mutable=["intermediates"],
+      rngs={"dropout": jax.random.key(0), "jitter": jax.random.key(1)},
+    )
+    sown = state["intermediates"]  # flaxformer sows [1, 1] arrays, switchjax scalars
+    return {
+      "outputs": jnp.sum(y * cotangent),
+      "auxiliary_loss": sown["auxiliary_loss"][0].reshape(()),
+      "router_z_loss": sown["router_z_loss"][0].reshape(()),
+    }
+
+  jacobian = jax.jit(jax.jacrev(terms, argnums=(0, 1)))(params, inputs)
+  return {t: {"params": jacobian[t][0], "inputs": jacobian[t][1]} for t in GRADIENT_TERMS}
+
+
+def case_arrays(params: dict[str, Any]) -> dict[str, np.ndarray]:
+  """A golden case's switchjax parameters (or their gradients) under the case file's names:
+  router_kernel, expert_wi (or expert_wi_0, expert_wi_1) and expert_wo."""
+  arrays = {"router_kernel": np.asarray(params["router"]["kernel"])}
+  arrays.update({f"expert_{k}": np.asarray(v) for k, v in params.items() if k != "router"})
+  return arrays
+
+
+def gradient_arrays(gradients: dict[str, dict[str, Any]], names) -> dict[str, np.ndarray]:
+  """`layer_gradients`' result as flat arrays '<term>.<name>' (name: inputs or a case array
+  name), `names` mapping a parameter gradient tree to case array names."""
+  flat = {}
+  for term, grads in gradients.items():
+    flat[f"{term}.inputs"] = np.asarray(grads["inputs"])
+    flat.update({f"{term}.{k}": v for k, v in names(grads["params"]).items()})
+  return flat
+
+
+def golden_gradients(case: GoldenCase, cotangent) -> dict[str, np.ndarray]:
+  """switchjax's gradients on a golden case, as `gradient_arrays` names them."""
+  grads = layer_gradients(case.layer, case.params, case.inputs, case.train, cotangent)
+  return gradient_arrays(grads, case_arrays)
+
+
+def load_gradient_case(path: str | os.PathLike) -> tuple[str, np.ndarray, dict[str, np.ndarray]]:
+  """(golden case name, cotangent, expected gradients) of a flaxformer gradient file, written
+  by scripts/make_gradient_cases.py (the format is in that directory's README)."""
+  data = np.load(path)
+  meta = json.loads(bytes(data["meta_json"]))
+  expected = {k: data[k] for k in data if k.split(".")[0] in GRADIENT_TERMS}
+  return meta["case"], data["cotangent"], expected
+
+
+# --------------------------------------------------------------------------------------------
 # Expert parallelism on meshes.
 
 

@@ -9,9 +9,6 @@ MLP and between expert counts of one batch are measured side by side.
 
 import dataclasses
 import pathlib
-import sys
-import tarfile
-import tempfile
 
 import flax.linen as nn
 import jax
@@ -19,6 +16,7 @@ import jax.numpy as jnp
 
 from switchjax.benchmarks.timing import memory, mib, milliseconds, time_interleaved
 from switchjax.config import MoeConfig
+from switchjax.flaxformer_reference import flaxformer_layer, load_flaxformer
 from switchjax.layers import MlpBlock
 from switchjax.moe import MoeLayer, group_layout
 from switchjax.pod import format_table
@@ -31,62 +29,6 @@ SWEEP = {None: [(8, True), (32, True), (128, True)], 32: [(8, False), (128, Fals
 SHAPE_QUICK = (2, 64, 32, 128, 1.25)
 SWEEP_QUICK = {None: [(4, True), (8, True)], 4: [(4, False)]}
 ROUTERS = ("tokens_choose_masked", "tokens_choose_scatter", "tokens_choose_dropless")
-
-
-def load_flaxformer(refs: pathlib.Path):
-  """flaxformer's moe_layers, routing and dense modules from the source tarballs in `refs`
-  (flaxformer-*.tgz and the aqt-stub.tgz it imports), or (None, reason)."""
-  refs = pathlib.Path(refs)
-  sources = sorted(refs.glob("flaxformer-*.tgz"))
-  if not sources:
-    return None, f"no flaxformer-*.tgz in {refs}"
-  target = pathlib.Path(tempfile.mkdtemp(prefix="switchjax-flaxformer-"))
-  for name in [sources[-1].name, "aqt-stub.tgz"]:
-    if (refs / name).exists():
-      with tarfile.open(refs / name) as tar:
-        tar.extractall(target / name.split(".")[0], filter="data")
-  sys.path[:0] = [str(d) for d in target.iterdir()]
-  try:
-    from flaxformer.architectures.moe import moe_layers
-    from flaxformer.architectures.moe import routing as ff_routing
-    from flaxformer.components import dense as ff_dense
-  except ImportError as e:
-    return None, f"flaxformer from {sources[-1]} does not import: {e}"
-  return (moe_layers, ff_routing, ff_dense), str(sources[-1])
-
-
-def flaxformer_layer(flaxformer, config: MoeConfig, d_ff: int):
-  """flaxformer's MoeLayer with `config`'s routing on one device (groups a multiple of E)."""
-  moe_layers, ff_routing, ff_dense = flaxformer
-  expert = ff_dense.MlpBlock(
-    use_bias=False,
-    intermediate_dim=d_ff,
-    activations=("relu",),
-    intermediate_dropout_rate=0.0,
-    final_dropout_rate=0.0,
-    dtype=jnp.float32,
-  )
-  router = ff_routing.TokensChooseMaskedRouter(
-    router_weights=ff_routing.RouterWeights(use_bias=False, dtype=jnp.float32),
-    num_selected_experts=config.num_selected_experts,
-    jitter_noise=0.0,
-    batch_prioritized_routing=False,
-    dtype=jnp.float32,
-    ignore_padding_tokens=False,
-  )
-  return moe_layers.MoeLayer(
-    num_experts=config.num_experts,
-    max_group_size=config.max_group_size,
-    train_capacity_factor=config.train_capacity_factor,
-    eval_capacity_factor=config.eval_capacity_factor,
-    expert=expert,
-    router=router,
-    num_expert_partitions=config.num_experts,
-    num_model_partitions=1,
-    min_expert_capacity=config.min_expert_capacity,
-    dropout_rate=0.0,
-    dtype=jnp.float32,
-  )
 
 
 def compile_fwd_bwd(layer, x, params=None, **apply_kwargs):
