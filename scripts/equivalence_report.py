@@ -6,7 +6,8 @@
 Sections:
   fixtures  the MoE layer vs each flaxformer golden case (tests/fixtures/flaxformer_moe, plus
             $SWITCHJAX_FLAXFORMER_FIXTURES): max abs output difference, max relative metric
-            difference;
+            difference; and vs flaxformer's gradients on them (tests/fixtures/
+            flaxformer_moe_gradients), relative, in both dispatches;
   meshes    the MoE layer's outputs and gradients on 8 emulated devices vs one device, per
             router and mesh, and the all-to-all / all-gather ops of the compiled program;
   training  the tiny preset: exact resume (4 + restart + 4 vs 8 steps), 1 vs 8 devices, and two
@@ -22,6 +23,7 @@ os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import socket  # noqa: E402
@@ -33,6 +35,7 @@ import numpy as np  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "flaxformer_moe"  # Data, not code: nothing imports tests/.
+GRADIENTS = FIXTURES.parent / "flaxformer_moe_gradients"
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
@@ -49,6 +52,16 @@ def fixtures():
     )
     diff = np.abs(outputs - case.outputs).max()
     print(f"  {case.name:36s} outputs {diff:.1e}  metrics {rel:.1e}")
+  print("Their gradients vs flaxformer's (max over arrays of max abs diff / max abs gradient):")
+  for path in sorted(GRADIENTS.glob("*.npz")):
+    name, cotangent, expected = equivalence.load_gradient_case(path)
+    case = equivalence.load_golden_case(FIXTURES / f"{name}.npz")
+    errors = []
+    for dispatch in ("buffers", "sorted"):
+      layer = case.layer.clone(config=dataclasses.replace(case.layer.config, dispatch=dispatch))
+      ours = equivalence.golden_gradients(dataclasses.replace(case, layer=layer), cotangent)
+      errors.append(f"{dispatch} {equivalence.worst_gradient_error(ours, expected):.1e}")
+    print(f"  {name:36s} " + "  ".join(errors))
 
 
 def meshes():

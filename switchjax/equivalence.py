@@ -208,6 +208,14 @@ def golden_gradients(case: GoldenCase, cotangent) -> dict[str, np.ndarray]:
   return gradient_arrays(grads, case_arrays)
 
 
+def worst_gradient_error(ours: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> float:
+  """max over the arrays of max |ours - expected| / max |expected| (an all-zero expected array:
+  the absolute difference)."""
+  return max(
+    float(np.abs(ours[k] - v).max() / (np.abs(v).max() or 1.0)) for k, v in expected.items()
+  )
+
+
 def load_gradient_case(path: str | os.PathLike) -> tuple[str, np.ndarray, dict[str, np.ndarray]]:
   """(golden case name, cotangent, expected gradients) of a flaxformer gradient file, written
   by scripts/make_gradient_cases.py (the format is in that directory's README)."""

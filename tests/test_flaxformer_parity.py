@@ -111,3 +111,7 @@ def test_equivalence_report_prints_every_case():
   for path in CASES:
     line = next(row for row in out.splitlines() if row.strip().startswith(path.stem))
     assert float(line.split("outputs")[1].split()[0]) <= 1e-5
+  gradients = out.split("Their gradients vs flaxformer's")[1].splitlines()[1:]
+  for path in GRADIENTS:
+    line = next(row for row in gradients if row.strip().startswith(path.stem))
+    assert max(float(line.split(d)[1].split()[0]) for d in ("buffers", "sorted")) <= GRAD_TOL
