@@ -220,8 +220,16 @@ def load_gradient_case(path: str | os.PathLike) -> tuple[str, np.ndarray, dict[s
   """(golden case name, cotangent, expected gradients) of a flaxformer gradient file, written
   by scripts/make_gradient_cases.py (the format is in that directory's README)."""
   data = np.load(path)
-  meta = json.loads(bytes(data["meta_json"]))
   expected = {k: data[k] for k in data if k.split(".")[0] in GRADIENT_TERMS}
+  missing = [k for k in ("meta_json", "cotangent") if k not in data] + (
+    [] if expected else ["gradients"]
+  )
+  if missing:
+    raise ValueError(
+      f"{path} is not a flaxformer gradient case: it lacks {', '.join(missing)} (the format is "
+      "described in tests/fixtures/flaxformer_moe_gradients/README.md)."
+    )
+  meta = json.loads(bytes(data["meta_json"]))
   return meta["case"], data["cotangent"], expected
 
 

@@ -115,3 +115,13 @@ def test_equivalence_report_prints_every_case():
   for path in GRADIENTS:
     line = next(row for row in gradients if row.strip().startswith(path.stem))
     assert max(float(line.split(d)[1].split()[0]) for d in ("buffers", "sorted")) <= GRAD_TOL
+
+
+def test_a_file_that_is_not_a_gradient_case_is_named(tmp_path):
+  np.savez(tmp_path / "other.npz", cotangent=np.zeros(3))
+  with pytest.raises(ValueError) as e:
+    equivalence.load_gradient_case(tmp_path / "other.npz")
+  assert str(e.value) == (
+    f"{tmp_path / 'other.npz'} is not a flaxformer gradient case: it lacks meta_json, gradients "
+    "(the format is described in tests/fixtures/flaxformer_moe_gradients/README.md)."
+  )
