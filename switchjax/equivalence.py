@@ -1,4 +1,5 @@
-"""Equivalence checks: the flaxformer golden cases and expert parallelism on device meshes.
+"""Equivalence checks: the flaxformer golden cases (outputs, metrics, gradients) and expert
+parallelism on device meshes.
 
 The tests (`tests/test_flaxformer_parity.py`, `tests/test_sharding.py`) bound these figures and
 `scripts/equivalence_report.py` prints them; both use this module, so the report measures
@@ -9,6 +10,10 @@ exactly what the tests check.
   public API (a `MoeLayer` plus its parameters) and `run_golden_case` gives the layer's outputs
   and its five routing metrics, to compare with the expected ones. The repository's cases live
   in `tests/fixtures/flaxformer_moe`; $SWITCHJAX_FLAXFORMER_FIXTURES names a directory of more.
+- Their gradients: `layer_gradients` differentiates a layer (flaxformer's or switchjax's) on a
+  case; `scripts/make_gradient_cases.py` stored flaxformer's in
+  `tests/fixtures/flaxformer_moe_gradients` (`load_gradient_case`), and `golden_gradients` gives
+  switchjax's under the same names.
 - Meshes: `mesh_test_layer` builds a small MoE layer and its gradient function, and
   `run_on_mesh` runs it on a ('data', 'expert', 'model') mesh of the given shape, returning the
   gradients, the outputs and the compiled program's text (to look for all-to-all ops).
