@@ -60,9 +60,14 @@ def main(argv=None):
   flaxformer, source = load_flaxformer(pathlib.Path(args.refs))
   if flaxformer is None:
     sys.exit(f"--refs {args.refs}: {source}.")
+  paths = equivalence.golden_case_paths(args.cases)
+  if not paths:
+    sys.exit(
+      f"--cases {args.cases}: no golden cases (.npz) there; point it at a directory of them."
+    )
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  for path in equivalence.golden_case_paths(args.cases):
+  for path in paths:
     case = equivalence.load_golden_case(path)
     arrays = gradient_case(flaxformer, pathlib.Path(source).name, case)
     np.savez_compressed(out / f"{case.name}.npz", **arrays)
