@@ -207,9 +207,15 @@ def gradient_arrays(gradients: dict[str, dict[str, Any]], names) -> dict[str, np
   return flat
 
 
-def golden_gradients(case: GoldenCase, cotangent) -> dict[str, np.ndarray]:
-  """switchjax's gradients on a golden case, as `gradient_arrays` names them."""
-  grads = layer_gradients(case.layer, case.params, case.inputs, case.train, cotangent)
+def golden_gradients(
+  case: GoldenCase, cotangent, dispatch: str | None = None
+) -> dict[str, np.ndarray]:
+  """switchjax's gradients on a golden case, as `gradient_arrays` names them; `dispatch`
+  ('buffers', 'sorted') replaces the layer's moe.dispatch."""
+  layer = case.layer
+  if dispatch is not None:
+    layer = layer.clone(config=dataclasses.replace(layer.config, dispatch=dispatch))
+  grads = layer_gradients(layer, case.params, case.inputs, case.train, cotangent)
   return gradient_arrays(grads, case_arrays)
 
 
