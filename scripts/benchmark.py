@@ -10,7 +10,8 @@ XLA's CPU backend at optimisation level 0, as the tests do: it checks that the b
 its figures mean little. --json PATH writes every figure, the raw per-call times and the
 machine (CPU model, cores, versions, XLA flags, the measured matmul peak).
 
-Sections (each a module of switchjax/benchmarks/; this script parses the flags and runs them):
+Sections (each a module of the repository's benchmarks/; this script parses the flags and runs
+them):
   moe       MoeLayer forward + backward (jit, float32, 1 device) on B x L x d_model (8 x 512 x
             768, d_ff 3072) against a dense MlpBlock of the same d_ff, over expert counts E
             (8, 32, 128): one-hot (tokens_choose_masked), scatter (tokens_choose_scatter) and
@@ -58,17 +59,19 @@ import os
 import pathlib
 import sys
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repository's benchmarks/ (measurement code, not installed)
+
+from benchmarks import machine
+from benchmarks.generation import bench_generate
+from benchmarks.moe_layer import bench_moe
+from benchmarks.timing import matmul_peak_tflops
+from benchmarks.train_step import bench_train
+from benchmarks.vs_hf import bench_vs_hf
 from switchjax import huge_pages, pod
-from switchjax.benchmarks import machine
-from switchjax.benchmarks.generation import bench_generate
-from switchjax.benchmarks.moe_layer import bench_moe
-from switchjax.benchmarks.timing import matmul_peak_tflops
-from switchjax.benchmarks.train_step import bench_train
-from switchjax.benchmarks.vs_hf import bench_vs_hf
 from switchjax.config import load_config
 
 SECTIONS = ("moe", "train", "generate", "vs_hf")
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None):

@@ -18,13 +18,15 @@ import zlib
 import jax
 import numpy as np
 
-from switchjax import equivalence
-from switchjax.flaxformer_reference import (
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository's benchmarks/
+
+from benchmarks.flaxformer import (
   flaxformer_arrays,
   flaxformer_layer,
   flaxformer_params,
   load_flaxformer,
 )
+from switchjax import equivalence
 
 
 def parse_args(argv=None):

@@ -7,13 +7,12 @@ MaxText's dropless path):
   out[rows of group e] = lhs[rows of group e] @ rhs[e]
 
 That is `jax.lax.ragged_dot`, which TPUs and GPUs run with native kernels. XLA:CPU has no ragged
-dot: jax lowers it there to one dense matmul over all rows and all groups (E times the FLOPs;
-measured 7x slower than a dense matmul at E = 8). On CPUs `grouped_matmul` therefore runs
-blocked loops of static-shape matmuls instead: for each group that has rows (groups without rows
-are skipped, their matrices never read), the run of `n * block` rows is cut into chunks of
-`block * 2^j` rows, one per binary digit of n, so a run costs a few large matmuls whatever its
-length. The backward pass runs the same loops (a custom VJP): d lhs with the transposed
-matrices, d rhs[e] = lhs_e^T d out_e chunk by chunk.
+dot: jax lowers it there to one dense matmul over all rows and all groups (E times the FLOPs).
+On CPUs `grouped_matmul` therefore runs blocked loops of static-shape matmuls instead: for each
+group that has rows (groups without rows are skipped, their matrices never read), the run
+of `n * block` rows is cut into chunks of `block * 2^j` rows, one per binary digit of n, so a run
+costs a few large matmuls whatever its length. The backward pass runs the same loops (a custom
+VJP): d lhs with the transposed matrices, d rhs[e] = lhs_e^T d out_e chunk by chunk.
 
 Layout (both implementations): group e occupies rows [start_e, start_e + group_sizes[e]),
 start_e = the sum of the sizes before it, and every size is a multiple of `block` (a run is

@@ -2,9 +2,8 @@
 
 XLA:CPU allocates every execution's temporaries and outputs with malloc, and glibc serves large
 blocks by fresh mmaps that it unmaps on free: each step the kernel faults them in again, 4 KiB
-page by page, and zeroes every page. Measured on 2 CPU cores: the `small` preset's train step
-(415 MiB of temporaries) spent a fifth of its time so (11.4 M page faults in 100 steps, 0.46 M
-with huge pages), and a 1 GiB elementwise add ran at 9.5 GiB/s against 17 GiB/s.
+page by page, and zeroes every page: a sizeable share of a small model's step time, and of
+memory bandwidth (docs/benchmarks.md has the figures).
 
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` makes malloc ask for transparent huge pages (2 MiB) on
 its mappings (the kernel's `madvise` mode, the default of most distributions, grants them only

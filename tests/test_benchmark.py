@@ -1,4 +1,4 @@
-"""Smoke test of scripts/benchmark.py (switchjax.benchmarks): every section runs and reports
+"""Smoke test of scripts/benchmark.py (the repository's benchmarks/): every section runs and reports
 sane figures.
 
 Speed itself is never asserted (timings here are noise); the benchmark reports ratios.
@@ -11,8 +11,8 @@ import pathlib
 import subprocess
 import sys
 
+from benchmarks import machine, moe_layer
 from switchjax import huge_pages
-from switchjax.benchmarks import machine, moe_layer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARK = str(ROOT / "scripts" / "benchmark.py")

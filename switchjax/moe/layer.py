@@ -19,9 +19,9 @@ from switchjax.moe.groups import causal_token_order, group_layout, mesh_group_sh
 from switchjax.moe.sorted_layout import dropless_block, sorted_rows
 
 Array = jax.Array
-# dispatch='auto' sorts on one CPU device up to this many experts: measured (B8 L512 d768
-# d_ff 3072) 0.85x the buffers' time at E = 8, equal at E = 32, 1.2x at E = 128 (each sorted
-# expert copies its weights on XLA:CPU, which weighs at many experts).
+# dispatch='auto' sorts on one CPU device up to this many experts: beyond it the buffers are
+# faster there (each sorted expert copies its weights on XLA:CPU, which weighs at many
+# experts; `scripts/benchmark.py moe` measures both).
 SORTED_MAX_EXPERTS = 16
 
 

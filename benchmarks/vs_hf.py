@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import time_interleaved
 from switchjax import losses
-from switchjax.benchmarks.timing import time_interleaved
 from switchjax.config import Config, DataConfig
 from switchjax.data.pipeline import make_batch
 from switchjax.decoding import generate

@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from switchjax.benchmarks.timing import time_interleaved
+from benchmarks.timing import time_interleaved
 from switchjax.config import Config
 from switchjax.decoding import generate
 from switchjax.model import SwitchTransformer, init_params

@@ -14,9 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from switchjax.benchmarks.timing import memory, mib, milliseconds, time_interleaved
+from benchmarks.flaxformer import flaxformer_layer, load_flaxformer
+from benchmarks.timing import memory, mib, milliseconds, time_interleaved
 from switchjax.config import MoeConfig
-from switchjax.flaxformer_reference import flaxformer_layer, load_flaxformer
 from switchjax.layers import MlpBlock
 from switchjax.moe import MoeLayer, group_layout
 from switchjax.pod import format_table

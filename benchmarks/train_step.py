@@ -12,8 +12,8 @@ import math
 import jax
 import numpy as np
 
+from benchmarks.timing import memory, mib, time_interleaved
 from switchjax import sharding
-from switchjax.benchmarks.timing import memory, mib, time_interleaved
 from switchjax.config import Config, MeshConfig
 from switchjax.data.pipeline import make_batch
 from switchjax.pod import format_table
