@@ -84,7 +84,7 @@ def meshes():
 
 
 def training():
-  from switchjax import checkpoint
+  from switchjax import checkpoint, model_loading
   from switchjax.config import load_config
   from switchjax.training import train
 
@@ -104,7 +104,7 @@ def training():
   run("resumed", "train.num_train_steps=4", "train.checkpoint_every=4")
   resumed = run("resumed", "train.num_train_steps=8", "train.checkpoint_every=4")
   same_params = checkpoint.params_equal(
-    checkpoint.load_model(tmp / "straight")[1], checkpoint.load_model(tmp / "resumed")[1]
+    model_loading.load_model(tmp / "straight")[1], model_loading.load_model(tmp / "resumed")[1]
   )
   print(
     f"Resume: losses bit-identical {resumed.losses.items() <= straight.losses.items()}, "

@@ -21,7 +21,7 @@ import sys
 import jax
 import numpy as np
 
-from switchjax import checkpoint, sharding
+from switchjax import checkpoint, model_loading, sharding
 from switchjax import config as config_lib
 from switchjax.data.tokenizer import Tokenizer
 from switchjax.decoding import generate
@@ -68,10 +68,10 @@ def load(args):
   if any(not item.startswith("mesh.") for item in args.set):
     raise ValueError(f"--set takes mesh.* fields only (e.g. mesh.expert=4), not {args.set}.")
   if not args.set:
-    config, params = checkpoint.load_model(args.checkpoint, dtype=args.dtype)
+    config, params = model_loading.load_model(args.checkpoint, dtype=args.dtype)
     return config, params, contextlib.nullcontext()
   mesh_config = config_lib.apply_overrides(config_lib.Config(), args.set).mesh
-  config, params, mesh = checkpoint.load_model_on_mesh(
+  config, params, mesh = model_loading.load_model_on_mesh(
     args.checkpoint, mesh_config, dtype=args.dtype
   )
   context = contextlib.ExitStack()

@@ -39,9 +39,9 @@ def main(argv=None) -> int:
   )
   args = parser.parse_args(argv)
 
-  from switchjax import checkpoint, upcycle
+  from switchjax import checkpoint, model_loading, upcycle
   from switchjax.config import load_config
-  from switchjax.sparse_layers import decoder_sparse_layers, encoder_sparse_layers
+  from switchjax.config.sparse_layout import decoder_sparse_layers, encoder_sparse_layers
 
   checkpoint.release_memory_eagerly()
   try:
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     f"python scripts/pretrain.py --config={args.output_dir} --workdir=DIR"
   )
   if args.verify:
-    _, params = checkpoint.load_model(args.output_dir)
+    _, params = model_loading.load_model(args.output_dir)
     dense = upcycle.read_dense(args.dense)
     differences = upcycle.logit_differences(dense, m, params)
     print(

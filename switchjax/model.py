@@ -21,10 +21,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from switchjax import layers
+from switchjax import layers, scan
 from switchjax.config import ModelConfig
+from switchjax.config.sparse_layout import (
+  decoder_sparse_layers,
+  encoder_sparse_layers,
+  stack_layout,
+)
 from switchjax.moe import MoeLayer, expert_kernel_init
-from switchjax.sparse_layers import decoder_sparse_layers, encoder_sparse_layers
 
 Array = jax.Array
 
@@ -262,9 +266,7 @@ def _scanned(block_cls, cfg: ModelConfig, stack: str, num_layers: int, num_args:
   residual float32, a stack with sparse layers carries float32 from its first layer on
   (unscanned: from its first sparse layer; the same in a float32 model). Returns
   (scanned module, carry dtype or None to keep the input's)."""
-  from switchjax import scan  # local: scan imports this module
-
-  period, sparse = scan.stack_layout(cfg, stack)
+  period, sparse = stack_layout(cfg, stack)
   carry_dtype = jnp.promote_types(cfg.dtype, jnp.float32) if any(sparse) else None
   scanned = nn.scan(
     block_cls,
@@ -512,6 +514,13 @@ def init_params(model: SwitchTransformer, key: Array) -> dict:
   not depend on the dummy inputs, so `jax.eval_shape` of this gives the abstract tree."""
   dummy = jnp.ones((1, 8), jnp.int32)
   return model.init({"params": key}, dummy, dummy)["params"]
+
+
+def abstract_params(model: SwitchTransformer) -> dict:
+  """The boxed parameter shapes of `model`. The key is made inside the trace: a concrete key
+  would run (and compile) a first XLA computation before any restore, and cannot exist for
+  devices that are only described (a TPU topology compiled for on another machine)."""
+  return jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
 
 
 class SwitchEncoder(nn.Module):

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from switchjax.config import Config, apply_overrides, estimate_parameters, load_config
+from switchjax.training import train, train_flops_per_example
 
 # The sweep's model: the small preset (its corpus, optimizer and schedule: Adafactor at the rsqrt
 # schedule's 0.01 for the first 10,000 steps, aux loss 0.01, capacity factors 1.25 / 2.0) made
@@ -177,8 +178,6 @@ def run_sweep(
   spreads over the variants) in workdir/<variant>/seed<seed> and returns the results: the
   settings, and per run its variant, seed, parameters, FLOPs per step and what it logged.
   Finished runs are read back, not trained again."""
-  from switchjax.training import train, train_flops_per_example
-
   workdir = pathlib.Path(workdir)
   runs = []
   for seed in seeds:

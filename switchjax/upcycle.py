@@ -18,7 +18,7 @@ What the upcycled model computes, with capacity that drops nothing:
   probability of its top-1 expert: the logits differ from the dense model's, and the difference
   is exactly that factor in every upcycled layer (`tests/test_upcycle.py` checks it layer by
   layer, and through the whole model with a zero router, where p = 1/E);
-- with `moe.router_type='tokens_choose_renormalized'` (registered here) the chosen experts'
+- with `moe.router_type='tokens_choose_renormalized'` (switchjax.routing) the chosen experts'
   combine weights are renormalised to sum to 1 (the paper's "normalised router weights",
   which its authors report helped their vision models, not their language models): each token
   then gets exactly the dense MLP's output and the upcycled logits equal the dense model's.
@@ -39,43 +39,15 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from switchjax import checkpoint, hf, routing, sharding
 from switchjax.checkpoint import LazyArray
 from switchjax.config import Config, ModelConfig
+from switchjax.config.sparse_layout import decoder_sparse_layers, encoder_sparse_layers
 from switchjax.model import SwitchTransformer, init_params
-from switchjax.sparse_layers import decoder_sparse_layers, encoder_sparse_layers
 
 RENORMALIZED_ROUTER = "tokens_choose_renormalized"
-
-
-# --------------------------------------------------------------------------------------------
-# The renormalised router.
-
-
-@routing.register_router(RENORMALIZED_ROUTER)
-class RenormalizedTokensChooseRouter(routing.TokensChooseMaskedRouter):
-  """Tokens-choose top-k (one-hot dispatch) whose combine weights are the chosen experts'
-  probabilities divided by their sum: 1 for top-1. Routing, capacity, priorities and the
-  router losses are `tokens_choose_masked`'s; only the combine weights differ. A token whose
-  choice is dropped still gets 0 for it (the others are not scaled up)."""
-
-  @classmethod
-  def hf_problem(cls, config) -> str | None:
-    return (
-      f"{RENORMALIZED_ROUTER} routing: HF weights each token's expert output by the router "
-      "probability; set model.moe.router_type='tokens_choose_masked'"
-    )
-
-  def route(self, router_probs, padding_mask, expert_capacity, causal, order):
-    routed = super().route(router_probs, padding_mask, expert_capacity, causal, order)
-    # [groups, tokens]: the probability mass of each token's k choices (> 0: a softmax).
-    chosen = jnp.sum(routing.top_k(router_probs, self.config.num_selected_experts)[0], axis=-1)
-    if isinstance(routed, routing.RouterIndices):  # combine weights [groups, tokens, k]
-      return routed.replace(combine_weights=routed.combine_weights / chosen[..., None])
-    return routed.replace(combine_array=routed.combine_array / chosen[..., None, None])
 
 
 # --------------------------------------------------------------------------------------------

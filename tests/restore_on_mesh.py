@@ -48,19 +48,19 @@ def main(argv=None) -> int:
 
   jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py
 
-  from switchjax import checkpoint
+  from switchjax import checkpoint, model_loading
   from switchjax.config import MeshConfig
-  from switchjax.model import SwitchTransformer
+  from switchjax.model import SwitchTransformer, abstract_params
 
   checkpoint.release_memory_eagerly()  # as scripts/generate.py does
   data, expert, model_axis = map(int, args.mesh.split(","))
   config = checkpoint.read_checkpoint_config(args.checkpoint)
   mesh = sharding.make_mesh(MeshConfig(data=data, expert=expert, model=model_axis))
   model = SwitchTransformer(config.model)
-  boxed = checkpoint.abstract_params(model)
+  boxed = abstract_params(model)
   shardings = sharding.param_shardings(mesh, boxed)
   before = rss_mib()  # the restore starts here
-  config, params = checkpoint.load_model(args.checkpoint, shardings=shardings)
+  config, params = model_loading.load_model(args.checkpoint, shardings=shardings)
   jax.block_until_ready(params)
   peak = rss_mib("VmHWM")
   shards = [s for leaf in jax.tree.leaves(params) for s in leaf.addressable_shards]

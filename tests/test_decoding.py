@@ -291,9 +291,9 @@ def checkpoint_dir(tmp_path_factory):
 
 def _native_generate(checkpoint_dir, **kwargs):
   """In-process generation for SCRIPT_INPUTS: (token ids [2, SCRIPT_NEW], tokenizer)."""
-  from switchjax.checkpoint import load_model
   from switchjax.data.tokenizer import Tokenizer
   from switchjax.model import SwitchTransformer
+  from switchjax.model_loading import load_model
 
   config, params = load_model(checkpoint_dir)
   tokenizer = Tokenizer(checkpoint_dir / "spiece.model", extra_ids=100)

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from switchjax import checkpoint
+from switchjax import checkpoint, model_loading
 from switchjax.config import FINETUNE_TASKS, load_config
 from switchjax.data import text_to_text
 from switchjax.data.text_to_text import read_pairs, write_pairs
@@ -155,7 +155,7 @@ def talkative(pretrained, tmp_path_factory):
   """The pretrained model with the embeddings of pad and EOS zeroed, so that greedy decoding
   says something (the 10-step model, like a fresh one, says pad): a converted-style model
   directory (config.json, spiece.model, parameters only)."""
-  config, params = checkpoint.load_model(pretrained)
+  config, params = model_loading.load_model(pretrained)
   embedding = np.array(params["token_embedder"]["embedding"])  # [vocab, d_model]
   embedding[:2] = 0
   params["token_embedder"]["embedding"] = embedding
@@ -171,7 +171,7 @@ def test_exact_match_scores_known_predictions(talkative, tmp_path):
   base = finetune_config(load_config(str(talkative)))
   data = finetune_data(base)
   inputs, _ = data.eval_inputs(16)
-  config_, params = checkpoint.load_model(talkative)
+  config_, params = model_loading.load_model(talkative)
   batch = base.train.batch_size
   model = SwitchTransformer(config_.model)
   predictions = greedy_texts(model, params, inputs, data.tokenizer, base.data.targets_length, batch)
@@ -219,7 +219,7 @@ def test_finetune_keeps_the_best_and_resumes_exactly(pretrained, tmp_path):
     assert best["value"] == min(v for k, v in losses.items() if k > 0)
     assert best["step"] == min((v, k) for k, v in losses.items() if k > 0)[1]
     assert {r["step"] for r in records if "eval/exact_match" in r} == {0, 4, 8, 12}
-    saved_config, params = checkpoint.load_model(workdir / BEST)
+    saved_config, params = model_loading.load_model(workdir / BEST)
     assert saved_config.train.init_from is None and saved_config.data.spm_path is None
     assert checkpoint.CheckpointStore(workdir / BEST).steps() == [best["step"]]
   assert json.loads((tmp_path / "whole" / BEST_FILE).read_text()) == json.loads(

@@ -22,9 +22,9 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 
-from switchjax import checkpoint, hf, losses
+from switchjax import checkpoint, hf, losses, model_loading
 from switchjax import config as config_lib
-from switchjax.sparse_layers import sparse_layer_indices
+from switchjax.config.sparse_layout import sparse_layer_indices
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -306,7 +306,7 @@ def test_to_hf_round_trip(hf_dirs, tmp_path, name):
 def test_orbax_round_trip(hf_dirs, tmp_path):
   model, params = hf.from_hf(hf_dirs["base"][0])
   checkpoint.save_model(tmp_path, config_lib.Config(name="hf", model=model.config), params)
-  config, restored = checkpoint.load_model(tmp_path)
+  config, restored = model_loading.load_model(tmp_path)
   assert config.model == model.config
   assert checkpoint.params_equal(params, restored)
 

@@ -28,10 +28,10 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
-from switchjax import checkpoint, hf, sharding
+from switchjax import checkpoint, hf, model_loading, sharding
 from switchjax.checkpoint import LazyArray
 from switchjax.config import Config, ModelConfig, MoeConfig
-from switchjax.model import SwitchTransformer
+from switchjax.model import SwitchTransformer, abstract_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONVERT = ROOT / "scripts" / "convert_hf.py"
@@ -121,7 +121,7 @@ def test_conversion_memory_is_bounded_and_values_exact(medium):
     f" MiB, largest stacked tensor {LARGEST / MIB:.0f} MiB"
   )
   assert peak - baseline <= 1.2 * LARGEST / MIB
-  config, params = checkpoint.load_model(out)
+  config, params = model_loading.load_model(out)
   assert config.model.param_dtype == "float32"
   source = source_tensors(hf_dir)
   for spec in hf.tensor_specs(config.model):
@@ -201,11 +201,11 @@ def test_bfloat16_stays_bfloat16_and_casts_on_restore(bf16_hf, tmp_path):
   assert config.model.param_dtype == "bfloat16"
   _, stored = checkpoint.lazy_params(tmp_path / "ckpt")
   assert {x.dtype.name for x in jax.tree.leaves(stored)} == {"bfloat16"}
-  loaded_config, params = checkpoint.load_model(tmp_path / "ckpt")
+  loaded_config, params = model_loading.load_model(tmp_path / "ckpt")
   _, reference = hf.from_hf(bf16_hf, dtype="bfloat16")
   assert loaded_config.model.param_dtype == "bfloat16"
   assert checkpoint.params_equal(params, reference)
-  f32_config, f32 = checkpoint.load_model(tmp_path / "ckpt", dtype="float32")
+  f32_config, f32 = model_loading.load_model(tmp_path / "ckpt", dtype="float32")
   assert f32_config.model.param_dtype == "float32"
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(f32))
   assert checkpoint.params_equal(f32, hf.from_hf(bf16_hf)[1])
@@ -224,7 +224,7 @@ def test_dtype_flag_casts(bf16_hf, tmp_path):
     CONVERT, "--hf_dir", bf16_hf, "--output_dir", tmp_path / "f32", "--dtype", "float32"
   )
   assert status == 0 and "float32" in out, out
-  config, params = checkpoint.load_model(tmp_path / "f32")
+  config, params = model_loading.load_model(tmp_path / "f32")
   assert config.model.param_dtype == "float32"
   assert checkpoint.params_equal(params, hf.from_hf(bf16_hf)[1])
 
@@ -355,7 +355,7 @@ def test_two_processes_restore_their_shards_only(medium, tmp_path):
   ]
   outputs = [p.communicate(timeout=300)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
-  config, params = checkpoint.load_model(ckpt)
+  config, params = model_loading.load_model(ckpt)
   size = sum(x.nbytes for x in jax.tree.leaves(params)) / MIB
   for i in range(2):
     r = json.loads(pathlib.Path(f"{report}.{i}.json").read_text())
@@ -411,7 +411,7 @@ def test_generate_on_a_mesh_matches_one_device(tmp_path):
     moe=MoeConfig(num_experts=4, eval_capacity_factor=4.0),
   )
   rng = np.random.default_rng(0)
-  shapes = sharding.unbox(checkpoint.abstract_params(SwitchTransformer(cfg)))
+  shapes = sharding.unbox(abstract_params(SwitchTransformer(cfg)))
   params = jax.tree.map(lambda s: rng.normal(0.0, 0.5, s.shape).astype(np.float32), shapes)
   checkpoint.save_model(tmp_path, Config(model=cfg), params)
   command = [ROOT / "scripts/generate.py", "--checkpoint", tmp_path, "--max_new_tokens", "6"]

@@ -16,8 +16,8 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
 import switchjax
 from switchjax import layers, losses
 from switchjax.config import ModelConfig, MoeConfig
+from switchjax.config.sparse_layout import sparse_layer_indices
 from switchjax.model import SwitchEncoder, SwitchTransformer
-from switchjax.sparse_layers import sparse_layer_indices
 
 # --------------------------------------------------------------------------------------------
 # Sparse placement.

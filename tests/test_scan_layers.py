@@ -14,8 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from switchjax import checkpoint, decoding, hf, losses, optimizers, scan, sharding
+from switchjax import checkpoint, decoding, hf, losses, model_loading, optimizers, scan, sharding
 from switchjax.config import load_config
+from switchjax.config.sparse_layout import layer_period
 from switchjax.model import SwitchTransformer, init_params
 from switchjax.training import loss_fn, resume_rules, state_layout, train
 
@@ -129,9 +130,9 @@ def test_layout_without_a_period_is_refused_in_one_line():
   assert "\n" not in message
   assert "model.scan_layers=True" in message and "sparse_layout='top'" in message
   assert "(2, 3)" in message and "model.scan_layers=False" in message
-  assert scan.layer_period(12, (1, 3, 5, 7, 9, 11)) == 2
-  assert scan.layer_period(12, (2, 5, 8, 11)) == 3
-  assert scan.layer_period(15, tuple(range(15))) == 1
+  assert layer_period(12, (1, 3, 5, 7, 9, 11)) == 2
+  assert layer_period(12, (2, 5, 8, 11)) == 3
+  assert layer_period(15, tuple(range(15))) == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,9 +178,9 @@ def test_streaming_conversion_and_restore_in_either_layout(hf_dir, tmp_path):
   assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["model"]["scan_layers"]
   _, stacked = hf.from_hf(directory, scan_layers=True)
   _, plain = hf.from_hf(directory)
-  restored_config, restored = checkpoint.load_model(tmp_path / "ckpt")
+  restored_config, restored = model_loading.load_model(tmp_path / "ckpt")
   assert restored_config.model.scan_layers and checkpoint.params_equal(restored, stacked)
-  unscanned_config, unscanned = checkpoint.load_model(tmp_path / "ckpt", scan_layers=False)
+  unscanned_config, unscanned = model_loading.load_model(tmp_path / "ckpt", scan_layers=False)
   assert not unscanned_config.model.scan_layers and checkpoint.params_equal(unscanned, plain)
   # A scanned checkpoint read lazily converts back to HF one layer at a time.
   lazy_config, lazy = checkpoint.lazy_params(tmp_path / "ckpt")
@@ -209,7 +210,7 @@ def test_scanned_pretraining_learns_and_resumes(tmp_path):
   second = run(tmp_path / "resumed", "train.num_train_steps=30", "train.checkpoint_every=15")
   assert first.step == 15 and second.step == 30
   assert {**first.losses, **second.losses} == straight.losses  # bit-identical
-  _, params = checkpoint.load_model(tmp_path / "resumed")
+  _, params = model_loading.load_model(tmp_path / "resumed")
   assert scan.is_scanned(params)
   # A new unscanned run starts from the scanned checkpoint (train.init_from restacks it).
   init = [f"train.init_from={tmp_path / 'straight'}", "train.num_train_steps=1"]

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from switchjax import checkpoint
+from switchjax import checkpoint, model_loading
 from switchjax.config import load_config
 from switchjax.training import NonFiniteLossError, train
 
@@ -90,8 +90,8 @@ def test_resume_is_exact(tmp_path):
   second = run(tiny("train.num_train_steps=8", *settings), tmp_path / "resumed")
   assert first.step == 4 and second.step == 8
   assert {**first.losses, **second.losses} == straight.losses  # bit-identical
-  _, params_straight = checkpoint.load_model(tmp_path / "straight")
-  _, params_resumed = checkpoint.load_model(tmp_path / "resumed")
+  _, params_straight = model_loading.load_model(tmp_path / "straight")
+  _, params_resumed = model_loading.load_model(tmp_path / "resumed")
   assert checkpoint.params_equal(params_straight, params_resumed)
 
 
@@ -450,7 +450,7 @@ def test_training_starts_from_a_converted_hugging_face_checkpoint(tmp_path):
   )
   assert f"Initialised parameters from {converted.resolve()}." in messages
   assert result.step == 2 and all(np.isfinite(v) for v in result.losses.values())
-  _, start = checkpoint.load_model(converted)
-  _, end = checkpoint.load_model(tmp_path / "finetune")
+  _, start = model_loading.load_model(converted)
+  _, end = model_loading.load_model(tmp_path / "finetune")
   assert jax.tree.structure(start) == jax.tree.structure(end)
   assert not checkpoint.params_equal(start, end)  # trained from there

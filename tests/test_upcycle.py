@@ -28,7 +28,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from switchjax import checkpoint, layers, upcycle
+from switchjax import checkpoint, layers, model_loading, upcycle
 from switchjax.config import Config, load_config
 from switchjax.model import SwitchTransformer, init_params
 from switchjax.moe import MoeLayer
@@ -88,9 +88,9 @@ def test_upcycled_checkpoint_holds_copies_of_the_dense_mlps_and_fresh_routers(de
   config = upcycle.upcycle(dense_dir, switch_config(), tmp_path / "out")
   assert (tmp_path / "out" / "spiece.model").read_bytes() == b"not really a tokenizer"
   assert config.data.spm_path == str((tmp_path / "out" / "spiece.model").resolve())
-  saved, params = checkpoint.load_model(tmp_path / "out")
+  saved, params = model_loading.load_model(tmp_path / "out")
   assert saved == config and saved.model.moe.num_experts == NUM_EXPERTS
-  _, dense = checkpoint.load_model(dense_dir)
+  _, dense = model_loading.load_model(dense_dir)
   for stack in ("encoder", "decoder"):
     sparse, mlp = params[stack]["layers_1"]["mlp"], dense[stack]["layers_1"]["mlp"]
     for name in ("wi", "wo"):
@@ -234,7 +234,7 @@ def test_hugging_face_t5_upcycles_to_transformers_logits(tmp_path, layout):
   target = upcycle.without_drops(target)
   config = Config(model=target)
   upcycle.upcycle(tmp_path / "hf", config, tmp_path / "out")
-  _, params = checkpoint.load_model(tmp_path / "out")
+  _, params = model_loading.load_model(tmp_path / "out")
   assert params["encoder"]["layers_1"]["mlp"]["wo"].shape == (NUM_EXPERTS, 32, 16)
   encoder, decoder = upcycle.random_batch(target, inputs=10, targets=6)
   encoder[1, 7:] = 0  # padding

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from switchjax import checkpoint
+from switchjax import checkpoint, model_loading
 from switchjax.config import load_config
 from switchjax.training import NonFiniteLossError, WorkdirError, resume_rules, train
 from switchjax.training import workdir as workdir_lib
@@ -65,7 +65,7 @@ def trained(tmp_path_factory):
 def converted(trained, tmp_path_factory):
   """What convert_hf.py writes: config.json, spiece.model and the parameters as step 0."""
   directory = tmp_path_factory.mktemp("converted") / "model"
-  config, params = checkpoint.load_model(trained)
+  config, params = model_loading.load_model(trained)
   checkpoint.save_model(directory, config, params)
   shutil.copyfile(trained / "spiece.model", directory / "spiece.model")
   return directory.resolve()
@@ -243,8 +243,8 @@ def test_converted_checkpoint_is_not_a_workdir_unless_asked(converted, tmp_path)
     "train in it."
   )
   assert snapshot(model) == before
-  _, params = checkpoint.load_model(model)  # what generate.py reads: intact
-  assert checkpoint.params_equal(params, checkpoint.load_model(converted)[1])
+  _, params = model_loading.load_model(model)  # what generate.py reads: intact
+  assert checkpoint.params_equal(params, model_loading.load_model(converted)[1])
   messages = []
   train(
     tiny("train.num_train_steps=1"),
@@ -358,7 +358,7 @@ def test_changed_bytes_are_detected_and_the_previous_checkpoint_used(work, where
   changed = bytearray(target.read_bytes())
   changed[len(changed) // 2] ^= 0xFF
   target.write_bytes(bytes(changed))
-  _, params = checkpoint.load_model(work)  # generate.py: the newest step that verifies
+  _, params = model_loading.load_model(work)  # generate.py: the newest step that verifies
   assert checkpoint.params_equal(params, checkpoint.lazy_params(work, 1)[1])
   messages = []
   with pytest.raises(NonFiniteLossError) as error:

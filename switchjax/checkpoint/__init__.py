@@ -18,14 +18,15 @@ resumed as a training run.
 
 Models bigger than memory: `save_model` writes `LazyArray` leaves one block at a time (an Orbax
 type handler of its own, storing what Orbax's NumpyHandler stores), `lazy_params` reads a
-checkpoint's arrays on demand (`StoredArray`), and `load_model` restores one parameter at a time,
-each device reading only its own slices.
+checkpoint's arrays on demand (`StoredArray`); `switchjax.model_loading.load_model` restores a
+model from them one parameter at a time, each device reading only its own slices. The package
+reads and writes arrays without importing the model.
 
 The package, a module per part: `layout` (the directory's files, the errors), `manifest`
 (checksums), `compatibility` (a stored tree against the expected one), `store`
 (CheckpointStore: a run's checkpoints), `lazy_array`, `streaming` (block-wise writes),
-`memory`, `output_dir` (a conversion's target), `model_save`, `stored_array` (reads on
-demand) and `model_load`.
+`memory`, `output_dir` (a conversion's target), `model_save` and `stored_array` (reads on
+demand).
 """
 
 from switchjax.checkpoint.compatibility import params_equal
@@ -41,11 +42,6 @@ from switchjax.checkpoint.layout import (
 from switchjax.checkpoint.lazy_array import LazyArray
 from switchjax.checkpoint.manifest import verify_manifest, write_manifest
 from switchjax.checkpoint.memory import release_freed_memory, release_memory_eagerly
-from switchjax.checkpoint.model_load import (
-  abstract_params,
-  load_model,
-  load_model_on_mesh,
-)
 from switchjax.checkpoint.model_save import save_model
 from switchjax.checkpoint.output_dir import check_output_dir, clear_output_dir
 from switchjax.checkpoint.store import CheckpointStore
@@ -63,12 +59,9 @@ __all__ = [
   "LazyArray",
   "StoredArray",
   "WriteError",
-  "abstract_params",
   "check_output_dir",
   "clear_output_dir",
   "lazy_params",
-  "load_model",
-  "load_model_on_mesh",
   "params_equal",
   "read_checkpoint_config",
   "release_freed_memory",

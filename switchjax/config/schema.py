@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from switchjax.config.router_registry import router_class
 from switchjax.config.sizes import check_sizes
+from switchjax.config.sparse_layout import STACKS, stack_layout
 
 SPARSE_LAYOUTS = ("mixed", "top", "bottom", "middle", "hf")
 PRECISIONS = ("default", "high", "highest")
@@ -121,10 +123,8 @@ class MoeConfig:
       raise ValueError(problem)
 
   def router(self):
-    """The Router class of `router_type` (switchjax.routing's registry)."""
-    from switchjax import routing  # local: routing imports this module
-
-    return routing.router_class(self.router_type)
+    """The Router class of `router_type` (the classes switchjax.routing registers)."""
+    return router_class(self.router_type)
 
 
 def causal_moe(moe: MoeConfig) -> MoeConfig:
@@ -266,10 +266,8 @@ class ModelConfig:
     if self.remat not in ("none", "full"):
       raise ValueError(f"{p}.remat={self.remat!r}; use 'none' or 'full'.")
     if self.scan_layers:
-      from switchjax import scan  # local: scan imports the model
-
-      for stack in scan.STACKS:
-        scan.stack_layout(self, stack)  # one-line error when the layout does not repeat
+      for stack in STACKS:
+        stack_layout(self, stack)  # one-line error when the layout does not repeat
     for name in ("dropout_rate", "expert_dropout"):
       if not 0.0 <= getattr(self, name) < 1.0:
         raise ValueError(f"{p}.{name}={getattr(self, name)} must be in [0, 1).")

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from switchjax.data.corpus import default_documents
 from switchjax.data.pipeline import TrainIterator, host_eval_batches, make_batch
 from switchjax.data.tokenizer import EOS_ID, Tokenizer
 
@@ -234,8 +235,6 @@ def fill_in_the_blank(num_train: int = 4000, num_eval: int = 200, seed: int = 0,
 
 def _corpus_sentences() -> list[str]:
   """The embedded corpus's sentences of 6-24 words, whitespace-normalized, sorted, unique."""
-  from switchjax.data.corpus import default_documents
-
   return sorted(
     {
       " ".join(s.split())

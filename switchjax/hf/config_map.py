@@ -4,13 +4,13 @@ transformers' sparse-layer placement rule and what HF cannot express."""
 from __future__ import annotations
 
 from switchjax.config import ModelConfig, MoeConfig
-from switchjax.hf.files import CheckpointError
-from switchjax.sparse_layers import (
+from switchjax.config.sparse_layout import (
   decoder_sparse_layers,
   encoder_sparse_layers,
   hf_sparse_blocks,
   sparse_layer_indices,
 )
+from switchjax.hf.files import CheckpointError
 
 # HF `dense_act_fn` -> switchjax activation. HF's 'gelu' is the exact (erf) form, 'gelu_new'
 # and friends the tanh approximation (switchjax's 'gelu').

@@ -16,6 +16,7 @@ import numpy as np
 from switchjax import checkpoint, scan
 from switchjax.checkpoint import LazyArray
 from switchjax.config import Config, DataConfig, ModelConfig
+from switchjax.config.sparse_layout import decoder_sparse_layers, encoder_sparse_layers
 from switchjax.hf.config_map import config_from_hf
 from switchjax.hf.files import (
   SPM,
@@ -38,7 +39,6 @@ from switchjax.hf.tensor_map import (
   tensor_specs,
 )
 from switchjax.model import SwitchTransformer
-from switchjax.sparse_layers import decoder_sparse_layers, encoder_sparse_layers
 
 
 def _names(names, limit: int = 20) -> str:

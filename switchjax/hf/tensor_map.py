@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 
 from switchjax.config import ModelConfig
-from switchjax.sparse_layers import decoder_sparse_layers, encoder_sparse_layers
+from switchjax.config.sparse_layout import decoder_sparse_layers, encoder_sparse_layers
 
 TIED_EMBEDDINGS = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 

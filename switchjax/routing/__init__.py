@@ -23,6 +23,7 @@ The package: `results` (the three forms), `losses`, `algorithms` and `routers` (
 classes and their registry).
 """
 
+from switchjax.config.router_registry import ROUTERS, register_router, router_class
 from switchjax.routing.algorithms import (
   choice_priorities,
   experts_choose,
@@ -36,8 +37,8 @@ from switchjax.routing.algorithms import (
 from switchjax.routing.losses import load_balancing_loss, router_z_loss
 from switchjax.routing.results import RouterChoices, RouterIndices, RouterMask, choices_of
 from switchjax.routing.routers import (
-  ROUTERS,
   ExpertsChooseMaskedRouter,
+  RenormalizedTokensChooseRouter,
   Router,
   TokensChooseDroplessRouter,
   TokensChooseMaskedRouter,
@@ -45,13 +46,12 @@ from switchjax.routing.routers import (
   TokensChooseScatterRouter,
   default_router_init,
   make_router,
-  register_router,
-  router_class,
 )
 
 __all__ = [
   "ROUTERS",
   "ExpertsChooseMaskedRouter",
+  "RenormalizedTokensChooseRouter",
   "Router",
   "RouterChoices",
   "RouterIndices",

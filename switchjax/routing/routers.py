@@ -10,11 +10,13 @@ import jax
 import jax.numpy as jnp
 
 from switchjax.config import MoeConfig
+from switchjax.config.router_registry import register_router, router_class
 from switchjax.routing.algorithms import (
   experts_choose,
   tokens_choose,
   tokens_choose_dropless,
   tokens_choose_scatter,
+  top_k,
 )
 from switchjax.routing.losses import router_z_loss
 from switchjax.routing.results import RouterChoices, RouterIndices, RouterMask
@@ -24,30 +26,6 @@ Array = jax.Array
 # flaxformer: "slightly better results adopting typical normally-distributed scaling for the
 # router, rather than the 0.1-scaled variance_scaling".
 default_router_init = nn.initializers.normal(stddev=2e-2)
-
-
-ROUTERS: dict[str, type[Router]] = {}
-
-
-def register_router(name: str):
-  """Class decorator: makes a Router subclass available as `moe.router_type=name`."""
-
-  def register(cls):
-    cls.router_type = name
-    ROUTERS[name] = cls
-    return cls
-
-  return register
-
-
-def router_class(name: str) -> type[Router]:
-  """The Router class registered as `name`; ValueError naming the known ones otherwise."""
-  if name not in ROUTERS:
-    raise ValueError(
-      f"moe.router_type={name!r} is not a router; use one of {', '.join(ROUTERS)} (or register "
-      "a Router subclass with switchjax.routing.register_router)."
-    )
-  return ROUTERS[name]
 
 
 class Router(nn.Module):
@@ -320,6 +298,30 @@ class TokensChooseDroplessRouter(TokensChooseRouter):
 
   def route(self, router_probs, padding_mask, expert_capacity, causal, order):
     return tokens_choose_dropless(router_probs, padding_mask, self.config.num_selected_experts)
+
+
+@register_router("tokens_choose_renormalized")
+class RenormalizedTokensChooseRouter(TokensChooseMaskedRouter):
+  """Tokens-choose top-k whose combine weights are the chosen experts' probabilities divided
+  by their sum: 1 for top-1 (sparse upcycling's "normalised router weights": an upcycled model
+  then computes the dense model exactly, `switchjax.upcycle`). Routing, capacity, priorities
+  and the router losses are `tokens_choose_masked`'s; only the combine weights differ. A token
+  whose choice is dropped still gets 0 for it (the others are not scaled up)."""
+
+  @classmethod
+  def hf_problem(cls, config: MoeConfig) -> str | None:
+    return (
+      f"{cls.router_type} routing: HF weights each token's expert output by the router "
+      "probability; set model.moe.router_type='tokens_choose_masked'"
+    )
+
+  def route(self, router_probs, padding_mask, expert_capacity, causal, order):
+    routed = super().route(router_probs, padding_mask, expert_capacity, causal, order)
+    # [groups, tokens]: the probability mass of each token's k choices (> 0: a softmax).
+    chosen = jnp.sum(top_k(router_probs, self.config.num_selected_experts)[0], axis=-1)
+    if isinstance(routed, RouterIndices):  # combine weights [groups, tokens, k]
+      return routed.replace(combine_weights=routed.combine_weights / chosen[..., None])
+    return routed.replace(combine_array=routed.combine_array / chosen[..., None, None])
 
 
 def make_router(config: MoeConfig, **kwargs) -> Router:

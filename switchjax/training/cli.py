@@ -11,6 +11,9 @@ import os
 import sys
 from collections.abc import Callable
 
+from switchjax import checkpoint, sharding
+from switchjax.training.hooks import NonFiniteLossError, StartupInterrupted
+
 
 def add_run_flags(parser: argparse.ArgumentParser, workdir_default: str) -> None:
   """--workdir, --set, the multi-host flags, --no_progress and the resume options."""
@@ -62,9 +65,6 @@ def run_command(args, start: Callable[[], tuple], report: Callable[[str, object]
 
 
 def _run(args, start, report) -> int:
-  from switchjax import checkpoint, sharding
-  from switchjax.training import NonFiniteLossError, StartupInterrupted
-
   _one_line_background_errors()
   try:
     sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)

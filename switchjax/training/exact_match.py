@@ -22,6 +22,8 @@ import numpy as np
 
 from switchjax import checkpoint
 from switchjax.config import save_config
+from switchjax.data.text_to_text import decode_generated
+from switchjax.decoding import generate
 from switchjax.model import SwitchTransformer
 from switchjax.training import hooks as hooks_lib
 
@@ -37,9 +39,6 @@ def normalize(text: str) -> str:
 def greedy_texts(model, params, inputs, tokenizer, max_new_tokens, batch_size) -> list[str]:
   """The greedy output text (up to EOS) of each row of `inputs` [n, length], generated
   `batch_size` rows at a time (the last batch padded with empty rows: one compilation)."""
-  from switchjax.data.text_to_text import decode_generated
-  from switchjax.decoding import generate
-
   texts = []
   for start in range(0, len(inputs), batch_size):
     rows = inputs[start : start + batch_size]

@@ -17,6 +17,10 @@ import pathlib
 import jax
 
 from switchjax.config import Config, FinetuneConfig, apply_overrides
+from switchjax.data import text_to_text
+from switchjax.data.corpus import get_tokenizer
+from switchjax.data.text_to_text import make_supervised_data
+from switchjax.data.tokenizer import Tokenizer
 from switchjax.training import hooks as hooks_lib
 from switchjax.training.exact_match import ExactMatchEvaluator
 from switchjax.training.loop import train
@@ -51,9 +55,6 @@ def _path_or_none(path) -> str | None:
 def finetune_tokenizer(config: Config):
   """The model's own tokenizer: spiece.model of train.init_from, else data.spm_path, else the
   one trained on data.paths (what a from-scratch pretraining run of the preset uses)."""
-  from switchjax.data.corpus import get_tokenizer
-  from switchjax.data.tokenizer import Tokenizer
-
   init = config.train.init_from
   if init and (pathlib.Path(init) / "spiece.model").is_file():
     path = pathlib.Path(init) / "spiece.model"
@@ -63,8 +64,6 @@ def finetune_tokenizer(config: Config):
 
 def finetune_pairs(cfg: FinetuneConfig) -> tuple[list, list]:
   """(train pairs, eval pairs): the two files, or the bundled task."""
-  from switchjax.data import text_to_text
-
   if cfg.train_file is None:
     return text_to_text.BUNDLED_TASKS[cfg.task]()
   return tuple(
@@ -76,8 +75,6 @@ def finetune_pairs(cfg: FinetuneConfig) -> tuple[list, list]:
 def finetune_data(config: Config, tokenizer=None):
   """The run's SupervisedData: this host's rows of each batch, tokenized by `tokenizer` (a
   resumed run's own) or the model's (which must fit in model.vocab_size)."""
-  from switchjax.data.text_to_text import make_supervised_data
-
   tokenizer = tokenizer or finetune_tokenizer(config)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ValueError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 from switchjax.config import Config
-from switchjax.sparse_layers import decoder_sparse_layers, encoder_sparse_layers
+from switchjax.config.sparse_layout import decoder_sparse_layers, encoder_sparse_layers
 
 PEAK_TFLOPS = {  # dense bfloat16 peak per device
   "TPU v4": 275.0,

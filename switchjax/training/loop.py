@@ -19,6 +19,7 @@ import numpy as np
 
 from switchjax import checkpoint, sharding
 from switchjax.config import Config, format_config
+from switchjax.data import Tokenizer, make_pretraining_data
 from switchjax.metrics_writer import MetricsWriter
 from switchjax.training import hooks as hooks_lib
 from switchjax.training import workdir as workdir_lib
@@ -126,8 +127,6 @@ def start_run(
 
 def prepare(plan: RunPlan, claim, signals, say, make_data) -> tuple[hooks_lib.Run, TrainState]:
   """The data, the train state and (once both are ready) the workdir's files."""
-  from switchjax.data import Tokenizer  # local: keeps `import switchjax` light
-
   config, tcfg = plan.config, plan.config.train
   layout = state_layout(config, plan.mesh)
   workdir_lib.check_free_space(claim, state_bytes(layout))
@@ -171,8 +170,6 @@ def state_bytes(layout) -> int:
 
 def pretraining_data(config: Config, tokenizer=None):
   """The span-corruption pretraining data of config.data, this host's rows of each batch."""
-  from switchjax.data import make_pretraining_data  # local: keeps `import switchjax` light
-
   return make_pretraining_data(
     config.data,
     config.train.batch_size,

@@ -9,7 +9,7 @@ from typing import Any
 
 from switchjax import config as config_lib
 from switchjax.config import Config
-from switchjax.sparse_layers import decoder_sparse_layers, encoder_sparse_layers
+from switchjax.config.sparse_layout import decoder_sparse_layers, encoder_sparse_layers
 
 FREE, OPTIMISATION, DATA, TOKENIZER, MODEL = "free", "optimisation", "data", "tokenizer", "model"
 _MOE_TRAINING = (

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from switchjax import checkpoint, sharding
+from switchjax import checkpoint, model_loading, sharding
 from switchjax.config import Config
 from switchjax.model import SwitchTransformer, init_params
 from switchjax.optimizers import make_optimizer, opt_state_specs
@@ -109,7 +109,7 @@ def make_train_state(
       return state, meta
   with jax.set_mesh(layout.mesh), sharding.axis_rules():
     if config.train.init_from:
-      _, params = checkpoint.load_model(
+      _, params = model_loading.load_model(
         config.train.init_from,
         shardings=layout.param_shardings,
         dtype=config.model.param_dtype,

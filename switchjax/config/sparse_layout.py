@@ -1,9 +1,15 @@
 """Which layers of a stack are MoE layers: flaxformer's layouts, Hugging Face's sparse step,
-or explicit indices. Plain arithmetic on the config, with no model imports."""
+or explicit indices; and the period with which they repeat (the block of scanned layers).
+Plain arithmetic on the config, with no model imports."""
 
 from __future__ import annotations
 
-from switchjax.config import ModelConfig
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+  from switchjax.config.schema import ModelConfig
+
+STACKS = ("encoder", "decoder")
 
 
 def sparse_layer_indices(num_layers: int, num_sparse: int, layout: str) -> tuple[int, ...]:
@@ -49,3 +55,31 @@ def decoder_sparse_layers(cfg: ModelConfig) -> tuple[int, ...]:
   if cfg.sparse_decoder_layers is not None:
     return tuple(cfg.sparse_decoder_layers)
   return sparse_layer_indices(cfg.decoder_layers, cfg.num_sparse_decoder_layers, cfg.sparse_layout)
+
+
+def layer_period(num_layers: int, sparse: tuple[int, ...]) -> int:
+  """The smallest p dividing num_layers such that layer i is sparse iff layer i + p is."""
+  is_sparse = [i in set(sparse) for i in range(num_layers)]
+  for p in range(1, num_layers + 1):
+    if num_layers % p == 0 and all(is_sparse[i] == is_sparse[i + p] for i in range(num_layers - p)):
+      return p
+  return num_layers
+
+
+def stack_layout(cfg: ModelConfig, stack: str) -> tuple[int, tuple[bool, ...]]:
+  """(period, which layers of a block are sparse) of a stack; a ValueError naming the setting
+  when its sparse layers do not repeat with a period shorter than the stack (2 layers or fewer
+  always scan, as one block)."""
+  if stack == "encoder":
+    n, sparse = cfg.num_layers, encoder_sparse_layers(cfg)
+  else:
+    n, sparse = cfg.decoder_layers, decoder_sparse_layers(cfg)
+  p = layer_period(n, sparse)
+  if p == n and n > 2:
+    raise ValueError(
+      f"model.scan_layers=True needs each stack's sparse layers to repeat, but the {stack}'s "
+      f"sparse layers {tuple(sparse)} of {n} (model.sparse_layout={cfg.sparse_layout!r}) have "
+      "no period shorter than the stack; use model.sparse_layout='mixed' (or evenly spaced "
+      "model.sparse_*_layers) or model.scan_layers=False."
+    )
+  return p, tuple(i in set(sparse) for i in range(p))

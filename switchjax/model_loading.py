@@ -1,5 +1,8 @@
 """load_model: a checkpoint's parameters restored one at a time onto devices or a mesh, each
-device reading only its own slices, in either layer layout."""
+device reading only its own slices, in either layer layout.
+
+The checkpoint package reads and writes arrays without knowing the model; this module builds
+the model's abstract parameters to restore them onto (their shapes, dtypes and shardings)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from switchjax import sharding
+from switchjax import scan, sharding
 from switchjax.checkpoint.compatibility import first_difference
 from switchjax.checkpoint.layout import (
   CHECKPOINTS,
@@ -22,16 +25,9 @@ from switchjax.checkpoint.memory import release_freed_memory
 from switchjax.checkpoint.store import CheckpointStore
 from switchjax.checkpoint.stored_array import StoredArray, lazy_params
 from switchjax.errors import one_line
+from switchjax.model import SwitchTransformer, abstract_params
 
 log = logging.getLogger(__name__)
-
-
-def abstract_params(model):
-  """The boxed parameter shapes of `model`. The key is made inside the trace: a concrete key
-  would run (and compile) a first XLA computation, which costs ~50 MB before any restore."""
-  from switchjax.model import init_params
-
-  return jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
 
 
 def load_model(
@@ -52,8 +48,6 @@ def load_model(
   (`scan.stack_layers` / `unstack_layers`: the host holds the model once) and placed on
   `shardings`.
   """
-  from switchjax.model import SwitchTransformer  # local: model imports are heavy
-
   config = read_checkpoint_config(directory)
   if scan_layers is not None and bool(scan_layers) != config.model.scan_layers:
     return _load_relayout(directory, step, shardings, dtype, bool(scan_layers))
@@ -88,8 +82,6 @@ def load_model(
 
 def _load_relayout(directory, step, shardings, dtype, scan_layers: bool):
   """`load_model` into the other layer layout: restore, restack, place."""
-  from switchjax import scan  # local: scan imports the model
-
   config, params = load_model(directory, step, None, dtype)
   model = dataclasses.replace(config.model, scan_layers=scan_layers)
   config = dataclasses.replace(config, model=model).validate()
@@ -122,8 +114,6 @@ def load_model_on_mesh(directory, mesh_config, step: int | None = None, dtype=No
   MeshConfig(expert=8)) makes of all devices (of every process), sharded by the logical-axis
   rules: each process reads only its devices' slices and places them there. Run the model
   under `jax.set_mesh(mesh)` and `sharding.axis_rules()`."""
-  from switchjax.model import SwitchTransformer  # local: model imports are heavy
-
   config = read_checkpoint_config(directory)
   mesh = sharding.make_mesh(mesh_config, config.model.moe.num_experts)
   model = SwitchTransformer(config.model)
