@@ -4,6 +4,8 @@ the modes."""
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Sequence
 
 import flax
@@ -92,11 +94,15 @@ class MoeLayer(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     router = routing.make_router(cfg, name="router")
-    order = causal_token_order(layout) if self.causal else None
+    order = causal_token_order(layout) if self.causal else None  # numpy: static
     step = decode and length == 1
     capacity = layout.tokens_per_group if step else layout.slots
     route, router_logits = router(
-      x, capacity, apply_jitter=enable_dropout, causal=self.causal, order=order
+      x,
+      capacity,
+      apply_jitter=enable_dropout,
+      causal=self.causal,
+      order=None if order is None else jnp.asarray(order),
     )
     if isinstance(route, routing.RouterIndices) and (step or self._sorted_dispatch(enable_dropout)):
       route = routing.choices_of(route, capacity)  # the kept choices, run without buffers
@@ -262,10 +268,8 @@ class MoeLayer(nn.Module):
 
   def _hidden(self, pre_activations: list[Array]) -> Array:
     """act(x @ wi), or the gated product of the activations (GEGLU)."""
-    h = 1.0
-    for act, pre in zip(self.activations, pre_activations):
-      h = h * activation_fn(act)(pre)
-    return h
+    acts = [activation_fn(act)(pre) for act, pre in zip(self.activations, pre_activations)]
+    return functools.reduce(operator.mul, acts)
 
   def _dropout(self, h: Array, enable_dropout: bool) -> Array:
     """Dropout on [experts, groups, capacity, d_ff] hidden activations, one mask per expert
