@@ -37,7 +37,12 @@ setup(
       "safetensors",
       "matplotlib>=3.8",
       "nbformat>=5.9",
-      "ruff>=0.6",
+      # The ruff minor version the tree is formatted and linted with (0.6 reformats files and
+      # reports UP038); keep .pre-commit-config.yaml's pin the same.
+      "ruff>=0.17,<0.18",
+      # Type checks of the MoE core ([tool.mypy] in pyproject.toml); new mypy versions report
+      # new errors, so move to one deliberately.
+      "mypy>=2.4,<2.5",
     ],
   },
 )

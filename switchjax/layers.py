@@ -53,7 +53,7 @@ def relative_position_bucket(
   ones only cover the past. Equal to Hugging Face's for every distance (tested).
   """
   n = -np.asarray(relative_position, np.int64)
-  ret = 0
+  ret = np.zeros_like(n)
   if bidirectional:
     num_buckets //= 2
     ret = (n < 0).astype(np.int64) * num_buckets
@@ -290,8 +290,8 @@ class MultiHeadAttention(nn.Module):
       self.variable("cache", "cached_key", lambda: fill(k))
       self.variable("cache", "cached_value", lambda: fill(v))
       return k, v
-    cached_key = self.variable("cache", "cached_key")
-    cached_value = self.variable("cache", "cached_value")
+    cached_key: nn.Variable[Array] = self.variable("cache", "cached_key")
+    cached_value: nn.Variable[Array] = self.variable("cache", "cached_value")
     if self.cross_attention:
       return cached_key.value, cached_value.value
     # One new position: [batch, heads, d_kv, 1] written at decode_position.

@@ -17,6 +17,8 @@ every sublayer are zeroed at padding positions, so padding is routed as all-zero
 
 from __future__ import annotations
 
+import inspect
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -216,9 +218,34 @@ class DecoderLayer(nn.Module):
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
-def _maybe_remat(cls, cfg: ModelConfig, static_argnums):
+# The parameters of each layer's __call__ that are Python flags, not arrays: under `nn.remat`
+# they must be static (jax.checkpoint would trace them), so callers pass them positionally.
+REMAT_STATIC_ARGS: dict[type[nn.Module], tuple[str, ...]] = {
+  EncoderLayer: ("enable_dropout",),
+  DecoderLayer: ("enable_dropout", "decode"),
+}
+
+
+def remat_static_argnums(cls: type[nn.Module], names: tuple[str, ...]) -> tuple[int, ...]:
+  """`nn.remat`'s static_argnums for the parameters `names` of `cls.__call__`, looked up by name
+  in its signature (counting `self` as 0, as nn.remat does): a parameter added to the layer
+  moves them with it instead of silently making another argument static."""
+  params = inspect.signature(cls.__call__).parameters.values()
+  positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  missing = [name for name in names if name not in positional]
+  if missing:
+    raise ValueError(
+      f"{cls.__name__}.__call__ has no positional parameters {missing} to make static under "
+      f"remat; its positional parameters are {positional}."
+    )
+  return tuple(positional.index(name) for name in names)
+
+
+def _maybe_remat(cls: type[nn.Module], cfg: ModelConfig) -> type[nn.Module]:
   """Rematerialise whole layers in the backward pass (saves activation memory)."""
-  return nn.remat(cls, static_argnums=static_argnums) if cfg.remat == "full" else cls
+  if cfg.remat != "full":
+    return cls
+  return nn.remat(cls, static_argnums=remat_static_argnums(cls, REMAT_STATIC_ARGS[cls]))
 
 
 class EncoderBlock(nn.Module):
@@ -231,7 +258,7 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, bias: Array, logit_mask: Array | None) -> tuple[Array, None]:
-    layer_cls = _maybe_remat(EncoderLayer, self.config, static_argnums=(4,))
+    layer_cls = _maybe_remat(EncoderLayer, self.config)
     for k, sparse in enumerate(self.sparse):
       x = layer_cls(self.config, sparse=sparse, name=f"layers_{k}")(
         x, bias, logit_mask, self.enable_dropout
@@ -249,7 +276,7 @@ class DecoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, encoded, self_bias, cross_bias, logit_mask, position) -> tuple[Array, None]:
-    layer_cls = _maybe_remat(DecoderLayer, self.config, static_argnums=(6, 7))
+    layer_cls = _maybe_remat(DecoderLayer, self.config)
     for k, sparse in enumerate(self.sparse):
       x = layer_cls(self.config, sparse=sparse, name=f"layers_{k}")(
         x, encoded, self_bias, cross_bias, logit_mask, self.enable_dropout, self.decode, position
@@ -317,7 +344,7 @@ class Encoder(nn.Module):
       x, _ = scanned(x, bias, logit_mask)
     else:
       sparse = set(encoder_sparse_layers(cfg))
-      layer_cls = _maybe_remat(EncoderLayer, cfg, static_argnums=(4,))
+      layer_cls = _maybe_remat(EncoderLayer, cfg)
       for i in range(cfg.num_layers):
         x = layer_cls(cfg, sparse=i in sparse, name=f"layers_{i}")(
           x, bias, logit_mask, enable_dropout
@@ -383,7 +410,7 @@ class Decoder(nn.Module):
       x, _ = scanned(x, encoded, self_bias, cross_bias, logit_mask, position)
     else:
       sparse = set(decoder_sparse_layers(cfg))
-      layer_cls = _maybe_remat(DecoderLayer, cfg, static_argnums=(6, 7))
+      layer_cls = _maybe_remat(DecoderLayer, cfg)
       for i in range(cfg.decoder_layers):
         x = layer_cls(cfg, sparse=i in sparse, name=f"layers_{i}")(
           x, encoded, self_bias, cross_bias, logit_mask, enable_dropout, decode, position

@@ -109,8 +109,8 @@ def causal_token_order(layout: GroupLayout) -> np.ndarray | None:
   their sequence, then by place in the group, so a token's slot never depends on later
   positions (of its own or another sequence of its group). None when that is the group's own
   order (every group within one sequence)."""
-  positions = np.arange(layout.num_groups * layout.tokens_per_group) % layout.padded_length
-  positions = positions.reshape(layout.num_groups, layout.tokens_per_group)
+  tokens = np.arange(layout.num_groups * layout.tokens_per_group)
+  positions = (tokens % layout.padded_length).reshape(layout.num_groups, layout.tokens_per_group)
   order = np.argsort(positions, axis=1, kind="stable")
   return (
     None

@@ -4,6 +4,8 @@ the modes."""
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Sequence
 
 import flax
@@ -92,12 +94,19 @@ class MoeLayer(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     router = routing.make_router(cfg, name="router")
-    order = causal_token_order(layout) if self.causal else None
+    order = causal_token_order(layout) if self.causal else None  # numpy: static
     step = decode and length == 1
     capacity = layout.tokens_per_group if step else layout.slots
-    route, router_logits = router(
-      x, capacity, apply_jitter=enable_dropout, causal=self.causal, order=order
-    )
+    # Named scopes (moe_router, moe_dispatch, moe_experts, moe_combine) name the ops of each
+    # stage in HLO metadata and profiles.
+    with jax.named_scope("moe_router"):
+      route, router_logits = router(
+        x,
+        capacity,
+        apply_jitter=enable_dropout,
+        causal=self.causal,
+        order=None if order is None else jnp.asarray(order),
+      )
     if isinstance(route, routing.RouterIndices) and (step or self._sorted_dispatch(enable_dropout)):
       route = routing.choices_of(route, capacity)  # the kept choices, run without buffers
 
@@ -141,41 +150,43 @@ class MoeLayer(nn.Module):
     groups, tokens, d_model = x.shape
     num_experts = self.config.num_experts
     buffer = num_experts * capacity
-    expert_index, slot = route.dispatch_indices[..., 0], route.dispatch_indices[..., 1]
-    kept = slot < capacity  # [groups, tokens, k]
-    # [groups, tokens * k]: each choice's place in its group's buffer (`buffer`: none).
-    place = jnp.where(kept, expert_index * capacity + slot, buffer).reshape(groups, -1)
-    token_of_choice = jnp.repeat(jnp.arange(tokens, dtype=jnp.int32), kept.shape[-1])
-    weights = route.combine_weights.reshape(groups, -1)
+    with jax.named_scope("moe_dispatch"):
+      expert_index, slot = route.dispatch_indices[..., 0], route.dispatch_indices[..., 1]
+      kept = slot < capacity  # [groups, tokens, k]
+      # [groups, tokens * k]: each choice's place in its group's buffer (`buffer`: none).
+      place = jnp.where(kept, expert_index * capacity + slot, buffer).reshape(groups, -1)
+      token_of_choice = jnp.repeat(jnp.arange(tokens, dtype=jnp.int32), kept.shape[-1])
+      weights = route.combine_weights.reshape(groups, -1)
 
-    def slot_tables(place, weights):  # one group: each slot's token (`tokens`: none), weight
-      slot_token = jnp.full((buffer + 1,), tokens, jnp.int32).at[place].set(token_of_choice)
-      slot_weight = jnp.zeros((buffer + 1,), jnp.float32).at[place].set(weights)
-      return slot_token[:buffer], slot_weight[:buffer]
+      def slot_tables(place, weights):  # one group: each slot's token (`tokens`: none), weight
+        slot_token = jnp.full((buffer + 1,), tokens, jnp.int32).at[place].set(token_of_choice)
+        slot_weight = jnp.zeros((buffer + 1,), jnp.float32).at[place].set(weights)
+        return slot_token[:buffer], slot_weight[:buffer]
 
-    # [groups, experts * capacity]
-    slot_token, slot_weight = jax.vmap(slot_tables)(place, weights)
-    x_padded = jnp.pad(x.astype(self.dtype), ((0, 0), (0, 1), (0, 0)))  # token `tokens` = 0
-    # [groups, experts, capacity, d_model]
-    expert_inputs = jax.vmap(lambda x, t: x[t])(x_padded, slot_token)
+      # [groups, experts * capacity]
+      slot_token, slot_weight = jax.vmap(slot_tables)(place, weights)
+      x_padded = jnp.pad(x.astype(self.dtype), ((0, 0), (0, 1), (0, 0)))  # token `tokens` = 0
+      # [groups, experts, capacity, d_model]
+      expert_inputs = jax.vmap(lambda x, t: x[t])(x_padded, slot_token)
     expert_outputs = self._experts(
       expert_inputs.reshape(groups, num_experts, capacity, d_model), enable_dropout
     )
-    dtype = jnp.dtype(self.config.combine_dtype)
-    outputs = expert_outputs.reshape(groups, buffer, d_model).astype(dtype)
-    k = kept.shape[-1]
-    if tokens * k <= 4 * buffer:  # tokens-choose: each token gathers its k outputs
-      outputs = jnp.pad(outputs, ((0, 0), (0, 1), (0, 0)))  # place `buffer` = 0
-      # [groups, tokens, k, d_model]
-      gathered = jax.vmap(lambda o, p: o[p])(outputs, place).reshape(groups, tokens, k, d_model)
-      y = jnp.einsum("gtkd,gtk->gtd", gathered, route.combine_weights.astype(dtype))
-    else:  # experts-choose (every expert a choice): each slot adds its output to its token
+    with jax.named_scope("moe_combine"):
+      dtype = jnp.dtype(self.config.combine_dtype)
+      outputs = expert_outputs.reshape(groups, buffer, d_model).astype(dtype)
+      k = kept.shape[-1]
+      if tokens * k <= 4 * buffer:  # tokens-choose: each token gathers its k outputs
+        outputs = jnp.pad(outputs, ((0, 0), (0, 1), (0, 0)))  # place `buffer` = 0
+        # [groups, tokens, k, d_model]
+        gathered = jax.vmap(lambda o, p: o[p])(outputs, place).reshape(groups, tokens, k, d_model)
+        y = jnp.einsum("gtkd,gtk->gtd", gathered, route.combine_weights.astype(dtype))
+      else:  # experts-choose (every expert a choice): each slot adds its output to its token
 
-      def combine(values, slot_token):
-        return jnp.zeros((tokens + 1, d_model), dtype).at[slot_token].add(values)[:tokens]
+        def combine(values, slot_token):
+          return jnp.zeros((tokens + 1, d_model), dtype).at[slot_token].add(values)[:tokens]
 
-      weighted = outputs * slot_weight[..., None].astype(dtype)
-      y = jax.vmap(combine)(weighted, slot_token)
+        weighted = outputs * slot_weight[..., None].astype(dtype)
+        y = jax.vmap(combine)(weighted, slot_token)
     stats = RouteStats(
       routed=jnp.sum(kept, axis=-1),
       tokens_per_expert=_bincount(jnp.where(kept, expert_index, -1), num_experts),
@@ -185,13 +196,15 @@ class MoeLayer(nn.Module):
 
   def _masked_dispatch_and_combine(self, x, route: routing.RouterMask, enable_dropout):
     """flaxformer's one-hot einsums, for routers that return a RouterMask."""
-    dispatch = route.dispatch_mask.astype(self.dtype)
-    # [groups, experts, capacity, d_model]
-    expert_inputs = jnp.einsum("gtd,gtec->gecd", x.astype(self.dtype), dispatch)
+    with jax.named_scope("moe_dispatch"):
+      dispatch = route.dispatch_mask.astype(self.dtype)
+      # [groups, experts, capacity, d_model]
+      expert_inputs = jnp.einsum("gtd,gtec->gecd", x.astype(self.dtype), dispatch)
     expert_outputs = self._experts(expert_inputs, enable_dropout)
-    # [groups, tokens, d_model], in the combine dtype (float32 by default).
-    combine = route.combine_array.astype(self.config.combine_dtype)
-    y = jnp.einsum("gecd,gtec->gtd", expert_outputs, combine)
+    with jax.named_scope("moe_combine"):
+      # [groups, tokens, d_model], in the combine dtype (float32 by default).
+      combine = route.combine_array.astype(self.config.combine_dtype)
+      y = jnp.einsum("gecd,gtec->gtd", expert_outputs, combine)
     stats = RouteStats(
       routed=jnp.sum(route.dispatch_mask, axis=(2, 3)),
       tokens_per_expert=jnp.sum(route.dispatch_mask, axis=(0, 1, 3), dtype=jnp.int32),
@@ -210,26 +223,28 @@ class MoeLayer(nn.Module):
     """
     groups, tokens, d_model = x.shape
     num_experts = self.config.num_experts
-    choices = route.expert_index.reshape(-1)  # [choices], token-major
-    k = route.expert_index.shape[-1]
-    block = dropless_block(choices.shape[0], num_experts)
-    row, group_sizes, rows = sorted_rows(choices, num_experts, block)
-    # [rows]: the token of each buffer row (groups * tokens: none, a zero row).
-    num_tokens = groups * tokens
-    token_of_choice = jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), k)
-    row_token = jnp.full((rows + 1,), num_tokens, jnp.int32).at[row].set(token_of_choice)[:rows]
-    x_flat = jnp.pad(x.reshape(num_tokens, d_model).astype(self.dtype), ((0, 1), (0, 0)))
-    # [rows, d_model]: the experts' inputs, expert by expert.
-    expert_inputs = x_flat[row_token]
-    row_expert = jnp.zeros((rows + 1,), jnp.int32).at[row].set(jnp.maximum(choices, 0))[:rows]
+    with jax.named_scope("moe_dispatch"):
+      choices = route.expert_index.reshape(-1)  # [choices], token-major
+      k = route.expert_index.shape[-1]
+      block = dropless_block(choices.shape[0], num_experts)
+      row, group_sizes, rows = sorted_rows(choices, num_experts, block)
+      # [rows]: the token of each buffer row (groups * tokens: none, a zero row).
+      num_tokens = groups * tokens
+      token_of_choice = jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), k)
+      row_token = jnp.full((rows + 1,), num_tokens, jnp.int32).at[row].set(token_of_choice)[:rows]
+      x_flat = jnp.pad(x.reshape(num_tokens, d_model).astype(self.dtype), ((0, 1), (0, 0)))
+      # [rows, d_model]: the experts' inputs, expert by expert.
+      expert_inputs = x_flat[row_token]
+      row_expert = jnp.zeros((rows + 1,), jnp.int32).at[row].set(jnp.maximum(choices, 0))[:rows]
     expert_outputs = self._grouped_experts(
       expert_inputs, group_sizes, block, row_expert, enable_dropout
     )
     # [choices, d_model] -> [groups, tokens, k, d_model]; unrouted choices read the zero row.
-    dtype = jnp.dtype(self.config.combine_dtype)
-    outputs = jnp.pad(expert_outputs.astype(dtype), ((0, 1), (0, 0)))[row]
-    outputs = outputs.reshape(groups, tokens, k, d_model)
-    y = jnp.einsum("gtkd,gtk->gtd", outputs, route.combine_weights.astype(dtype))
+    with jax.named_scope("moe_combine"):
+      dtype = jnp.dtype(self.config.combine_dtype)
+      outputs = jnp.pad(expert_outputs.astype(dtype), ((0, 1), (0, 0)))[row]
+      outputs = outputs.reshape(groups, tokens, k, d_model)
+      y = jnp.einsum("gtkd,gtk->gtd", outputs, route.combine_weights.astype(dtype))
     routed = route.expert_index >= 0
     stats = RouteStats(
       routed=jnp.sum(routed, axis=-1),
@@ -262,10 +277,8 @@ class MoeLayer(nn.Module):
 
   def _hidden(self, pre_activations: list[Array]) -> Array:
     """act(x @ wi), or the gated product of the activations (GEGLU)."""
-    h = 1.0
-    for act, pre in zip(self.activations, pre_activations):
-      h = h * activation_fn(act)(pre)
-    return h
+    acts = [activation_fn(act)(pre) for act, pre in zip(self.activations, pre_activations)]
+    return functools.reduce(operator.mul, acts)
 
   def _dropout(self, h: Array, enable_dropout: bool) -> Array:
     """Dropout on [experts, groups, capacity, d_ff] hidden activations, one mask per expert
@@ -273,6 +286,7 @@ class MoeLayer(nn.Module):
     dropout = nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2), name="Dropout_0")
     return dropout(h, deterministic=not enable_dropout)
 
+  @jax.named_scope("moe_experts")
   def _experts(self, expert_inputs: Array, enable_dropout: bool) -> Array:
     """The stacked expert MLPs on their buffers.
 
@@ -302,6 +316,7 @@ class MoeLayer(nn.Module):
       jnp.swapaxes(y, 0, 1), ("batch", "unmodeled", "length", "embed")
     )
 
+  @jax.named_scope("moe_experts")
   def _grouped_experts(self, rows, group_sizes, block, row_expert, enable_dropout):
     """The expert MLPs on expert-sorted rows [rows, d_model] (runs of `group_sizes`)."""
     wis, wo = self._kernels(rows.shape[-1])

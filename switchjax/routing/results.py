@@ -25,7 +25,7 @@ class RouterMask:
   dispatch_mask: Array
   combine_array: Array
   auxiliary_loss: Array
-  router_z_loss: Array = 0.0
+  router_z_loss: Array | float = 0.0
 
 
 @flax.struct.dataclass
@@ -42,7 +42,7 @@ class RouterIndices:
   dispatch_indices: Array
   combine_weights: Array
   auxiliary_loss: Array
-  router_z_loss: Array = 0.0
+  router_z_loss: Array | float = 0.0
 
   def to_mask(self, num_experts: int, expert_capacity: int) -> RouterMask:
     """The same routing as flaxformer's one-hot RouterMask (dispatch mask and combine array
@@ -73,7 +73,7 @@ class RouterChoices:
   expert_index: Array
   combine_weights: Array
   auxiliary_loss: Array
-  router_z_loss: Array = 0.0
+  router_z_loss: Array | float = 0.0
 
 
 def choices_of(route: RouterIndices, expert_capacity: int) -> RouterChoices:

@@ -3,6 +3,7 @@ base owns the weights (float32 logits, jitter, padding) and calls its algorithm.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 import flax.linen as nn
@@ -128,7 +129,7 @@ class Router(nn.Module):
       padding_mask = (jnp.sum(jnp.abs(token_inputs), axis=-1) > 0).astype(jnp.float32)
       router_logits = router_logits * padding_mask[..., None]  # as flaxformer, for the z-loss
     out = self.route(router_probs, padding_mask, expert_capacity, causal, order)
-    return out.replace(router_z_loss=router_z_loss(router_logits)), router_logits
+    return dataclasses.replace(out, router_z_loss=router_z_loss(router_logits)), router_logits
 
   def _logits(self, token_inputs: Array, apply_jitter: bool) -> Array:
     """<float32>[groups, tokens, experts]: selective precision, the router is float32."""
