@@ -321,8 +321,9 @@ class RenormalizedTokensChooseRouter(TokensChooseMaskedRouter):
     # [groups, tokens]: the probability mass of each token's k choices (> 0: a softmax).
     chosen = jnp.sum(top_k(router_probs, self.config.num_selected_experts)[0], axis=-1)
     if isinstance(routed, RouterIndices):  # combine weights [groups, tokens, k]
-      return routed.replace(combine_weights=routed.combine_weights / chosen[..., None])
-    return routed.replace(combine_array=routed.combine_array / chosen[..., None, None])
+      return dataclasses.replace(routed, combine_weights=routed.combine_weights / chosen[..., None])
+    assert isinstance(routed, RouterMask)
+    return dataclasses.replace(routed, combine_array=routed.combine_array / chosen[..., None, None])
 
 
 def make_router(config: MoeConfig, **kwargs) -> Router:
