@@ -9,7 +9,6 @@ checkpoint or fresh.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -21,7 +20,7 @@ from jax.sharding import Mesh
 
 from switchjax import checkpoint, model_loading, sharding
 from switchjax.config import Config
-from switchjax.model import SwitchTransformer, init_params
+from switchjax.model import SwitchTransformer, abstract_params, init_params
 from switchjax.optimizers import make_optimizer, opt_state_specs
 
 
@@ -78,7 +77,7 @@ def state_layout(config: Config, mesh: Mesh) -> StateLayout:
   """The layout of `config`'s train state on `mesh` (nothing is allocated)."""
   model = SwitchTransformer(config.model)
   with jax.set_mesh(mesh), sharding.axis_rules():
-    boxed = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
+    boxed = abstract_params(model)  # no concrete key: the mesh's devices may only be described
   param_shapes = sharding.unbox(boxed)
   param_axes = nn.get_partition_spec(boxed)  # logical axis names
   tx = make_optimizer(config.train, param_axes)

@@ -81,16 +81,16 @@ def apply_update(tx: optax.GradientTransformation, params, opt_state, grads) -> 
 def make_train_step(model, tx: optax.GradientTransformation, cfg: TrainConfig) -> Callable:
   """train_step(params, opt_state, step, batch) -> (params, opt_state, metrics).
 
-  The dropout/jitter key of step s is fold_in(key(train.seed), s). metrics["finite"] says
-  whether the loss and gradients were finite.
+  The dropout/jitter key of step s is fold_in(key(train.seed), s), made inside the trace (a
+  concrete key would be an array on a device, which a program compiled for devices that are
+  only described, e.g. a TPU topology, cannot hold). metrics["finite"] says whether the loss
+  and gradients were finite.
   """
-  base_key = jax.random.key(cfg.seed)
   schedule = learning_rate_schedule(cfg)
 
   def train_step(params, opt_state, step, batch):
-    grads, sums = accumulate_gradients(
-      model, params, batch, cfg, jax.random.fold_in(base_key, step)
-    )
+    key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+    grads, sums = accumulate_gradients(model, params, batch, cfg, key)
     params, opt_state = apply_update(tx, params, opt_state, grads)
     metrics = losses.metrics_from_sums(sums)
     metrics["learning_rate"] = schedule(step)
