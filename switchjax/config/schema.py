@@ -11,7 +11,7 @@ from switchjax.config.sparse_layout import STACKS, stack_layout
 
 SPARSE_LAYOUTS = ("mixed", "top", "bottom", "middle", "hf")
 PRECISIONS = ("default", "high", "highest")
-DISPATCHES = ("auto", "buffers", "sorted")
+DISPATCHES = ("auto", "einsum", "buffers", "sorted")
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_exact", "silu", "linear")
 
 
@@ -48,16 +48,19 @@ class MoeConfig:
       (flaxformer's tokens-choose routers: the residual stream is float32 from the first
       sparse layer on, even in a bfloat16 model) or 'bfloat16' (faster, keeps activations in
       bfloat16, as flaxformer's experts-choose configs do).
-    dispatch: how routed tokens reach the experts (routing and outputs are the same either
-      way): 'buffers' (flaxformer's [groups, experts, capacity] buffers, which a mesh's
-      all-to-all moves between devices; empty slots are computed too), 'sorted' (the kept
-      choices sorted by expert and run by grouped matmuls, switchjax.gmm: no empty slot is
-      computed; one device's worth of work, not expert-parallel) or 'auto' (sorted on one CPU
-      device with at most 16 experts, where it is fastest, except in a decoder outside
-      training; buffers otherwise). The dropless router always runs sorted. Sorted runs are
-      cut into matmuls by each expert's whole load, so in a decoder a later token can change
-      an earlier token's output in the last bit (routing stays causal); buffers keep decoders
-      bit-causal, which 'auto' keeps for scoring and decoding.
+    dispatch: how a capacity router's tokens reach the experts (routing and outputs are the
+      same every way, up to float32 rounding): 'einsum' (flaxformer's and GShard's one-hot
+      einsums into [groups, experts, capacity] buffers, matmuls a TPU runs on its matrix
+      units), 'buffers' (the same buffers filled and emptied by gathers: O(slots) instead of
+      O(tokens x slots) work per group), both moved between devices by a mesh's all-to-all
+      (empty slots are computed too), 'sorted' (the kept choices sorted by expert and run by
+      grouped matmuls, switchjax.gmm: no empty slot is computed; one device's worth of work,
+      not expert-parallel) or 'auto' (sorted on one CPU device with at most 16 experts, where
+      it is fastest, except in a decoder outside training; otherwise the backend's measured
+      choice, moe.layer.AUTO_DISPATCH). The dropless router always runs sorted. Sorted runs
+      are cut into matmuls by each expert's whole load, so in a decoder a later token can
+      change an earlier token's output in the last bit (routing stays causal); the buffers
+      keep decoders bit-causal, which 'auto' keeps for scoring and decoding.
   """
 
   num_experts: int = 8

@@ -25,6 +25,8 @@ Array = jax.Array
 # faster there (each sorted expert copies its weights on XLA:CPU, which weighs at many
 # experts; `scripts/benchmark.py moe` measures both).
 SORTED_MAX_EXPERTS = 16
+# dispatch='auto' elsewhere, by backend (docs/routing.md has the measurements behind it).
+AUTO_DISPATCH = {"cpu": "buffers", "tpu": "buffers", "gpu": "buffers"}
 
 
 def expert_kernel_init(scale: float):
@@ -107,13 +109,18 @@ class MoeLayer(nn.Module):
         causal=self.causal,
         order=None if order is None else jnp.asarray(order),
       )
-    if isinstance(route, routing.RouterIndices) and (step or self._sorted_dispatch(enable_dropout)):
-      route = routing.choices_of(route, capacity)  # the kept choices, run without buffers
+    if isinstance(route, routing.RouterIndices):
+      dispatch = "sorted" if step else self.dispatch(enable_dropout)
+      if dispatch == "sorted":
+        route = routing.choices_of(route, capacity)  # the kept choices, run without buffers
+      elif dispatch == "einsum":
+        route = route.to_mask(cfg.num_experts, capacity)  # flaxformer's one-hot form
 
     if isinstance(route, routing.RouterChoices):
       y, stats = self._dropless(x, route, enable_dropout)
     elif isinstance(route, routing.RouterIndices):
-      y, stats = self._dispatch_by_slots(x, route, capacity, enable_dropout)
+      scatter = type(router).combine_by_scatter
+      y, stats = self._dispatch_by_slots(x, route, capacity, scatter, enable_dropout)
     else:
       y, stats = self._masked_dispatch_and_combine(x, route, enable_dropout)
 
@@ -122,31 +129,39 @@ class MoeLayer(nn.Module):
     y = y.reshape(layout.padded_batch, layout.padded_length, d_model)[:batch, :length]
     return nn.with_logical_constraint(y, ("batch", "length", "embed"))
 
-  def _sorted_dispatch(self, train: bool) -> bool:
-    """Run capacity routing's kept choices sorted by expert (see MoeConfig.dispatch).
+  def dispatch(self, train: bool) -> str:
+    """How capacity routing reaches the experts: 'einsum', 'buffers' or 'sorted' (see
+    MoeConfig.dispatch); 'auto' picks by backend.
 
-    'auto' keeps a decoder's buffers outside training: there a token's slot, and so every
-    float operation on it, depends on earlier tokens only, while sorted runs are cut into
-    matmuls by the experts' whole loads, so later tokens could change earlier outputs in the
-    last bit (scoring a prefix would then differ from decoding it). A training step sees every
-    position at once, and sorted runs skip the empty slots (8x the work in Hugging Face mode,
-    whose capacity of 64 per sequence exceeds a 29-token target).
+    On one CPU device with few experts, 'auto' sorts, except a decoder's outside training:
+    there a token's slot, and so every float operation on it, depends on earlier tokens only,
+    while sorted runs are cut into matmuls by the experts' whole loads, so later tokens could
+    change earlier outputs in the last bit (scoring a prefix would then differ from decoding
+    it). A training step sees every position at once, and sorted runs skip the empty slots
+    (8x the work in Hugging Face mode, whose capacity of 64 per sequence exceeds a 29-token
+    target). Elsewhere it uses AUTO_DISPATCH's choice for the backend.
     """
     if self.config.dispatch != "auto":
-      return self.config.dispatch == "sorted"
-    one_cpu = jax.default_backend() == "cpu" and mesh_group_shards() == 1
-    few = self.config.num_experts <= SORTED_MAX_EXPERTS
-    return one_cpu and few and (train or not self.causal)
+      return self.config.dispatch
+    backend = jax.default_backend()
+    one_cpu = backend == "cpu" and mesh_group_shards() == 1
+    if one_cpu and self.config.num_experts <= SORTED_MAX_EXPERTS and (train or not self.causal):
+      return "sorted"
+    return AUTO_DISPATCH.get(backend, "buffers")
 
   # ------------------------------------------------------------------------------------------
   # Dispatch and combine. Each returns outputs [groups, tokens, d_model] (combine dtype) and
   # RouteStats.
 
-  def _dispatch_by_slots(self, x, route: routing.RouterIndices, capacity: int, enable_dropout):
+  def _dispatch_by_slots(
+    self, x, route: routing.RouterIndices, capacity: int, scatter: bool, enable_dropout: bool
+  ):
     """Capacity buffers filled by gathering each slot's token and emptied by gathering each
-    token's k outputs (or, when every expert is a choice, adding each slot's weighted output
-    to its token): O(slots * d_model) where flaxformer's one-hot einsums cost
-    O(tokens * slots * d_model) per group, with the same results (a slot holds one token)."""
+    token's k outputs, or, for a router that declares `combine_by_scatter` (experts choose:
+    every expert is a choice of every token, and slots are fewer than choices), by adding each
+    slot's weighted output to its token: O(slots * d_model) where flaxformer's one-hot einsums
+    cost O(tokens * slots * d_model) per group, with the same results (a slot holds one
+    token)."""
     groups, tokens, d_model = x.shape
     num_experts = self.config.num_experts
     buffer = num_experts * capacity
@@ -175,7 +190,7 @@ class MoeLayer(nn.Module):
       dtype = jnp.dtype(self.config.combine_dtype)
       outputs = expert_outputs.reshape(groups, buffer, d_model).astype(dtype)
       k = kept.shape[-1]
-      if tokens * k <= 4 * buffer:  # tokens-choose: each token gathers its k outputs
+      if not scatter:  # tokens choose: each token gathers its k outputs
         outputs = jnp.pad(outputs, ((0, 0), (0, 1), (0, 0)))  # place `buffer` = 0
         # [groups, tokens, k, d_model]
         gathered = jax.vmap(lambda o, p: o[p])(outputs, place).reshape(groups, tokens, k, d_model)

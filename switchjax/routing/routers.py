@@ -52,6 +52,9 @@ class Router(nn.Module):
   fills_capacity: ClassVar[bool] = False
   # Routes without capacity (returns RouterChoices; the layer runs no capacity buffers).
   dropless: ClassVar[bool] = False
+  # Every expert is a choice of every token (experts choose): the gathered buffers combine by
+  # adding each slot's output to its token instead of gathering each token's k outputs.
+  combine_by_scatter: ClassVar[bool] = False
 
   # -- class facts ----------------------------------------------------------------------------
 
@@ -245,6 +248,7 @@ class ExpertsChooseMaskedRouter(Router):
   ExpertsChooseMaskedRouter, dispatched by gathering the slots); encoder only."""
 
   fills_capacity: ClassVar[bool] = True
+  combine_by_scatter: ClassVar[bool] = True
 
   @classmethod
   def causal_problem(cls, config: MoeConfig, prefix: str) -> str | None:
