@@ -430,8 +430,8 @@ def opt_state_logical_axes(cfg: TrainConfig, param_shapes, param_axes) -> Any:
   return axes
 
 
-def opt_state_specs(cfg: TrainConfig, param_shapes, param_axes) -> Any:
-  """Mesh PartitionSpecs of the optimizer state: its logical axes mapped by the sharding
-  rules (`sharding.LOGICAL_AXIS_RULES`), as the parameters' are."""
+def opt_state_specs(cfg: TrainConfig, param_shapes, param_axes, fsdp: bool = False) -> Any:
+  """Mesh PartitionSpecs of the optimizer state: its logical axes mapped by the parameters'
+  sharding rules (`sharding.param_rules`)."""
   axes = opt_state_logical_axes(cfg, param_shapes, param_axes)
-  return nn.logical_to_mesh(axes, sharding.LOGICAL_AXIS_RULES)
+  return nn.logical_to_mesh(axes, sharding.param_rules(fsdp))

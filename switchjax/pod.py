@@ -23,13 +23,15 @@ import re
 import sys
 import tempfile
 import time
+from typing import Any
 
 import jax
 
-from switchjax import huge_pages
-from switchjax.config import Config, MeshConfig
+from switchjax import huge_pages, topologies
+from switchjax.config import Config
 from switchjax.moe import group_layout
-from switchjax.training import lower_train_step, plan_run, state_layout
+from switchjax.topologies import TpuSlice
+from switchjax.training import lower_eval_step, lower_train_step, plan_run, state_layout
 
 COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
 GiB = 2**30
@@ -37,15 +39,24 @@ GiB = 2**30
 
 @dataclasses.dataclass
 class PodReport:
-  """What one compiled train step needs.
+  """What one compiled train step (and its eval step) needs.
 
   Attributes:
+    config: the preset's name.
     mesh: (data, expert, model) sizes; devices their product.
+    platform: 'cpu (emulated)' or the TPU slice ('v5p-32').
+    device_kind: the devices' kind ('cpu', 'TPU v5').
+    hbm_bytes: memory per device to fit in (0: unknown, emulated CPU devices).
     batch_size, num_microbatches: the global batch and its microbatches per step.
-    compile_seconds: lowering plus compilation.
+    settings: the fields that shape memory (remat, scan_layers, dispatch, fsdp).
+    compile_seconds: lowering plus compilation of the train step.
     argument_bytes, output_bytes, temp_bytes, alias_bytes: XLA's per-device memory figures
-      (arguments: parameters, optimizer state and the batch shard; temp: activations).
-    collectives: instructions of each kind in the compiled program.
+      of the train step (arguments: parameters, optimizer state and the batch shard; temp:
+      activations).
+    eval_total_bytes, eval_compile_seconds: the eval step's peak memory and compile time (0
+      when not compiled).
+    flops, bytes_accessed: XLA's cost analysis of the train step, per device.
+    collectives: instructions of each kind in the compiled train step.
     all_gathers: result shapes of the all-gathers; token_sized_all_gathers: those with
       dimensions of a routing group, a sequence or the batch and more values per token than
       'model' shards (activations, not parameters or a cross-shard argmax).
@@ -54,13 +65,21 @@ class PodReport:
 
   config: str
   mesh: tuple[int, int, int]
+  platform: str
+  device_kind: str
+  hbm_bytes: int
   batch_size: int
   num_microbatches: int
+  settings: dict[str, Any]
   compile_seconds: float
   argument_bytes: int
   output_bytes: int
   temp_bytes: int
   alias_bytes: int
+  eval_total_bytes: int
+  eval_compile_seconds: float
+  flops: float
+  bytes_accessed: float
   collectives: dict[str, int]
   all_gathers: list[str]
   token_sized_all_gathers: list[str]
@@ -75,8 +94,17 @@ class PodReport:
     """Peak memory per device: arguments + outputs + temporaries, minus donated buffers."""
     return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes
 
+  @property
+  def fits(self) -> bool | None:
+    """Whether the train and eval steps fit the device's memory (None: unknown)."""
+    if not self.hbm_bytes:
+      return None
+    return max(self.total_bytes, self.eval_total_bytes) <= self.hbm_bytes
+
   def row(self) -> list[str]:
+    fits = {None: "-", True: "yes", False: "NO"}[self.fits]
     return [
+      self.platform,
       "x".join(map(str, self.mesh)),
       str(self.batch_size),
       str(self.num_microbatches),
@@ -86,11 +114,14 @@ class PodReport:
       f"{self.argument_bytes / GiB:.2f}",
       f"{self.temp_bytes / GiB:.2f}",
       f"{self.total_bytes / GiB:.2f}",
+      f"{self.hbm_bytes / GiB:.0f}" if self.hbm_bytes else "-",
+      fits,
       f"{self.compile_seconds:.0f}",
     ]
 
 
 HEADERS = [
+  "devices",
   "mesh (DxExM)",
   "global batch",
   "microbatches",
@@ -100,6 +131,8 @@ HEADERS = [
   "arguments GiB/device",
   "temp GiB/device",
   "total GiB/device",
+  "HBM GiB",
+  "fits",
   "compile s",
 ]
 
@@ -112,40 +145,90 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
   return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
 
 
-def simulate(config: Config, mesh: tuple[int, int, int]) -> PodReport:
-  """Compiles `config`'s train step for a (data, expert, model) mesh of the first devices."""
+def simulate(
+  config: Config,
+  mesh: tuple[int, int, int],
+  tpu: TpuSlice | None = None,
+  eval_step: bool = True,
+) -> PodReport:
+  """Compiles `config`'s train step (and eval step) for a (data, expert, model) mesh: of the
+  described TPU slice's devices, or else of the first (emulated) CPU devices."""
   need = math.prod(mesh)
-  if jax.device_count() < need:
-    raise ValueError(
-      f"mesh {mesh} needs {need} devices but {jax.device_count()} exist; on a CPU emulate them "
-      f"with XLA_FLAGS=--xla_force_host_platform_device_count={need} (set before jax starts)."
+  devices = topologies.slice_devices(tpu) if tpu else jax.devices()
+  if len(devices) < need or (tpu and len(devices) != need):
+    where = f"the {tpu.name} slice has" if tpu else "exist"
+    fix = (
+      "choose a mesh whose sizes multiply to its chips"
+      if tpu
+      else f"on a CPU emulate them with XLA_FLAGS=--xla_force_host_platform_device_count={need} "
+      "(set before jax starts)"
     )
-  config = dataclasses.replace(config, mesh=MeshConfig(*mesh))
-  plan = plan_run(config, jax.devices()[:need])
+    raise ValueError(f"mesh {mesh} needs {need} devices but {where} {len(devices)}; {fix}.")
+  sizes = dict(zip(("data", "expert", "model"), mesh))
+  config = dataclasses.replace(config, mesh=dataclasses.replace(config.mesh, **sizes))
+  plan = plan_run(config, devices[:need])
   layout = state_layout(plan.config, plan.mesh)
-  start = time.perf_counter()
-  with _stderr_to_string() as log:
-    compiled = lower_train_step(layout, plan.config).compile()
-  seconds = time.perf_counter() - start
-  memory = compiled.memory_analysis()
-  hlo = compiled.as_text()
-  gathers = all_gather_shapes(hlo)
+  train = _compile(lower_train_step, layout, plan.config)
+  evaluate = _compile(lower_eval_step, layout, plan.config) if eval_step else None
+  gathers = all_gather_shapes(train.hlo)
   sizes = token_sizes(plan.config, plan.batch_shards)
+  model = plan.config.model
   return PodReport(
     config=plan.config.name,
     mesh=tuple(mesh),
+    platform=tpu.name if tpu else "cpu (emulated)",
+    device_kind=devices[0].device_kind,
+    hbm_bytes=tpu.hbm_bytes if tpu else 0,
     batch_size=plan.config.train.batch_size,
     num_microbatches=plan.config.train.num_microbatches,
-    compile_seconds=seconds,
-    argument_bytes=int(memory.argument_size_in_bytes),
-    output_bytes=int(memory.output_size_in_bytes),
-    temp_bytes=int(memory.temp_size_in_bytes),
-    alias_bytes=int(memory.alias_size_in_bytes),
-    collectives=count_collectives(hlo),
+    settings={
+      "remat": model.remat,
+      "scan_layers": model.scan_layers,
+      "dispatch": model.moe.dispatch,
+      "fsdp": plan.config.mesh.fsdp,
+    },
+    compile_seconds=train.seconds,
+    argument_bytes=train.memory.argument_size_in_bytes,
+    output_bytes=train.memory.output_size_in_bytes,
+    temp_bytes=train.memory.temp_size_in_bytes,
+    alias_bytes=train.memory.alias_size_in_bytes,
+    eval_total_bytes=evaluate.total_bytes if evaluate else 0,
+    eval_compile_seconds=evaluate.seconds if evaluate else 0.0,
+    flops=train.cost.get("flops", 0.0),
+    bytes_accessed=train.cost.get("bytes accessed", 0.0),
+    collectives=count_collectives(train.hlo),
     all_gathers=gathers,
     token_sized_all_gathers=[g for g in gathers if _per_token(g, sizes) > mesh[2]],
-    replications=log.text.count("Involuntary full rematerialization"),
+    replications=train.log.count("Involuntary full rematerialization"),
   )
+
+
+@dataclasses.dataclass
+class _Compiled:
+  """One compiled program's figures."""
+
+  seconds: float
+  memory: Any
+  cost: dict[str, float]
+  hlo: str
+  log: str
+
+  @property
+  def total_bytes(self) -> int:
+    m = self.memory
+    return (
+      m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+    ) - m.alias_size_in_bytes
+
+
+def _compile(lower, layout, config) -> _Compiled:
+  start = time.perf_counter()
+  with _stderr_to_string() as log:
+    compiled = lower(layout, config).compile()
+  seconds = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  return _Compiled(seconds, compiled.memory_analysis(), dict(cost), compiled.as_text(), log.text)
 
 
 def count_collectives(hlo: str) -> dict[str, int]:

@@ -21,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -44,6 +45,15 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
   ("unmodeled", None),
   ("layers", None),  # the stacked axis of scanned layers (model.scan_layers)
 )
+
+
+def param_rules(fsdp: bool = False) -> tuple[tuple[str, Any], ...]:
+  """The rules of parameters and optimizer state: those of the activations, or with FSDP
+  (mesh.fsdp) 'embed' (d_model) split over 'data' too: each device keeps 1/data of every
+  parameter, which XLA gathers where it is used."""
+  if not fsdp:
+    return LOGICAL_AXIS_RULES
+  return tuple((name, "data" if name == "embed" else axes) for name, axes in LOGICAL_AXIS_RULES)
 
 
 # The mesh axes the batch (and the routing groups) are split over.
@@ -93,9 +103,21 @@ def make_mesh(
         f"mesh.expert={shape[1]} does not divide moe.num_experts={count}; "
         f"choose an expert axis size that divides {count}."
       )
-  return jax.make_mesh(
-    shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices
+  auto = (jax.sharding.AxisType.Auto,) * 3
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+  # Several TPU slices joined over the data-center network: 'data' spans them (each slice
+  # holds whole expert and model groups, whose all-to-alls stay on the fast interconnect).
+  if shape[0] % slices:
+    raise ValueError(
+      f"mesh.data={shape[0]} must be a multiple of the {slices} slices (the data axis spans "
+      "them); choose mesh sizes whose data axis they divide."
+    )
+  grid = mesh_utils.create_hybrid_device_mesh(
+    (shape[0] // slices, shape[1], shape[2]), (slices, 1, 1), devices
   )
+  return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def logical_to_spec(logical_axes: Sequence[str | None]) -> P:
@@ -117,11 +139,11 @@ def unbox(boxed) -> Any:
   )
 
 
-def param_specs(boxed_params) -> Any:
+def param_specs(boxed_params, fsdp: bool = False) -> Any:
   """PartitionSpecs of a parameter tree whose leaves are `nn.LogicallyPartitioned` boxes
-  (as returned by `init` or `jax.eval_shape(init)`)."""
+  (as returned by `init` or `jax.eval_shape(init)`); `fsdp` as in `param_rules`."""
   logical = nn.get_partition_spec(boxed_params)
-  return nn.logical_to_mesh(logical, LOGICAL_AXIS_RULES)
+  return nn.logical_to_mesh(logical, param_rules(fsdp))
 
 
 def named(mesh: Mesh, specs) -> Any:
@@ -131,9 +153,9 @@ def named(mesh: Mesh, specs) -> Any:
   )
 
 
-def param_shardings(mesh: Mesh, boxed_params) -> Any:
+def param_shardings(mesh: Mesh, boxed_params, fsdp: bool = False) -> Any:
   """NamedShardings of a tree of logically partitioned (boxed) parameters."""
-  return named(mesh, param_specs(boxed_params))
+  return named(mesh, param_specs(boxed_params, fsdp))
 
 
 def abstract_tree(shapes, shardings) -> Any:

@@ -413,11 +413,20 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh sizes along ('data', 'expert', 'model'); -1 means all remaining devices."""
+  """Device mesh sizes along ('data', 'expert', 'model'); -1 means all remaining devices.
+
+  Attributes:
+    data, expert, model: the axis sizes.
+    fsdp: also split every parameter and its optimizer state along d_model over 'data'
+      (MaxText's FSDP, ZeRO-3): each device keeps 1/data of them, and the step gathers each
+      parameter where it is used and reduce-scatters its gradient. For models whose
+      replicated parameters do not fit a device.
+  """
 
   data: int = -1
   expert: int = 1
   model: int = 1
+  fsdp: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,7 @@ from switchjax.training.step import (
   accumulate_gradients,
   apply_update,
   compile_steps,
+  lower_eval_step,
   lower_train_step,
   make_eval_step,
   make_train_step,

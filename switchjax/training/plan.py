@@ -47,6 +47,12 @@ def plan_run(config: Config, devices: Sequence[jax.Device] | None = None) -> Run
   microbatches; ValueError when the batch or the routing groups do not split over it."""
   mesh = sharding.make_mesh(config.mesh, expert_counts(config.model), devices)
   shards = mesh.shape["data"] * mesh.shape["expert"]
+  if config.mesh.fsdp and config.model.d_model % mesh.shape["data"]:
+    raise ValueError(
+      f"mesh.fsdp=True splits d_model over mesh.data, but model.d_model={config.model.d_model} "
+      f"is not divisible by the {mesh.shape['data']} data devices; choose a data axis that "
+      "divides it, or set mesh.fsdp=False."
+    )
   train = dataclasses.replace(
     config.train, num_microbatches=resolve_microbatches(config.train, shards)
   )

@@ -81,8 +81,9 @@ def state_layout(config: Config, mesh: Mesh) -> StateLayout:
   param_shapes = sharding.unbox(boxed)
   param_axes = nn.get_partition_spec(boxed)  # logical axis names
   tx = make_optimizer(config.train, param_axes)
-  params = sharding.abstract_tree(param_shapes, sharding.param_shardings(mesh, boxed))
-  opt_specs = opt_state_specs(config.train, param_shapes, param_axes)
+  fsdp = config.mesh.fsdp
+  params = sharding.abstract_tree(param_shapes, sharding.param_shardings(mesh, boxed, fsdp))
+  opt_specs = opt_state_specs(config.train, param_shapes, param_axes, fsdp)
   opt_state = sharding.abstract_tree(
     jax.eval_shape(tx.init, param_shapes), sharding.named(mesh, opt_specs)
   )

@@ -176,3 +176,10 @@ def lower_train_step(layout: StateLayout, config) -> jax.stages.Lowered:
     return steps.core.lower(
       layout.params, layout.opt_state, step, abstract_batch(config, layout.mesh)
     )
+
+
+def lower_eval_step(layout: StateLayout, config) -> jax.stages.Lowered:
+  """The run's eval step (a whole global batch, eval capacity) lowered like the train step."""
+  steps = compile_steps(layout, config.train)
+  with jax.set_mesh(layout.mesh), sharding.axis_rules():
+    return steps.eval.lower(layout.params, abstract_batch(config, layout.mesh))
