@@ -32,6 +32,7 @@ from switchjax.config import Config
 from switchjax.moe import group_layout
 from switchjax.topologies import TpuSlice
 from switchjax.training import lower_eval_step, lower_train_step, plan_run, state_layout
+from switchjax.training.plan import expert_counts
 
 COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
 GiB = 2**30
@@ -143,6 +144,16 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
   widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
   lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
   return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
+
+
+def default_mesh(config: Config, devices: int) -> tuple[int, int, int]:
+  """A (data, expert, model) mesh of `devices`: the experts over as many devices as their
+  count shares with it, the batch over the rest, and what the batch cannot split over (more
+  devices than sequences) over 'model'."""
+  batch = config.train.batch_size  # split over data x expert: each shard whole sequences
+  expert = math.gcd(math.gcd(*expert_counts(config.model)), math.gcd(devices, batch))
+  data = math.gcd(devices // expert, batch // expert)
+  return data, expert, devices // expert // data
 
 
 def simulate(
