@@ -28,7 +28,7 @@ from typing import Any
 import jax
 
 from switchjax import huge_pages, topologies
-from switchjax.config import Config
+from switchjax.config import Config, apply_overrides, estimate_parameters
 from switchjax.moe import group_layout
 from switchjax.topologies import TpuSlice
 from switchjax.training import lower_eval_step, lower_train_step, plan_run, state_layout
@@ -310,3 +310,105 @@ def reexec_with_devices(count: int, argv: list[str], extra_flags: tuple[str, ...
   print(f"Restarting with XLA_FLAGS={flags}", flush=True)
   environ = huge_pages.environment() or dict(os.environ)
   os.execve(sys.executable, [sys.executable, *argv], {**environ, "XLA_FLAGS": flags})
+
+
+# --------------------------------------------------------------------------------------------
+# Fitting a preset: the smallest slice whose chips hold its train and eval steps.
+
+# What is tried on each slice, in order, until the steps fit: layers scanned (one compiled
+# block, which keeps the big presets' compile times short), then each layer rematerialised in
+# the backward pass, then parameters and optimizer state split over 'data' as well (FSDP).
+ATTEMPTS = (
+  {"model.scan_layers": True},
+  {"model.scan_layers": True, "model.remat": "full"},
+  {"model.scan_layers": True, "model.remat": "full", "mesh.fsdp": True},
+)
+
+
+@dataclasses.dataclass
+class Fit:
+  """The outcome of `fit`: the first report that fits (None if none did) and every attempt."""
+
+  config: str
+  parameters: int
+  report: PodReport | None
+  attempts: list[dict[str, Any]]
+
+
+def fit(
+  config: Config,
+  generation: str = "v5p",
+  max_chips: int | None = None,
+  say=print,
+) -> Fit:
+  """Compiles `config`'s steps on the standard slices of `generation`, smallest first, with
+  the settings of ATTEMPTS in turn, until they fit the chips' HBM. Slices too small to hold
+  the float32 parameters even split over every chip are skipped without compiling."""
+  parameters = estimate_parameters(config.model)
+  hbm = topologies.GENERATIONS[generation].hbm_bytes
+  least = max(1, -(-4 * parameters // hbm))  # chips that hold the parameters alone
+  attempts: list[dict[str, Any]] = []
+  for tpu in topologies.standard_slices(generation, min_chips=least):
+    if max_chips and tpu.chips > max_chips:
+      break
+    for changes in ATTEMPTS:
+      run = apply_overrides(config, [f"{k}={v}" for k, v in changes.items()]).validate()
+      mesh = default_mesh(run, tpu.chips)
+      try:
+        report = simulate(run, mesh, tpu, eval_step=False)
+        if report.fits:
+          report = simulate(run, mesh, tpu)  # the eval step must fit too
+      except ValueError as e:  # this mesh cannot hold the config (e.g. a head count)
+        attempts.append({"slice": tpu.name, "mesh": mesh, **changes, "error": str(e)})
+        say(f"{config.name} on {tpu.name} {mesh} {changes}: {e}")
+        continue
+      attempts.append({"slice": tpu.name, "mesh": mesh, **changes, "fits": report.fits})
+      say(
+        f"{config.name} on {tpu.name} {mesh} {changes}: {report.total_bytes / GiB:.1f} GiB "
+        f"(eval {report.eval_total_bytes / GiB:.1f}) of {hbm / GiB:.0f}, "
+        f"compiled in {report.compile_seconds + report.eval_compile_seconds:.0f} s"
+      )
+      if report.fits:
+        return Fit(config.name, parameters, report, attempts)
+  return Fit(config.name, parameters, None, attempts)
+
+
+FIT_HEADERS = [
+  "preset",
+  "parameters",
+  "slice",
+  "mesh (DxExM)",
+  "microbatches",
+  "remat",
+  "scan",
+  "fsdp",
+  "arguments GiB/chip",
+  "temp GiB/chip",
+  "total GiB/chip",
+  "eval GiB/chip",
+  "HBM GiB",
+  "compile s",
+]
+
+
+def fit_row(found: Fit) -> list[str]:
+  """One line of the fit table."""
+  r = found.report
+  if r is None:
+    return [found.config, f"{found.parameters / 1e9:.1f}B", "none fits"] + ["-"] * 11
+  return [
+    found.config,
+    f"{found.parameters / 1e9:.1f}B",
+    r.platform,
+    "x".join(map(str, r.mesh)),
+    str(r.num_microbatches),
+    r.settings["remat"],
+    "yes" if r.settings["scan_layers"] else "no",
+    "yes" if r.settings["fsdp"] else "no",
+    f"{r.argument_bytes / GiB:.1f}",
+    f"{r.temp_bytes / GiB:.1f}",
+    f"{r.total_bytes / GiB:.1f}",
+    f"{r.eval_total_bytes / GiB:.1f}",
+    f"{r.hbm_bytes / GiB:.0f}",
+    f"{r.compile_seconds:.0f} + {r.eval_compile_seconds:.0f}",
+  ]
