@@ -7,7 +7,7 @@ Sections:
   fixtures  the MoE layer vs each flaxformer golden case (tests/fixtures/flaxformer_moe, plus
             $SWITCHJAX_FLAXFORMER_FIXTURES): max abs output difference, max relative metric
             difference; and vs flaxformer's gradients on them (tests/fixtures/
-            flaxformer_moe_gradients), relative, in both dispatches;
+            flaxformer_moe_gradients), relative, in each dispatch;
   meshes    the MoE layer's outputs and gradients on 8 emulated devices vs one device, per
             router and mesh, and the all-to-all / all-gather ops of the compiled program;
   training  the tiny preset: exact resume (4 + restart + 4 vs 8 steps), 1 vs 8 devices, and two
@@ -56,7 +56,7 @@ def fixtures():
     name, cotangent, expected = equivalence.load_gradient_case(path)
     case = equivalence.load_golden_case(FIXTURES / f"{name}.npz")
     errors = []
-    for dispatch in ("buffers", "sorted"):
+    for dispatch in equivalence.DISPATCHES:
       ours = equivalence.golden_gradients(case, cotangent, dispatch)
       errors.append(f"{dispatch} {equivalence.worst_gradient_error(ours, expected):.1e}")
     print(f"  {name:36s} " + "  ".join(errors))

@@ -146,9 +146,22 @@ def load_golden_case(path: str | os.PathLike) -> GoldenCase:
   )
 
 
-def run_golden_case(case: GoldenCase) -> tuple[np.ndarray, dict[str, float]]:
-  """The switchjax layer's outputs and routing metrics (the names in METRICS) on the case."""
-  outputs, state = case.layer.apply(
+DISPATCHES = ("einsum", "buffers", "sorted")  # moe.dispatch: each must reproduce flaxformer
+
+
+def with_dispatch(layer: MoeLayer, dispatch: str | None) -> MoeLayer:
+  """`layer` with moe.dispatch set to `dispatch` (None: as it is)."""
+  if dispatch is None:
+    return layer
+  return layer.clone(config=dataclasses.replace(layer.config, dispatch=dispatch))
+
+
+def run_golden_case(
+  case: GoldenCase, dispatch: str | None = None
+) -> tuple[np.ndarray, dict[str, float]]:
+  """The switchjax layer's outputs and routing metrics (the names in METRICS) on the case,
+  through `dispatch` (one of DISPATCHES; None: the case's)."""
+  outputs, state = with_dispatch(case.layer, dispatch).apply(
     {"params": case.params},
     case.inputs,
     enable_dropout=case.train,
@@ -210,11 +223,9 @@ def gradient_arrays(gradients: dict[str, dict[str, Any]], names) -> dict[str, np
 def golden_gradients(
   case: GoldenCase, cotangent, dispatch: str | None = None
 ) -> dict[str, np.ndarray]:
-  """switchjax's gradients on a golden case, as `gradient_arrays` names them; `dispatch`
-  ('buffers', 'sorted') replaces the layer's moe.dispatch."""
-  layer = case.layer
-  if dispatch is not None:
-    layer = layer.clone(config=dataclasses.replace(layer.config, dispatch=dispatch))
+  """switchjax's gradients on a golden case, as `gradient_arrays` names them, through
+  `dispatch` (as in `run_golden_case`)."""
+  layer = with_dispatch(case.layer, dispatch)
   grads = layer_gradients(layer, case.params, case.inputs, case.train, cotangent)
   return gradient_arrays(grads, case_arrays)
 
@@ -248,7 +259,7 @@ def load_gradient_case(path: str | os.PathLike) -> tuple[str, np.ndarray, dict[s
 # Expert parallelism on meshes.
 
 
-def mesh_test_layer(router_type: str):
+def mesh_test_layer(router_type: str, dispatch: str = "auto"):
   """A GEGLU MoE layer (8 experts, groups of 16) and its gradient function, for mesh checks.
 
   Returns (boxed abstract params, params, inputs [16, 16, 16], grad_fn) where
@@ -262,6 +273,7 @@ def mesh_test_layer(router_type: str):
     max_group_size=16,
     train_capacity_factor=1.25,
     min_expert_capacity=1,
+    dispatch=dispatch,
   )
   layer = MoeLayer(config, d_ff=32, activations=("gelu", "linear"))
   x = jax.random.normal(jax.random.key(1), (16, 16, 16))

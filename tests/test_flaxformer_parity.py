@@ -31,10 +31,11 @@ def test_fixture_directory_has_cases():
   }, f"the flaxformer golden cases are missing from {FIXTURES}"
 
 
+@pytest.mark.parametrize("dispatch", equivalence.DISPATCHES)
 @pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
-def test_moe_layer_matches_flaxformer(path):
+def test_moe_layer_matches_flaxformer(path, dispatch):
   case = equivalence.load_golden_case(path)
-  outputs, metrics = equivalence.run_golden_case(case)
+  outputs, metrics = equivalence.run_golden_case(case, dispatch)
   np.testing.assert_allclose(outputs, case.outputs, atol=1e-5, rtol=0)
   for name in equivalence.METRICS:
     np.testing.assert_allclose(
@@ -50,12 +51,12 @@ def test_every_case_has_flaxformer_gradients():
   assert {p.stem for p in GRADIENTS} == {p.stem for p in FIXTURES.glob("*.npz")}
 
 
-@pytest.mark.parametrize("dispatch", ["buffers", "sorted"])
+@pytest.mark.parametrize("dispatch", equivalence.DISPATCHES)
 @pytest.mark.parametrize("path", GRADIENTS, ids=[p.stem for p in GRADIENTS])
 def test_gradients_match_flaxformer(path, dispatch):
   """The backward pass: switchjax's gradients of sum(outputs * cotangent), of the auxiliary
   loss and of the router z-loss w.r.t. the inputs and every weight equal flaxformer's
-  (scripts/make_gradient_cases.py), through either dispatch of the experts. Where flaxformer's
+  (scripts/make_gradient_cases.py), through each dispatch of the experts. Where flaxformer's
   gradient is exactly 0 (the router losses do not reach the experts; experts-choose has no
   auxiliary loss), switchjax's is too."""
   name, cotangent, expected = equivalence.load_gradient_case(path)
