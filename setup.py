@@ -29,6 +29,9 @@ setup(
     "pyarrow",
   ],
   extras_require={
+    # XLA's TPU compiler (libtpu, matched to jax), to compile for TPU slices on any machine
+    # (scripts/simulate_pod.py --topology, scripts/fit_presets.py) and to run on TPUs.
+    "tpu": ["jax[tpu]>=0.10.2"],
     "test": [
       "pytest>=8",
       "pytest-xdist>=3.5",

@@ -17,6 +17,9 @@ os.environ["XLA_FLAGS"] = (
   " --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tests run on the CPU (with libtpu installed, jax would also probe for TPUs and take their
+# lock file); tests/test_tpu_compile.py compiles for described TPU slices all the same.
+os.environ["JAX_PLATFORMS"] = "cpu"
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="switchjax-test-jax-cache-")
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
