@@ -232,10 +232,20 @@ class _Compiled:
     ) - m.alias_size_in_bytes
 
 
+class DoesNotFitError(ValueError):
+  """The TPU compiler refused a program whose memory exceeds the chip's HBM."""
+
+
 def _compile(lower, layout, config) -> _Compiled:
   start = time.perf_counter()
   with _stderr_to_string() as log:
-    compiled = lower(layout, config).compile()
+    try:
+      compiled = lower(layout, config).compile()
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      # XLA's TPU compiler stops at a memory plan beyond the chip: the step does not fit.
+      raise DoesNotFitError(str(e).split("RESOURCE_EXHAUSTED:", 1)[1].strip()) from None
   seconds = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
@@ -358,6 +368,10 @@ def fit(
         report = simulate(run, mesh, tpu, eval_step=False)
         if report.fits:
           report = simulate(run, mesh, tpu)  # the eval step must fit too
+      except DoesNotFitError as e:
+        attempts.append({"slice": tpu.name, "mesh": mesh, **changes, "fits": False})
+        say(f"{config.name} on {tpu.name} {mesh} {changes}: does not fit ({e})")
+        continue
       except ValueError as e:  # this mesh cannot hold the config (e.g. a head count)
         attempts.append({"slice": tpu.name, "mesh": mesh, **changes, "error": str(e)})
         say(f"{config.name} on {tpu.name} {mesh} {changes}: {e}")
