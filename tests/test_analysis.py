@@ -22,13 +22,14 @@ import matplotlib
 import nbformat
 import numpy as np
 import pytest
+from tiny import tiny_config
 
 matplotlib.use("Agg")  # before pyplot: figures render off-screen
 import matplotlib.pyplot as plt  # noqa: E402
 from notebook_utils import run_notebook  # noqa: E402
 
 from switchjax import analysis, losses  # noqa: E402
-from switchjax.config import ModelConfig, MoeConfig  # noqa: E402
+from switchjax.config import ModelConfig  # noqa: E402
 from switchjax.model import SwitchEncoder, SwitchTransformer  # noqa: E402
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "routing.ipynb"
@@ -48,20 +49,7 @@ def _config(**moe) -> ModelConfig:
     "eval_capacity_factor": HUGE,
     **moe,
   }
-  return ModelConfig(
-    vocab_size=64,
-    d_model=16,
-    d_ff=32,
-    num_heads=2,
-    d_kv=8,
-    num_layers=1,
-    num_decoder_layers=1,
-    num_sparse_encoder_layers=1,
-    num_sparse_decoder_layers=1,
-    dropout_rate=0.0,
-    dtype="float32",
-    moe=MoeConfig(**moe),
-  )
+  return tiny_config(num_layers=1, num_decoder_layers=1, moe=moe)
 
 
 @pytest.fixture(scope="module")

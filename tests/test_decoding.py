@@ -8,7 +8,6 @@ prefix and a one-token cached step route identically.
 """
 
 import importlib.util
-import io
 import pathlib
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+import tiny
 import torch
 
 from switchjax.decoding import filter_logits, generate
@@ -243,48 +243,21 @@ def checkpoint_dir(tmp_path_factory):
   Its eval capacity factor 4.0 makes every expert's capacity the whole routing group, so no
   token is dropped in a full decoder pass (whose zero padding is routed too) either.
   """
-  import flax.linen as nn
-  import sentencepiece as spm
-
   from switchjax.checkpoint import save_model
-  from switchjax.config import Config, ModelConfig, MoeConfig
+  from switchjax.config import Config
   from switchjax.model import SwitchTransformer
 
   directory = tmp_path_factory.mktemp("switch_ckpt")
-  writer = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-    sentence_iterator=iter(SENTENCES),
-    model_writer=writer,
-    vocab_size=60,
-    pad_id=0,
-    eos_id=1,
-    unk_id=2,
-    bos_id=-1,
-    model_type="unigram",
-    minloglevel=2,
-  )
-  (directory / "spiece.model").write_bytes(writer.getvalue())
-  cfg = ModelConfig(
+  (directory / "spiece.model").write_bytes(tiny.tiny_spm(SENTENCES, vocab_size=60))
+  cfg = tiny.tiny_config(
     vocab_size=160,
     d_model=32,
     d_ff=64,
     num_heads=4,
-    d_kv=8,
-    num_layers=2,
-    num_sparse_encoder_layers=1,
-    num_sparse_decoder_layers=1,
     relative_attention_num_buckets=8,
-    dropout_rate=0.0,
-    dtype="float32",
-    moe=MoeConfig(num_experts=4, eval_capacity_factor=4.0),
+    moe=dict(num_experts=4, eval_capacity_factor=4.0),
   )
-  # Random normal parameters drawn with NumPy (compiling `model.init` takes ~10 s on CPU).
-  dummy = np.ones((1, 8), np.int32)
-  shapes = jax.eval_shape(SwitchTransformer(cfg).init, jax.random.key(0), dummy, dummy)
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(
-    lambda s: rng.normal(0.0, 0.5, s.shape).astype(s.dtype), nn.meta.unbox(shapes["params"])
-  )
+  params = tiny.random_params(SwitchTransformer(cfg))
   save_model(directory, Config(model=cfg), params)
   return directory
 

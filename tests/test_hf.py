@@ -28,6 +28,10 @@ from switchjax.config.sparse_layout import sparse_layer_indices
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOL = 1e-4
+# Two transformers models loaded separately from equal weights: PyTorch promises no bit-equal
+# forward passes across model instances (oneDNN picks kernels per machine; an AMD EPYC gave
+# 6.6e-7), so the logits agree to float32 rounding of the tiny models' |logits| (~1-10).
+SEPARATE_TORCH_MODELS_TOL = 1e-5
 # name -> SwitchTransformersConfig overrides (on top of hf_utils.TINY: d_model 16, 4 heads of
 # 4, 4 experts, expert_capacity 3, so tokens get dropped).
 CONFIGS = {
@@ -299,7 +303,7 @@ def test_to_hf_round_trip(hf_dirs, tmp_path, name):
     U.hf_forward(U.load_hf(tmp_path)).logits.numpy() - U.hf_forward(reference).logits.numpy()
   ).max()
   print(f"\n[{name}] HF -> switchjax -> to_hf -> transformers: max logits diff {diff:.3g}")
-  assert diff == 0.0
+  assert diff <= SEPARATE_TORCH_MODELS_TOL  # the weights themselves are equal, asserted above
   assert hf.from_hf(tmp_path)[0].config == model.config
 
 
@@ -548,7 +552,7 @@ def test_convert_script_both_directions(hf_dirs, tmp_path):
     U.hf_forward(U.load_hf(tmp_path / "hf_out")).logits.numpy()
     - U.hf_forward(hf_dirs["untied_gelu_bias"][1]).logits.numpy()
   ).max()
-  assert diff == 0.0
+  assert diff <= SEPARATE_TORCH_MODELS_TOL  # the state dicts are compared exactly elsewhere
   done = _run(
     "--checkpoint",
     tmp_path / "converted",

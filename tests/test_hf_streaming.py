@@ -24,14 +24,15 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+import tiny
 import torch
 import transformers
 from safetensors.numpy import load_file
 
-from switchjax import checkpoint, hf, model_loading, sharding
+from switchjax import checkpoint, hf, model_loading
 from switchjax.checkpoint import LazyArray
-from switchjax.config import Config, ModelConfig, MoeConfig
-from switchjax.model import SwitchTransformer, abstract_params
+from switchjax.config import Config
+from switchjax.model import SwitchTransformer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONVERT = ROOT / "scripts" / "convert_hf.py"
@@ -381,38 +382,15 @@ def test_two_processes_restore_their_shards_only(medium, tmp_path):
 def test_generate_on_a_mesh_matches_one_device(tmp_path):
   """scripts/generate.py --set mesh.*: restored onto 8 devices, the same text."""
   sentences = ["the cat sat on the mat", "a dog ran in the park", "birds sing in the morning"]
-  import io
-
-  import sentencepiece as spm
-
-  writer = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-    sentence_iterator=iter(sentences * 20),
-    model_writer=writer,
-    vocab_size=24,
-    pad_id=0,
-    eos_id=1,
-    unk_id=2,
-    bos_id=-1,
-    minloglevel=2,
-  )
-  (tmp_path / "spiece.model").write_bytes(writer.getvalue())
-  cfg = ModelConfig(
+  (tmp_path / "spiece.model").write_bytes(tiny.tiny_spm(sentences * 20, vocab_size=24))
+  cfg = tiny.tiny_config(
     vocab_size=160,
     d_model=32,
     d_ff=64,
     num_heads=4,
-    d_kv=8,
-    num_layers=2,
-    num_sparse_encoder_layers=1,
-    num_sparse_decoder_layers=1,
-    dropout_rate=0.0,
-    dtype="float32",
-    moe=MoeConfig(num_experts=4, eval_capacity_factor=4.0),
+    moe=dict(num_experts=4, eval_capacity_factor=4.0),
   )
-  rng = np.random.default_rng(0)
-  shapes = sharding.unbox(abstract_params(SwitchTransformer(cfg)))
-  params = jax.tree.map(lambda s: rng.normal(0.0, 0.5, s.shape).astype(np.float32), shapes)
+  params = tiny.random_params(SwitchTransformer(cfg))
   checkpoint.save_model(tmp_path, Config(model=cfg), params)
   command = [ROOT / "scripts/generate.py", "--checkpoint", tmp_path, "--max_new_tokens", "6"]
   command += ["--input", "the cat sat", "--input", "a dog ran"]

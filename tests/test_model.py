@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from tiny import tiny_config
 from transformers.models.switch_transformers.modeling_switch_transformers import (
   SwitchTransformersAttention,
 )
@@ -148,24 +149,6 @@ def test_attention_softmax_is_jax_softmax_with_the_probability_only_derivative()
   assert np.all(np.asarray(grad)[..., -2:] == 0.0)
 
 
-def _tiny_config(**kw) -> ModelConfig:
-  base = dict(
-    vocab_size=64,
-    d_model=16,
-    d_ff=32,
-    num_heads=2,
-    d_kv=8,
-    num_layers=2,
-    num_decoder_layers=2,
-    num_sparse_encoder_layers=1,
-    num_sparse_decoder_layers=1,
-    dtype="float32",
-    dropout_rate=0.0,
-    moe=MoeConfig(num_experts=2, max_group_size=16, eval_capacity_factor=4.0),
-  )
-  return ModelConfig(**{**base, **kw})
-
-
 def _init(model, enc_len=8, dec_len=4):
   enc = jnp.ones((2, enc_len), jnp.int32)
   dec = jnp.ones((2, dec_len), jnp.int32)
@@ -174,7 +157,7 @@ def _init(model, enc_len=8, dec_len=4):
 
 
 def test_encoder_only_model_equals_the_encoder_of_the_encoder_decoder():
-  cfg = _tiny_config()
+  cfg = tiny_config()
   full = SwitchTransformer(cfg)
   params = _init(full)
   tokens = jnp.array([[5, 6, 7, 8, 1, 0, 0, 0], [9, 3, 4, 1, 0, 0, 0, 0]])
@@ -185,7 +168,7 @@ def test_encoder_only_model_equals_the_encoder_of_the_encoder_decoder():
 
 
 def test_decoder_is_causal_and_padding_does_not_leak():
-  cfg = _tiny_config()
+  cfg = tiny_config()
   model = SwitchTransformer(cfg)
   params = _init(model)
   enc = jnp.array([[5, 6, 7, 8, 1, 0, 0, 0]])
@@ -201,8 +184,8 @@ def test_decoder_is_causal_and_padding_does_not_leak():
 
 
 def test_tied_logits_are_scaled_and_untied_logits_have_their_own_kernel():
-  tied = _init(SwitchTransformer(_tiny_config()))
-  untied = _init(SwitchTransformer(_tiny_config(tie_embeddings=False)))
+  tied = _init(SwitchTransformer(tiny_config()))
+  untied = _init(SwitchTransformer(tiny_config(tie_embeddings=False)))
   assert "logits_dense" not in tied["decoder"] and untied["decoder"]["logits_dense"].shape == (
     16,
     64,
@@ -210,7 +193,7 @@ def test_tied_logits_are_scaled_and_untied_logits_have_their_own_kernel():
 
 
 def test_remat_gives_the_same_loss_and_gradients():
-  cfg = _tiny_config()
+  cfg = tiny_config()
   enc = jnp.array([[5, 6, 7, 8, 1, 0, 0, 0], [9, 3, 4, 1, 0, 0, 0, 0]])
   dec = jnp.array([[0, 11, 12, 13], [0, 14, 15, 0]])
   params = _init(SwitchTransformer(cfg))
@@ -231,7 +214,7 @@ def test_remat_gives_the_same_loss_and_gradients():
 
 
 def test_every_sparse_layer_sows_its_router_logits_and_metrics():
-  cfg = _tiny_config(num_sparse_encoder_layers=2, num_sparse_decoder_layers=1)
+  cfg = tiny_config(num_sparse_encoder_layers=2, num_sparse_decoder_layers=1)
   model = SwitchTransformer(cfg)
   params = _init(model)
   enc = jnp.ones((2, 8), jnp.int32)
@@ -268,7 +251,7 @@ def test_cross_entropy_with_label_smoothing_and_z_loss_matches_the_formula():
 
 
 def test_training_loss_adds_layer_means_of_the_moe_losses():
-  cfg = _tiny_config(num_sparse_encoder_layers=2)
+  cfg = tiny_config(num_sparse_encoder_layers=2)
   model = SwitchTransformer(cfg)
   params = _init(model)
   batch = {"decoder_target_tokens": jnp.array([[11, 12, 1, 0], [13, 1, 0, 0]])}

@@ -5,6 +5,7 @@ signals and one-line errors for unusable workdirs (the reliability issue's cases
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from match import words
 
 from switchjax import checkpoint, model_loading
 from switchjax.config import load_config
@@ -81,36 +83,41 @@ def work(trained, tmp_path):
 # change no byte; the others are noted and recorded.
 
 
-REFUSALS = {
+REFUSALS = {  # case -> the essential words of the refusal, in order
   "data.paths": (
-    "{corpus} (was ()) in {w}/config.json: this would change the order of its training data. "
-    "Pass --restart_data to continue its model on this data from its first example, keep the "
-    "workdir's setting to resume where it stopped, or use a new --workdir."
+    "{corpus} (was ()) in {w}/config.json",
+    "would change the order of its training data",
+    "--restart_data",
+    "new --workdir",
   ),
   "data.spm_vocab_size=450": (
-    "{w} holds a model trained with another tokenizer: data.spm_vocab_size=450 (was 500) in "
-    "its config.json; its piece and sentinel ids cannot change. Keep the workdir's settings, "
-    "or start a new run in a new --workdir."
+    "{w} holds a model trained with another tokenizer",
+    "data.spm_vocab_size=450 (was 500)",
+    "piece and sentinel ids cannot change",
+    "new --workdir",
   ),
   "data.extra_ids=50": (
-    "{w} holds a model trained with another tokenizer: data.extra_ids=50 (was 100) in its "
-    "config.json; its piece and sentinel ids cannot change. Keep the workdir's settings, or "
-    "start a new run in a new --workdir."
+    "{w} holds a model trained with another tokenizer",
+    "data.extra_ids=50 (was 100)",
+    "piece and sentinel ids cannot change",
+    "new --workdir",
   ),
   "data.spm_path": (
-    "data.spm_path={other} is another tokenizer than {w}/spiece.model, which the model in {w} "
-    "was trained with: its piece and sentinel ids would change. Leave data.spm_path unset (or "
-    "point it at {w}/spiece.model), or start a new run in a new --workdir."
+    "data.spm_path={other} is another tokenizer than {w}/spiece.model",
+    "Leave data.spm_path unset",
+    "new --workdir",
   ),
   "model.d_ff=128": (
-    "{w} holds a run of another model or optimizer: model.d_ff=128 (was 64) in its "
-    "config.json. Resume it with its own settings (--config={w}/config.json), or start a new "
-    "run in a new --workdir (--set train.init_from={w} starts it from these parameters)."
+    "{w} holds a run of another model or optimizer",
+    "model.d_ff=128 (was 64)",
+    "--config={w}/config.json",
+    "--set train.init_from={w}",
   ),
   "train.optimizer=adamw": (
-    "{w} holds a run of another model or optimizer: train.optimizer='adamw' (was 'adafactor') "
-    "in its config.json. Resume it with its own settings (--config={w}/config.json), or start "
-    "a new run in a new --workdir (--set train.init_from={w} starts it from these parameters)."
+    "{w} holds a run of another model or optimizer",
+    "train.optimizer='adamw' (was 'adafactor')",
+    "--config={w}/config.json",
+    "--set train.init_from={w}",
   ),
 }
 
@@ -122,9 +129,9 @@ def test_refused_resume_changes_no_byte(work, tmp_path, case):
   corpus = f"data.paths=('{tmp_path / 'corpus.txt'}',)"
   override = {"data.paths": corpus, "data.spm_path": f"data.spm_path={other}"}.get(case, case)
   before = snapshot(work)
-  with pytest.raises(WorkdirError) as error:
+  match = words(*(f.format(w=work, other=other, corpus=corpus) for f in REFUSALS[case]))
+  with pytest.raises(WorkdirError, match=match):
     run(tiny("train.num_train_steps=4", override), work)
-  assert str(error.value) == REFUSALS[case].format(w=work, other=other, corpus=corpus)
   assert snapshot(work) == before
 
 
@@ -234,14 +241,9 @@ def test_resume_with_another_batch_size_is_noted_and_continues_the_data(work):
 def test_converted_checkpoint_is_not_a_workdir_unless_asked(converted, tmp_path):
   model = pathlib.Path(shutil.copytree(converted, tmp_path / "model")).resolve()
   before = snapshot(model)
-  with pytest.raises(WorkdirError) as error:
+  match = words(model, "holds a converted model", "read-only input", f"--config={model}")
+  with pytest.raises(WorkdirError, match=match + ".*--allow_converted_workdir"):
     run(tiny("train.num_train_steps=1"), model)
-  assert str(error.value) == (
-    f"{model} holds a converted model (parameters only, as convert_hf.py and save_model write), "
-    f"a read-only input: start a run from it in a new workdir with --config={model} "
-    f"--workdir=NEW (or --set train.init_from={model}), or pass --allow_converted_workdir to "
-    "train in it."
-  )
   assert snapshot(model) == before
   _, params = model_loading.load_model(model)  # what generate.py reads: intact
   assert checkpoint.params_equal(params, model_loading.load_model(converted)[1])
@@ -271,13 +273,10 @@ INIT_FROM_REFUSALS = {
 
 @pytest.mark.parametrize("override", sorted(INIT_FROM_REFUSALS))
 def test_init_from_keeps_the_models_own_settings(converted, tmp_path, override):
-  with pytest.raises(WorkdirError) as error:
+  setting = f"train.init_from={converted} holds a model with other settings"
+  match = words(setting, INIT_FROM_REFUSALS[override], f"--config={converted}", "--set each")
+  with pytest.raises(WorkdirError, match=match):
     run(tiny(f"train.init_from={converted}", override), tmp_path / "new")
-  assert str(error.value) == (
-    f"train.init_from={converted} holds a model with other settings: "
-    f"{INIT_FROM_REFUSALS[override]} in its config.json. Start from its own settings with "
-    f"--config={converted}, or --set each to the checkpoint's value."
-  )
   assert not (tmp_path / "new").exists()
 
 
@@ -330,12 +329,9 @@ def test_one_run_at_a_time_and_a_killed_run_holds_no_lock(work):
   try:
     assert holder.stdout.readline() == "locked\n"
     before = snapshot(work)
-    with pytest.raises(WorkdirError) as error:
+    match = words(work, f"is in use by another run (process {holder.pid})", "another --workdir")
+    with pytest.raises(WorkdirError, match=match):
       run(tiny("train.num_train_steps=4"), work)
-    assert str(error.value) == (
-      f"{work} is in use by another run (process {holder.pid}): one run at a time may write a "
-      "workdir. Wait for it to finish (or stop it), or choose another --workdir."
-    )
     assert snapshot(work) == before
   finally:
     holder.send_signal(signal.SIGKILL)
@@ -370,10 +366,9 @@ def test_changed_bytes_are_detected_and_the_previous_checkpoint_used(work, where
     "(sha256 mismatch)); trying the previous one."
   ) in messages
   assert f"Resumed from {work}/checkpoints step 1." in messages
-  assert str(error.value) == (  # step 2 had a finite loss (and the update that overflowed)
-    "Non-finite loss or gradient at step 3; stopping without saving. The last good checkpoint "
-    f"(step 2, saved by this run) is kept in {work}. Lower train.learning_rate, raise "
-    "train.router_z_loss_factor or check the data."
+  assert re.search(  # step 2 had a finite loss (and the update that overflowed)
+    words("Non-finite loss or gradient at step 3", "(step 2, saved by this run)", work),
+    str(error.value),
   )
   assert checkpoint.CheckpointStore(work).steps() == [1, 2]
   assert [p.name.split("-")[0] for p in (work / "checkpoints_broken").iterdir()] == ["2"]
@@ -401,22 +396,14 @@ def test_unusable_workdirs_are_refused_in_one_line(tmp_path, monkeypatch):
   hf.mkdir()
   (hf / "config.json").write_text('{"model_type": "switch_transformers"}')
   cases = {
-    file: f"--workdir {file} is a file, not a directory; choose another --workdir.",
-    foreign: (
-      f"{foreign} is not empty and holds no switchjax run (no config.json; it has notes.txt): "
-      "choose a new or empty --workdir."
-    ),
-    hf: (
-      f"{hf}/config.json is not a switchjax config (Unknown Config fields in saved config: "
-      f"['model_type'].), so {hf} is not a switchjax workdir (a Hugging Face checkpoint?): "
-      "choose a new or empty --workdir."
-    ),
+    file: words(f"--workdir {file} is a file, not a directory", "another --workdir"),
+    foreign: words(foreign, "holds no switchjax run", "notes.txt", "new or empty --workdir"),
+    hf: words(f"{hf}/config.json is not a switchjax config", "model_type", "new or empty"),
   }
-  for workdir, message in cases.items():
+  for workdir, match in cases.items():
     before = snapshot(tmp_path)
-    with pytest.raises(WorkdirError) as error:
+    with pytest.raises(WorkdirError, match=match + r"[^\n]*\Z"):  # one line
       run(tiny(), workdir)
-    assert str(error.value) == message
     assert snapshot(tmp_path) == before
   usage = shutil.disk_usage(tmp_path)
   monkeypatch.setattr(workdir_lib.shutil, "disk_usage", lambda _: usage._replace(free=1000))
@@ -446,10 +433,8 @@ def test_read_only_workdir_is_one_line(tmp_path):
   read_only.chmod(0o555)
   done = pretrain(f"--workdir={read_only}", setup=WITHOUT_ROOT_FILE_ACCESS)
   assert done.returncode == 1
-  assert done.stderr.splitlines()[-1] == (
-    f"error: cannot write to the workdir {read_only} (Permission denied); make it writable or "
-    "choose another --workdir."
-  )
+  last = done.stderr.splitlines()[-1]
+  assert re.match(words(f"error: cannot write to the workdir {read_only}", "writable"), last)
   assert "Traceback" not in done.stderr and not list(read_only.iterdir())
 
 
@@ -464,11 +449,9 @@ def test_full_disk_during_a_run_keeps_the_last_checkpoint_and_resumes(work):
   args = [f"--workdir={work}", *[f"--set={s}" for s in SETTINGS], "--set=train.num_train_steps=4"]
   done = pretrain(*args, setup=small_files)
   assert done.returncode == 1, done.stderr[-2000:]
-  assert done.stderr.splitlines()[-1] == (
-    f"error: Could not save checkpoint step 3 in {work}/checkpoints (File too large, errno "
-    "27). The last complete checkpoint (step 2, which this run resumed from) is kept: free "
-    "space on that disk (or make it writable) and run the same command to resume."
-  )
+  saved = "The last complete checkpoint (step 2, which this run resumed from) is kept"
+  match = words(f"error: Could not save checkpoint step 3 in {work}/checkpoints", "errno 27")
+  assert re.match(match + ".*" + words(saved, "free space", "resume"), done.stderr.splitlines()[-1])
   assert "Traceback" not in done.stderr
   assert checkpoint.CheckpointStore(work).steps() == [1, 2]
   messages = []
@@ -505,16 +488,14 @@ def test_sigterm_during_tokenizer_training_exits_within_seconds(tmp_path):
       break
   time.sleep(5)  # reading the corpus takes ~1 s, training the tokenizer ~30 s
   proc.send_signal(signal.SIGTERM)
-  sent = time.time()
-  _, err = proc.communicate(timeout=120)
-  assert time.time() - sent < 10 and proc.returncode == 130, err[-2000:]
-  assert err.splitlines()[-1] == (
-    "Stopped by SIGTERM during start-up, before the first step; nothing was trained or saved. "
-    "Run the same command to start again."
-  )
+  _, err = proc.communicate(timeout=120)  # a hang guard, not a timing: see the .model below
+  assert proc.returncode == 130, err[-2000:]
+  stopped = words("Stopped by SIGTERM during start-up", "nothing was trained or saved", "again")
+  assert re.match(stopped, err.splitlines()[-1])
   assert "Traceback" not in err
   assert not workdir.exists()  # made at start-up, left empty, removed
-  assert not list(cache.rglob("*.model"))  # the tokenizer's training was cut short
+  # The tokenizer's training (~30 s) was cut short, not waited for: no model was written.
+  assert not list(cache.rglob("*.model"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -540,10 +521,8 @@ def test_second_run_on_a_busy_workdir_and_resume_after_kill(tmp_path):
     config = (workdir / "config.json").read_bytes()
     second = pretrain(*args, "--set=train.num_train_steps=15")
     assert second.returncode == 1
-    assert second.stderr.splitlines()[-1] == (
-      f"error: {workdir} is in use by another run (process {first.pid}): one run at a time may "
-      "write a workdir. Wait for it to finish (or stop it), or choose another --workdir."
-    )
+    busy = words(f"error: {workdir} is in use by another run (process {first.pid})", "--workdir")
+    assert re.match(busy, second.stderr.splitlines()[-1])
     assert (workdir / "config.json").read_bytes() == config
   finally:
     first.send_signal(signal.SIGKILL)
