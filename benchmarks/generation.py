@@ -30,15 +30,23 @@ def bench_generate(config: Config, *, quick: bool, reps: int, warmup: int) -> di
   for fn in fns.values():
     fn()  # compiles
   out = {"config": config.name, "batch_size": batch, "input_length": length, "new_tokens": new}
-  rows = []
   for name, (median, times) in time_interleaved(fns, reps, warmup).items():
     out[name] = {"ms": median * 1e3, "tokens_per_s": batch * new / median, "times_s": times}
-    rows.append([name, f"{median * 1e3:.1f}", f"{batch * new / median:,.0f}"])
   out["cache_speedup"] = out["uncached"]["ms"] / out["cached"]["ms"]
+  print_generate(out)
+  return out
+
+
+def print_generate(out: dict) -> None:
+  """The section's table: cached and uncached, and the cache's speed-up."""
+  rows = [
+    [name, f"{out[name]['ms']:.1f}", f"{out[name]['tokens_per_s']:,.0f}"]
+    for name in ("cached", "uncached")
+  ]
   print(
-    f"\n## Greedy generation: --config {config.name} (random weights), batch {batch}, "
-    f"{length} input tokens, {new} new tokens per row\n"
+    f"\n## Greedy generation: --config {out['config']} (random weights), batch "
+    f"{out['batch_size']}, {out['input_length']} input tokens, {out['new_tokens']} new tokens "
+    "per row\n"
   )
   print(format_table(["KV cache", "ms/call", "new tokens/s"], rows))
   print(f"uncached / cached time (the cache's speed-up): {out['cache_speedup']:.2f}")
-  return out

@@ -1,10 +1,11 @@
 """MoeLayer forward + backward against a dense MLP and flaxformer's MoeLayer, over expert counts.
 
 Per batch, a dense `MlpBlock` of the same d_ff and, for each expert count E, switchjax's
-MoeLayer with the one-hot (tokens_choose_masked), scatter and dropless routers (sharing their
-parameters) and flaxformer's MoeLayer (masked routing, its one-device groups) when its source is
-found: all compiled first, then timed interleaved, so the ratios between routers, to the dense
-MLP and between expert counts of one batch are measured side by side.
+MoeLayer in each VARIANT (Switch's top-1 router through the three dispatches of
+`model.moe.dispatch`, the scatter router and the dropless router, all sharing their parameters)
+and flaxformer's MoeLayer (masked routing, its one-device groups) when its source is found: all
+compiled first, then timed interleaved, so the ratios between dispatches, to the dense MLP and
+between expert counts of one batch are measured side by side.
 """
 
 import dataclasses
@@ -28,7 +29,15 @@ SHAPE = (8, 512, 768, 3072, 1.25)
 SWEEP = {None: [(8, True), (32, True), (128, True)], 32: [(8, False), (128, False)]}
 SHAPE_QUICK = (2, 64, 32, 128, 1.25)
 SWEEP_QUICK = {None: [(4, True), (8, True)], 4: [(4, False)]}
-ROUTERS = ("tokens_choose_masked", "tokens_choose_scatter", "tokens_choose_dropless")
+# name -> (moe.router_type, moe.dispatch): the top-1 router through each dispatch, then the
+# scatter router (buffers combined by scatter) and the dropless router (sorted, no capacity).
+VARIANTS = {
+  "einsum": ("tokens_choose_masked", "einsum"),
+  "buffers": ("tokens_choose_masked", "buffers"),
+  "sorted": ("tokens_choose_masked", "sorted"),
+  "scatter": ("tokens_choose_scatter", "buffers"),
+  "dropless": ("tokens_choose_dropless", "auto"),
+}
 
 
 def compile_fwd_bwd(layer, x, params=None, **apply_kwargs):
@@ -46,14 +55,17 @@ def compile_fwd_bwd(layer, x, params=None, **apply_kwargs):
 
 
 def _compile_experts(x, experts: int, shape, flaxformer, fns: dict, compiled: dict) -> dict:
-  """Compiles the routers (and flaxformer's layer, when given) at E = `experts` into
+  """Compiles the VARIANTS (and flaxformer's layer, when given) at E = `experts` into
   fns/compiled under (experts, name); returns the row that describes their routing groups."""
   batch_size, length, d_model = x.shape
   _, _, _, d_ff, cf = shape
   config = MoeConfig(num_experts=experts, train_capacity_factor=cf)
-  layers = {r: MoeLayer(dataclasses.replace(config, router_type=r), d_ff=d_ff) for r in ROUTERS}
-  params = nn.unbox(jax.jit(layers[ROUTERS[0]].init)(jax.random.key(0), x))["params"]
-  for name, layer in layers.items():  # the routers share the parameters
+  layers = {
+    name: MoeLayer(dataclasses.replace(config, router_type=r, dispatch=d), d_ff=d_ff)
+    for name, (r, d) in VARIANTS.items()
+  }
+  params = nn.unbox(jax.jit(layers["einsum"].init)(jax.random.key(0), x))["params"]
+  for name, layer in layers.items():  # the variants share the parameters
     fns[(experts, name)], compiled[(experts, name)] = compile_fwd_bwd(
       layer, x, params=params, enable_dropout=True
     )
@@ -107,24 +119,23 @@ def bench_moe(*, quick: bool, reps: int, warmup: int, flaxformer_refs: pathlib.P
 
 
 def moe_ratios(rows: list) -> list:
-  """Adds each row's ratios: to the dense MLP, scatter / one-hot, to flaxformer, and the time
-  per token relative to the first expert count of the same batch."""
+  """Adds each row's ratios: each variant to the dense MLP and to the first expert count of the
+  same batch, the other dispatches' time and memory to the one-hot einsums', and to flaxformer."""
   first = rows[0]
   for r in rows:
-    dense, masked = r["dense"]["ms"], r["tokens_choose_masked"]
-    for name in ROUTERS:
+    dense, einsum = r["dense"]["ms"], r["einsum"]
+    for name in VARIANTS:
       r[f"{name}_over_dense"] = r[name]["ms"] / dense
       r[f"{name}_over_E{first['experts']}"] = r[name]["ms"] / first[name]["ms"]
-    scatter = r["tokens_choose_scatter"]
-    r["scatter_over_masked_time"] = scatter["ms"] / masked["ms"]
-    if masked["memory_bytes"] and scatter["memory_bytes"]:
-      r["scatter_over_masked_total_memory"] = (
-        scatter["memory_bytes"]["total"] / masked["memory_bytes"]["total"]
-      )
+    for name in ("buffers", "sorted", "scatter"):
+      r[f"{name}_over_einsum_time"] = r[name]["ms"] / einsum["ms"]
+      if einsum["memory_bytes"] and r[name]["memory_bytes"]:
+        total = r[name]["memory_bytes"]["total"] / einsum["memory_bytes"]["total"]
+        r[f"{name}_over_einsum_total_memory"] = total
     if "flaxformer" in r:
       r["flaxformer_over_dense"] = r["flaxformer"]["ms"] / dense
-      r["masked_over_flaxformer"] = masked["ms"] / r["flaxformer"]["ms"]
-      r["dropless_over_flaxformer"] = r["tokens_choose_dropless"]["ms"] / r["flaxformer"]["ms"]
+      for name in ("einsum", "buffers", "sorted", "dropless"):
+        r[f"{name}_over_flaxformer"] = r[name]["ms"] / r["flaxformer"]["ms"]
   return rows
 
 
@@ -134,14 +145,17 @@ HEADERS = [
   "groups",
   "capacity",
   "dense ms",
-  "one-hot ms (x dense)",
+  "einsum ms (x dense)",
+  "buffers ms",
+  "sorted ms",
   "scatter ms",
   "dropless ms",
   "flaxformer ms",
-  "one-hot/flaxformer",
-  "one-hot per token",
-  "one-hot temp MiB",
-  "dropless temp MiB",
+  "einsum/flaxformer",
+  "einsum per token",
+  "einsum temp MiB",
+  "buffers temp MiB",
+  "sorted temp MiB",
 ]
 
 
@@ -165,14 +179,10 @@ def print_moe(out: list, shape, flaxformer: str) -> None:
         f"{r['num_groups']}x{r['tokens_per_group']}",
         r["capacity"],
         milliseconds(r["dense"]["ms"]),
-        _cell(r, "tokens_choose_masked"),
-        _cell(r, "tokens_choose_scatter"),
-        _cell(r, "tokens_choose_dropless"),
-        _cell(r, "flaxformer"),
-        f"{r['masked_over_flaxformer']:.2f}" if "masked_over_flaxformer" in r else "-",
-        f"{r[f'tokens_choose_masked_over_E{first_e}']:.2f} (E={first_e})",
-        mib(r["tokens_choose_masked"]["memory_bytes"], "temp"),
-        mib(r["tokens_choose_dropless"]["memory_bytes"], "temp"),
+        *(_cell(r, name) for name in (*VARIANTS, "flaxformer")),
+        f"{r['einsum_over_flaxformer']:.2f}" if "einsum_over_flaxformer" in r else "-",
+        f"{r[f'einsum_over_E{first_e}']:.2f} (E={first_e})",
+        *(mib(r[name]["memory_bytes"], "temp") for name in ("einsum", "buffers", "sorted")),
       ]
     )
   print(
@@ -181,8 +191,9 @@ def print_moe(out: list, shape, flaxformer: str) -> None:
   )
   print(format_table(HEADERS, rows))
   print(
-    "(one-hot = moe.router_type tokens_choose_masked, flaxformer's masked routing; dense = "
-    f"MlpBlock(d_ff); flaxformer: {flaxformer}; one-hot per token: the time relative to the "
+    "(einsum, buffers, sorted: Switch's top-1 router with that moe.dispatch; scatter: "
+    "tokens_choose_scatter; dropless: tokens_choose_dropless; dense = "
+    f"MlpBlock(d_ff); flaxformer: {flaxformer}; einsum per token: the time relative to the "
     "first expert count of the same batch (timed interleaved with it); the larger batch, "
     "without flaxformer (which pads E=128 16x), shows the cost per token when more tokens "
     "share the experts' weights, with half the repetitions)"

@@ -14,8 +14,8 @@ Sections (each a module of the repository's benchmarks/; this script parses the 
 them):
   moe       MoeLayer forward + backward (jit, float32, 1 device) on B x L x d_model (8 x 512 x
             768, d_ff 3072) against a dense MlpBlock of the same d_ff, over expert counts E
-            (8, 32, 128): one-hot (tokens_choose_masked), scatter (tokens_choose_scatter) and
-            dropless (tokens_choose_dropless, no capacity) routers, and flaxformer's MoeLayer
+            (8, 32, 128): Switch's top-1 router through each model.moe.dispatch (einsum,
+            buffers, sorted), the scatter and dropless routers, and flaxformer's MoeLayer
             when its source is found (--flaxformer); a larger batch shows the cost per token
             when more tokens share the experts' weights. Memory is XLA's compiled-program
             figure (`memory_analysis()`).
@@ -38,8 +38,9 @@ How to read it: every time is the median of --reps timed calls after --warmup un
 (compilation is done before, with `jit(...).lower(...).compile()`), and the variants being
 compared are timed interleaved (A B A B ...) so that machine noise hits them alike. Absolute
 times on a shared CPU move by tens of percent between runs; compare the RATIOS, which this run
-measures side by side: scatter/masked time and memory (< 1: scatter is cheaper), mesh/1-device
-step time, uncached/cached generation time (the cache's speed-up).
+measures side by side: buffers/einsum and sorted/einsum time and memory (< 1: cheaper than
+flaxformer's one-hot einsums), mesh/1-device step time, uncached/cached generation time (the
+cache's speed-up).
 
 Emulated devices: the mesh needs that many devices; on a CPU host they are emulated with
 XLA_FLAGS=--xla_force_host_platform_device_count=N, which XLA reads only when jax starts. When
@@ -189,6 +190,7 @@ def main(argv=None) -> int:
     reps=args.reps,
     warmup=args.warmup,
     quick=args.quick,
+    hf_reps=args.hf_reps or (2 if args.quick else 3),
     command=" ".join(["scripts/benchmark.py"] + arguments),
   )
   args.peak_tflops = env["matmul_peak_tflops"] = matmul_peak_tflops(256 if args.quick else 1024)

@@ -56,13 +56,12 @@ def test_benchmark_quick_reports_every_section(tmp_path):
   assert results["env"]["glibc_tunables"] == expected
   assert len(results["moe"]) >= 2
   for row in results["moe"]:
-    for router in ("tokens_choose_masked", "tokens_choose_scatter"):
-      assert row[router]["ms"] > 0 and row[router]["memory_bytes"]["temp"] > 0
-    assert row["scatter_over_masked_time"] > 0
-    assert row["scatter_over_masked_total_memory"] > 0
-    # The E sweep against a dense MLP of the same d_ff.
-    for name in ("tokens_choose_masked", "tokens_choose_dropless"):
+    for name in moe_layer.VARIANTS:  # every dispatch timed, with its compiled memory
+      assert row[name]["ms"] > 0 and row[name]["memory_bytes"]["temp"] > 0
       assert row[f"{name}_over_dense"] > 0 and row["dense"]["ms"] > 0
+    for name in ("buffers", "sorted", "scatter"):
+      assert row[f"{name}_over_einsum_time"] > 0
+      assert row[f"{name}_over_einsum_total_memory"] > 0
   assert len({row["experts"] for row in results["moe"]}) >= 2
   # The same converted model in transformers: same greedy tokens, both timed.
   (hf,) = results["vs_hf"].values()
@@ -89,6 +88,20 @@ def test_benchmark_quick_reports_every_section(tmp_path):
   bad = [(p, v) for p, v in found if not (math.isfinite(v) and v > 0)]
   assert not bad, bad
 
+  # The docs page is rendered from the JSON: every section, the run's own figures.
+  page = tmp_path / "benchmarks.md"
+  done = subprocess.run(
+    [sys.executable, ROOT / "scripts" / "benchmark_report.py", out, "--out", page],
+    capture_output=True,
+    text=True,
+  )
+  assert done.returncode == 0, done.stderr
+  text = page.read_text()
+  for title in ("## MoE layer", "## Train step", "## Greedy generation", "## vs transformers"):
+    assert title in text
+  assert results["env"]["command"] in text
+  assert f"{results['generate']['cache_speedup']:.2f}" in text
+
 
 def test_a_loaded_machine_is_warned_about(capsys):
   assert machine.warn_if_loaded(1.5, 2) is True
@@ -111,22 +124,24 @@ def test_usable_cores_follow_the_affinity_that_cpu_count_ignores():
     os.sched_setaffinity(0, allowed)
 
 
-def test_moe_ratios_divide_each_router_by_dense_flaxformer_and_the_first_expert_count():
+def test_moe_ratios_divide_each_variant_by_dense_einsum_flaxformer_and_the_first_expert_count():
   def run(ms, temp):
     return {"ms": ms, "memory_bytes": {"temp": temp, "total": 2 * temp}}
 
+  times = {8: (120.0, 90.0, 60.0, 96.0, 110.0), 128: (240.0, 180.0, 180.0, 192.0, 330.0)}
   rows = [
     {"experts": e, "dense": run(100.0, 1)}
-    | {r: run(ms, t) for r, ms, t in zip(moe_layer.ROUTERS, masked_scatter_dropless, (4, 2, 1))}
-    for e, masked_scatter_dropless in ((8, (120.0, 90.0, 110.0)), (128, (240.0, 180.0, 330.0)))
+    | {name: run(ms, t) for name, ms, t in zip(moe_layer.VARIANTS, times[e], (4, 2, 1, 2, 1))}
+    for e in times
   ]
   rows[0]["flaxformer"] = run(150.0, 8)
   first, second = moe_layer.moe_ratios(rows)
-  assert first["tokens_choose_masked_over_dense"] == 1.2
-  assert first["tokens_choose_dropless_over_E8"] == 1.0
-  assert first["scatter_over_masked_time"] == 0.75
-  assert first["scatter_over_masked_total_memory"] == 0.5
-  assert first["masked_over_flaxformer"] == 0.8 and first["flaxformer_over_dense"] == 1.5
-  assert second["tokens_choose_masked_over_E8"] == 2.0
-  assert second["tokens_choose_dropless_over_E8"] == 3.0
-  assert "masked_over_flaxformer" not in second
+  assert first["einsum_over_dense"] == 1.2
+  assert first["dropless_over_E8"] == 1.0
+  assert first["buffers_over_einsum_time"] == 0.75 and first["sorted_over_einsum_time"] == 0.5
+  assert first["scatter_over_einsum_total_memory"] == 0.5
+  assert first["einsum_over_flaxformer"] == 0.8 and first["flaxformer_over_dense"] == 1.5
+  assert first["sorted_over_flaxformer"] == 0.4
+  assert second["einsum_over_E8"] == 2.0 and second["sorted_over_E8"] == 3.0
+  assert second["dropless_over_E8"] == 3.0
+  assert "einsum_over_flaxformer" not in second
