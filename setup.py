@@ -20,7 +20,10 @@ setup(
     "optax>=0.2.8",
     "orbax-checkpoint>=0.12.8",
     "grain>=0.2.18",
-    "sentencepiece>=0.2.0",
+    # sentencepiece 0.2.3's sentencepiece_model_pb2 needs protobuf >= 7.36 at run time, which
+    # Apache Beam (the data extra) forbids (< 7); 0.2.0-0.2.2 load under protobuf 5, 6 and 7.
+    # transformers reads T5 tokenizers through that module.
+    "sentencepiece>=0.2.0,<0.2.3",
     "protobuf",
     "numpy>=2.0",
     "safetensors>=0.4",
