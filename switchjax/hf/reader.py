@@ -242,9 +242,10 @@ def convert_from_hf(
   if (hf_dir / SPM).is_file():
     data = dataclasses.replace(data, spm_path=str((out / SPM).resolve()))
   config = Config(name=f"hf:{hf_dir.resolve().name}", model=model.config, data=data)
-  checkpoint.clear_output_dir(out, (checkpoint.CONFIG_FILE, checkpoint.CHECKPOINTS, SPM))
-  if (hf_dir / SPM).is_file():
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(hf_dir / SPM, out / SPM)
-  checkpoint.save_model(out, config.validate(), params)
+  with checkpoint.claim_output_dir(out, "--output_dir"):
+    checkpoint.clear_output_dir(out, (checkpoint.CONFIG_FILE, checkpoint.CHECKPOINTS, SPM))
+    if (hf_dir / SPM).is_file():
+      out.mkdir(parents=True, exist_ok=True)
+      shutil.copyfile(hf_dir / SPM, out / SPM)
+    checkpoint.save_model(out, config.validate(), params)
   return config

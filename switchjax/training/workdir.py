@@ -33,6 +33,7 @@ import numpy as np
 
 from switchjax import checkpoint
 from switchjax import config as config_lib
+from switchjax.checkpoint.output_dir import lock_holder
 from switchjax.config import Config
 from switchjax.errors import one_line
 from switchjax.training.resume_rules import (
@@ -81,16 +82,7 @@ class WorkdirLock:
 
 def _holder(path: pathlib.Path) -> str:
   """' (process 1234)' when /proc/locks names the holder of the directory's lock."""
-  try:
-    st = os.stat(path)
-    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    for line in pathlib.Path("/proc/locks").read_text().splitlines():
-      fields = line.split()
-      if "FLOCK" in fields and device in fields:
-        return f" (process {fields[fields.index(device) - 1]})"
-  except (OSError, ValueError, IndexError):
-    pass
-  return ""
+  return lock_holder(path)
 
 
 # --------------------------------------------------------------------------------------------
