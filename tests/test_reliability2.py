@@ -1,6 +1,8 @@
 """Nothing a user does loses or mislabels a run, round 2 (issue 32): the newer paths (starting
 from a checkpoint, conversion, upcycling, fine-tuning, generation) and stale inputs."""
 
+import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -10,8 +12,11 @@ import pytest
 
 from switchjax import checkpoint, hf, model_loading, upcycle
 from switchjax.config import apply_overrides, load_config
+from switchjax.data.text_to_text import read_pairs
 from switchjax.training import train
 from switchjax.training import workdir as workdir_lib
+from switchjax.training.exact_match import BEST, BEST_FILE, read_best
+from switchjax.training.finetune import finetune, finetune_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SETTINGS = ["train.checkpoint_every=1", "train.log_every=1", "train.eval_every=0"]
@@ -168,3 +173,120 @@ def test_corrupt_checkpoint_is_never_converted_or_upcycled(work, tmp_path):
   assert checkpoint.lazy_params(work, 1)[1]  # an intact step still reads
   _, params = model_loading.load_model(work)  # steps back over the corrupt one, and says so
   assert checkpoint.params_equal(params, checkpoint.lazy_params(work, 1)[1])
+
+
+# --------------------------------------------------------------------------------------------
+# 5: fine-tuning keeps its own guarantees.
+
+FINETUNE = [
+  "train.eval_every=2",
+  "train.eval_steps=1",
+  "train.log_every=2",
+  "finetune.exact_match_every=0",
+  "finetune.exact_match_examples=4",
+]
+QUIET = {"progress": False, "log": lambda _: None}
+
+
+def finetuned(trained, steps, *overrides):
+  return finetune_config(
+    load_config(str(trained)), overrides=[*FINETUNE, f"train.num_train_steps={steps}", *overrides]
+  )
+
+
+def test_tsv_with_a_byte_order_mark_skips_its_header(tmp_path):
+  tsv = tmp_path / "a.tsv"
+  tsv.write_bytes("input\ttarget\nHello.\tworld\n".encode("utf-8-sig"))
+  assert read_pairs(tsv) == [("Hello.", "world")]
+
+
+def test_best_is_a_whole_checkpoint_its_record_agrees_with(trained, tmp_path):
+  workdir = tmp_path / "run"
+  messages = []
+  finetune(
+    finetuned(trained, 4, "finetune.keep_best=loss"), workdir, progress=False, log=messages.append
+  )
+  assert_best_agrees(workdir)
+  assert any("eval examples" in m and "eval loss" in m for m in messages)
+
+
+def assert_best_agrees(workdir: pathlib.Path) -> dict:
+  """`best` is whole, and best.json names the step and metric it holds."""
+  record = read_best(workdir)
+  assert record is not None and (workdir / BEST / BEST_FILE).is_file()
+  assert checkpoint.CheckpointStore(workdir / BEST, create=False).steps() == [record["step"]]
+  assert json.loads((workdir / BEST / BEST_FILE).read_text()) == record
+  model_loading.load_model(workdir / BEST)
+  return record
+
+
+def test_changing_keep_best_on_resume_keeps_the_old_best_aside(trained, tmp_path):
+  workdir = tmp_path / "run"
+  finetune(finetuned(trained, 2, "finetune.keep_best=loss"), workdir, **QUIET)
+  by_loss = read_best(workdir)
+  assert by_loss["metric"] == "loss"
+  messages = []
+  config = finetuned(trained, 4, "finetune.keep_best=exact_match", "finetune.exact_match_every=2")
+  finetune(config, workdir, progress=False, log=messages.append)
+  assert any("finetune.keep_best is now exact_match (was loss)" in m for m in messages)
+  kept = workdir / "best_by_loss"
+  assert json.loads((kept / BEST_FILE).read_text()) == by_loss
+  assert checkpoint.CheckpointStore(kept, create=False).steps() == [by_loss["step"]]
+  assert assert_best_agrees(workdir)["metric"] == "exact_match"
+
+
+KILLER = """
+import os, signal, sys
+from switchjax.config import load_config
+from switchjax.training import exact_match
+from switchjax.training.finetune import finetune, finetune_config
+
+calls, kill_at = [0], int(sys.argv[3])
+point = exact_match._point
+
+def killing_point(link, target):
+  calls[0] += 1
+  if calls[0] == kill_at:
+    os.kill(os.getpid(), signal.SIGKILL)
+  point(link, target)
+  if calls[0] == kill_at - 100:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+exact_match._point = killing_point
+overrides = sys.argv[4:]
+config = finetune_config(load_config(sys.argv[1]), overrides=overrides)
+finetune(config, sys.argv[2], progress=False, log=lambda _: None)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", [3, 103, 104])  # before / after the link swap of a 2nd best
+def test_sigkill_while_swapping_best_leaves_a_whole_best(trained, tmp_path, kill_at):
+  workdir = tmp_path / "run"
+  overrides = [
+    *FINETUNE,
+    "train.num_train_steps=6",
+    "finetune.keep_best=loss",
+    "train.learning_rate=0.01",
+  ]
+  finetune(
+    finetuned(trained, 2, "finetune.keep_best=loss", "train.learning_rate=0.01"), workdir, **QUIET
+  )
+  first = assert_best_agrees(workdir)
+  out = subprocess.run(
+    [sys.executable, "-c", KILLER, str(trained), str(workdir), str(kill_at), *overrides],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=600,
+  )
+  assert out.returncode == -9, out.stderr
+  after = assert_best_agrees(workdir)
+  assert after["step"] >= first["step"]
+  finetune(
+    finetuned(trained, 6, "finetune.keep_best=loss", "train.learning_rate=0.01"), workdir, **QUIET
+  )
+  assert_best_agrees(workdir)
+  assert sorted(p.name for p in workdir.glob("best*") if p.is_dir() and not p.is_symlink()) == [
+    os.readlink(workdir / BEST)
+  ]

@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import importlib.util
 import numbers
+import os
 import pathlib
 import pkgutil
 import sys
@@ -99,7 +100,7 @@ def _checkpoint_config(path: pathlib.Path) -> Config:
   spiece.model when it has one (the tokenizer its parameters were trained with travels with
   them; the saved path may name a file changed since)."""
   config = _read_json_config(path / "config.json")
-  train = dataclasses.replace(config.train, init_from=str(path.resolve()))
+  train = dataclasses.replace(config.train, init_from=os.path.abspath(path))
   data = config.data
   if (path / "spiece.model").is_file():
     data = dataclasses.replace(data, spm_path=str((path / "spiece.model").resolve()))
