@@ -12,7 +12,8 @@ import pytest
 
 from switchjax import checkpoint, hf, model_loading, upcycle
 from switchjax.config import apply_overrides, load_config
-from switchjax.data.text_to_text import read_pairs
+from switchjax.data import cache
+from switchjax.data.text_to_text import read_pairs, write_pairs
 from switchjax.training import train
 from switchjax.training import workdir as workdir_lib
 from switchjax.training.exact_match import BEST, BEST_FILE, read_best
@@ -290,3 +291,152 @@ def test_sigkill_while_swapping_best_leaves_a_whole_best(trained, tmp_path, kill
   assert sorted(p.name for p in workdir.glob("best*") if p.is_dir() and not p.is_symlink()) == [
     os.readlink(workdir / BEST)
   ]
+
+
+# --------------------------------------------------------------------------------------------
+# 6: bad inputs are one line, checked before anything is allocated or any work starts.
+
+
+def script(*args, timeout=300):
+  """A script's (status, stderr without the lines libtpu prints)."""
+  out = subprocess.run(
+    [sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout
+  )
+  noise = ("TPU", "Logging before", "Source Location", "libtpu", "common_lib", "usage:", "  ")
+  lines = [line for line in out.stderr.splitlines() if line and not line.startswith(noise)]
+  return out.returncode, lines
+
+
+def test_generate_refuses_a_prompt_too_long_to_fit(trained):
+  status, err = script(
+    "scripts/generate.py", f"--checkpoint={trained}", "--input=" + "word " * 24000
+  )
+  assert status == 1 and len(err) == 1
+  assert "GiB free; shorten the input" in err[0] and "attention needs about" in err[0]
+
+
+@pytest.mark.parametrize(
+  "flag, message",
+  [
+    ("--max_new_tokens=0", "--max_new_tokens=0 must be >= 1"),
+    ("--top_p=2", r"--top_p=2.0 must be in \(0, 1\]"),
+    ("--num_beams=0", "--num_beams=0 must be >= 1"),
+  ],
+)
+def test_generate_checks_its_arguments_first(flag, message):
+  import runpy
+
+  generate = runpy.run_path(str(ROOT / "scripts" / "generate.py"), run_name="generate")
+  args = generate["parse_args"](["--checkpoint=/nonexistent", "--input=x", flag])
+  with pytest.raises(ValueError, match=message):
+    generate["check_arguments"](args)
+
+
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    ({"num_experts": 10_000_000}, r"num_experts=10000000 but the weights hold 4 experts"),
+    ({"num_experts": 4.5}, r"num_experts=4.5: it must be a whole number >= 1"),
+    ({"num_layers": -1}, r"num_layers=-1: it must be a whole number >= 1"),
+    ({"d_ff": None}, r"d_ff=None: it must be a whole number"),
+  ],
+)
+def test_odd_hf_config_is_refused_before_allocating(trained, tmp_path, change, message):
+  config, params = hf_model(trained)
+  hf_dir = hf.to_hf(config, params, tmp_path / "hf")
+  settings = json.loads((hf_dir / "config.json").read_text())
+  (hf_dir / "config.json").write_text(json.dumps({**settings, **change}))
+  with pytest.raises(ValueError, match=message):
+    hf.convert_from_hf(hf_dir, tmp_path / "out")
+  assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (
+      ["scripts/simulate_pod.py", "--config=tiny", "--mesh=1000,1000,1000"],
+      "asks for 1,000,000,000 emulated CPU devices",
+    ),
+    (
+      ["scripts/simulate_pod.py", "--config=tiny", "--mesh=1,2,1", "--json=/nonexistent/x.json"],
+      "--json=/nonexistent/x.json: the directory /nonexistent does not exist",
+    ),
+    (["scripts/benchmark.py", "train", "--quick", "--reps=-1"], "--reps=-1: give a whole number"),
+    (
+      ["scripts/benchmark.py", "moe", "train", "--quick", "--mesh=1,3,1"],
+      "the expert axis 3 does not divide the 4 experts",
+    ),
+    (
+      ["scripts/benchmark.py", "moe", "--quick", "--json=/nonexistent/x.json"],
+      "the directory /nonexistent does not exist",
+    ),
+  ],
+)
+def test_pod_and_benchmark_check_arguments_before_any_work(args, message):
+  status, err = script(*args, timeout=120)
+  assert status in (1, 2) and len(err) == 1 and message in err[0], err
+
+
+def test_scaling_refuses_a_bad_variant_before_training_the_good_ones(tmp_path):
+  common = ["scripts/scaling.py", f"--workdir={tmp_path / 'sweep'}", "--steps=2", "--seeds=0"]
+  status, err = script(*common, "--eval_every=1", "--experts=2", "--table_experts=2", "--top_k=3")
+  assert status == 1 and len(err) == 1
+  assert "num_selected_experts=3 must be between 1 and model.moe.num_experts=2" in err[0]
+  assert not (tmp_path / "sweep").exists()
+  status, err = script(*common, "--eval_every=1", "--output=/nonexistent/r.json")
+  assert status == 1 and "--output=/nonexistent/r.json" in err[0]
+  assert not (tmp_path / "sweep").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# 4: stale inputs: a content fingerprint where a path and a clock are not enough; a workdir
+# missing the files that say what its checkpoints are is refused.
+
+
+def test_token_cache_key_follows_the_content_not_the_clock(tmp_path):
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text("the first text\n")
+  before = os.stat(corpus)
+  key = cache.file_stats([corpus])
+  corpus.write_text("the other text\n")  # same size, then the same modification time
+  os.utime(corpus, ns=(before.st_atime_ns, before.st_mtime_ns))
+  assert os.stat(corpus).st_size == before.st_size
+  assert cache.file_stats([corpus]) != key
+  assert cache.file_stats([corpus]) == cache.file_stats([corpus])
+
+
+@pytest.mark.parametrize(
+  "missing, message",
+  [
+    ("config.json", r"no config.json, so its settings cannot be checked: restore it from"),
+    ("spiece.model", r"no spiece.model, the tokenizer its model was trained with: put"),
+  ],
+)
+def test_resume_without_config_or_tokenizer_is_refused(work, missing, message):
+  (work / missing).unlink()
+  before = snapshot(work)
+  with pytest.raises(workdir_lib.WorkdirError, match=message):
+    run(tiny("train.num_train_steps=3", "model.moe.num_selected_experts=2"), work)
+  assert snapshot(work) == before
+
+
+def test_finetune_file_rewritten_with_as_many_examples_is_refused_on_resume(trained, tmp_path):
+  pairs = [(f"sentence {i} <extra_id_0>.", f"word{i}") for i in range(40)]
+  train_file = write_pairs(pairs[:32], tmp_path / "train.tsv")
+  eval_file = write_pairs(pairs[32:], tmp_path / "eval.tsv")
+  config = lambda steps: finetune_config(  # noqa: E731
+    load_config(str(trained)), train_file, eval_file, [*FINETUNE, f"train.num_train_steps={steps}"]
+  )
+  workdir = tmp_path / "run"
+  finetune(config(2), workdir, **QUIET)
+  stat = os.stat(train_file)
+  write_pairs([(s, t.replace("word", "term")) for s, t in pairs[:32]], train_file)
+  os.utime(train_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  before = snapshot(workdir)
+  with pytest.raises(
+    workdir_lib.WorkdirError, match=r"train.tsv changed since the run .*--restart_data"
+  ):
+    finetune(config(4), workdir, **QUIET)
+  assert snapshot(workdir) == before
+  finetune(config(4), workdir, restart_data=True, **QUIET)  # asked for: continues on the new file
