@@ -440,3 +440,20 @@ def test_finetune_file_rewritten_with_as_many_examples_is_refused_on_resume(trai
     finetune(config(4), workdir, **QUIET)
   assert snapshot(workdir) == before
   finetune(config(4), workdir, restart_data=True, **QUIET)  # asked for: continues on the new file
+
+
+def test_corpus_rewritten_in_place_is_refused_on_resume(trained, tmp_path):
+  corpus = tmp_path / "corpus.txt"
+  lines = [f"Document number {i} tells of {i % 7} things and more." for i in range(400)]
+  corpus.write_text("\n".join(lines) + "\n")
+  spm = f"data.spm_path={trained / 'spiece.model'}"
+  workdir = tmp_path / "run"
+  run(tiny("train.num_train_steps=1", f"data.paths={corpus}", spm), workdir)
+  stat = os.stat(corpus)
+  corpus.write_text("\n".join(line.replace("things", "stones") for line in lines) + "\n")
+  os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # cp -p, rsync -t
+  assert os.stat(corpus).st_size == stat.st_size
+  before = snapshot(workdir)
+  with pytest.raises(workdir_lib.WorkdirError, match=r"corpus.txt changed since the run"):
+    run(tiny("train.num_train_steps=2", f"data.paths={corpus}", spm), workdir)
+  assert snapshot(workdir) == before

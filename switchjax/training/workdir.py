@@ -279,8 +279,6 @@ def _check_resume(workdir: Workdir, config: Config, say) -> None:
       f"its piece and sentinel ids cannot change. Keep the workdir's settings, or start a new "
       "run in a new --workdir."
     )
-  if not workdir.restart_data:
-    _check_inputs(path, config)
   if by_rule[DATA] and not workdir.restart_data:
     raise WorkdirError(
       f"{listed(by_rule[DATA])} in {path / checkpoint.CONFIG_FILE}: this would change the "
@@ -288,6 +286,8 @@ def _check_resume(workdir: Workdir, config: Config, say) -> None:
       "its first example, keep the workdir's setting to resume where it stopped, or use a new "
       "--workdir."
     )
+  if not workdir.restart_data:
+    _check_inputs(path, config)
   workdir.changes = found
   noted = [c for c in found if c.field != "name"]
   if noted:
