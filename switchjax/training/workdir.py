@@ -35,6 +35,7 @@ from switchjax import checkpoint
 from switchjax import config as config_lib
 from switchjax.checkpoint.output_dir import lock_holder
 from switchjax.config import Config
+from switchjax.data import cache, corpus
 from switchjax.errors import one_line
 from switchjax.training.resume_rules import (
   DATA,
@@ -300,8 +301,6 @@ def _check_resume(workdir: Workdir, config: Config, say) -> None:
 
 def _input_files(config: Config) -> list[pathlib.Path]:
   """The files a run reads its examples from: data.paths (pretraining), the fine-tuning files."""
-  from switchjax.data import corpus
-
   files = []
   with contextlib.suppress(ValueError):  # unreadable paths: the data pipeline says so
     files += corpus.resolve_paths(config.data.paths) if config.data.paths else []
@@ -314,8 +313,6 @@ def _input_files(config: Config) -> list[pathlib.Path]:
 
 def input_digests(config: Config) -> dict[str, str]:
   """{absolute path: sha256 of its content} of the run's input files."""
-  from switchjax.data import cache
-
   return {path: digest for path, _, digest in cache.file_stats(_input_files(config))}
 
 
