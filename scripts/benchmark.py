@@ -71,6 +71,7 @@ from benchmarks.train_step import bench_train
 from benchmarks.vs_hf import bench_vs_hf
 from switchjax import huge_pages, pod
 from switchjax.config import load_config
+from switchjax.errors import unwritable_output
 
 SECTIONS = ("moe", "train", "generate", "vs_hf")
 
@@ -135,6 +136,15 @@ def parse_args(argv=None):
   if bad:
     parser.error(f"unknown section(s) {', '.join(bad)}; choose from {', '.join(SECTIONS)}")
   args.sections = [s for s in SECTIONS if s in args.sections] or list(SECTIONS)
+  for flag, value, least in (
+    ("--reps", args.reps, 1),
+    ("--warmup", args.warmup, 0),
+    ("--hf_reps", args.hf_reps, 1),
+  ):
+    if value is not None and value < least:
+      parser.error(f"{flag}={value}: give a whole number >= {least}")
+  if problem := unwritable_output(args.json, "--json"):
+    parser.error(problem)
   args.config = args.config or ("tiny" if args.quick else "small")
   args.reps = args.reps or (3 if args.quick else 10)
   args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
@@ -144,7 +154,21 @@ def parse_args(argv=None):
     if len(sizes) != 3 or not all(s.strip().isdigit() and int(s) >= 1 for s in sizes):
       parser.error(f"--mesh={text}: give three sizes >= 1 (data,expert,model), e.g. 2,4,1, or none")
     args.mesh = tuple(map(int, sizes))
+    try:
+      pod.check_emulated(math.prod(args.mesh))
+    except ValueError as e:
+      parser.error(str(e))
   return args
+
+
+def check_mesh(args, config) -> None:
+  """Refuses, before any section runs, a --mesh the train section could not use."""
+  experts = config.model.moe.num_experts
+  if args.mesh and "train" in args.sections and experts % args.mesh[1]:
+    raise ValueError(
+      f"--mesh={','.join(map(str, args.mesh))}: the expert axis {args.mesh[1]} does not divide "
+      f"the {experts} experts of --config={args.config}; choose an expert size that divides it."
+    )
 
 
 def reexec_with_xla_flags(args, argv) -> None:
@@ -182,6 +206,7 @@ def main(argv=None) -> int:
   huge_pages.reexec_script(argv)  # both sides of vs_hf share the setting
   try:
     config = load_config(args.config, args.set)
+    check_mesh(args, config)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

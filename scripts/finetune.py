@@ -49,8 +49,9 @@ def report(workdir, result) -> None:
   metrics = result.eval_metrics
   if "eval/exact_match" in metrics:
     print(
-      f"Fine-tuned to step {result.step} in {workdir}: eval loss {metrics['eval/loss']:.3f}, "
-      f"exact match {metrics['eval/exact_match']:.3f}; best checkpoint in {workdir}/best."
+      f"Fine-tuned to step {result.step} in {workdir}: eval loss {metrics['eval/loss']:.3f} "
+      f"(on {int(metrics['eval/examples'])} eval examples), exact match "
+      f"{metrics['eval/exact_match']:.3f}; best checkpoint in {workdir}/best."
     )
   else:
     print(f"Stopped at step {result.step} in {workdir}.")

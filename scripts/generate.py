@@ -15,6 +15,7 @@ one line and exit with status 1.
 
 import argparse
 import contextlib
+import os
 import pathlib
 import sys
 
@@ -109,15 +110,64 @@ def load_tokenizer(args, config) -> Tokenizer:
   return tokenizer
 
 
-def run(args) -> list[str]:
-  checkpoint.release_memory_eagerly()  # restored slices go back to the OS once placed
-  config, params, context = load(args)
-  tokenizer = load_tokenizer(args, config)
+def check_arguments(args) -> None:
+  """Refuses arguments generation cannot use, before anything is read."""
+  problems = [
+    (args.max_new_tokens < 1, f"--max_new_tokens={args.max_new_tokens} must be >= 1"),
+    (args.num_beams < 1, f"--num_beams={args.num_beams} must be >= 1"),
+    (not args.temperature > 0, f"--temperature={args.temperature} must be > 0"),
+    (args.top_k < 0, f"--top_k={args.top_k} must be >= 0 (0: no top-k filtering)"),
+    (not 0 < args.top_p <= 1, f"--top_p={args.top_p} must be in (0, 1]"),
+  ]
+  for bad, message in problems:
+    if bad:
+      raise ValueError(message + ".")
 
+
+def available_bytes() -> int:
+  """Memory generation may use: the first device's free memory when it reports it (GPU,
+  TPU), else the host's available memory."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if "bytes_limit" in stats:
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+  try:
+    for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+      if line.startswith("MemAvailable:"):
+        return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_size(args, config, batch: int, length: int) -> None:
+  """Refuses (one line) prompts whose attention would not fit in memory, before the model is
+  read: the attention scores of a layer are batch x heads x length^2 floats, a few copies of
+  them (and the softmax's) live at once, and a prompt of 100,000 tokens asks for tens of GiB."""
+  model, beams = config.model, args.num_beams if args.method == "beam" else 1
+  rows = batch * beams
+  longest = max(length, args.max_new_tokens)
+  need = 6 * rows * model.num_heads * longest**2 * 4
+  free = available_bytes()
+  if need > free:
+    raise ValueError(
+      f"the longest --input is {length} tokens (--max_new_tokens {args.max_new_tokens}): its "
+      f"attention needs about {need / 2**30:,.1f} GiB, more than the {free / 2**30:,.1f} GiB "
+      f"free; shorten the input (the model was trained on {config.data.inputs_length} tokens) "
+      "or generate fewer inputs at a time."
+    )
+
+
+def run(args) -> list[str]:
+  check_arguments(args)
+  checkpoint.release_memory_eagerly()  # restored slices go back to the OS once placed
+  saved = checkpoint.read_checkpoint_config(args.checkpoint)
+  tokenizer = load_tokenizer(args, saved)
   ids = [tokenizer.encode(text, add_eos=True) for text in args.input]
+  check_size(args, saved, len(ids), max(map(len, ids)))
   inputs = np.zeros((len(ids), max(map(len, ids))), np.int32)  # [batch, length], pad 0
   for row, seq in enumerate(ids):
     inputs[row, : len(seq)] = seq
+  config, params, context = load(args)
 
   model = SwitchTransformer(config.model)
   with context:

@@ -48,6 +48,7 @@ def main(argv=None) -> int:
 
   from switchjax import scaling
   from switchjax.config import load_config
+  from switchjax.errors import unwritable_output
 
   try:
     if args.config:
@@ -59,6 +60,11 @@ def main(argv=None) -> int:
     )
     if len(args.seeds) < 1 or args.steps < 1 or not 1 <= args.eval_every <= args.steps:
       raise ValueError("need --seeds, --steps >= 1 and 1 <= --eval_every <= --steps.")
+    output = pathlib.Path(args.output or pathlib.Path(args.workdir) / "results.json")
+    if pathlib.Path(args.workdir).exists() and not pathlib.Path(args.workdir).is_dir():
+      raise ValueError(f"--workdir={args.workdir} is a file; choose a directory.")
+    if args.output and (problem := unwritable_output(args.output, "--output")):
+      raise ValueError(problem)
     print(f"{len(variants)} variants x {len(args.seeds)} seeds: {[v.name for v in variants]}")
     results = scaling.run_sweep(
       base,
@@ -72,7 +78,6 @@ def main(argv=None) -> int:
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 1
-  output = pathlib.Path(args.output or pathlib.Path(args.workdir) / "results.json")
   output.parent.mkdir(parents=True, exist_ok=True)
   output.write_text(json.dumps(results, indent=1) + "\n")
   print(scaling.format_tables(results))

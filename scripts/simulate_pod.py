@@ -59,6 +59,16 @@ def parse_args(argv):
     parser.error("give one --batch for all meshes or one per --mesh")
   if min(args.batch, default=1) < 1 or args.per_device < 1 or args.num_slices < 1:
     parser.error("--batch, --per_device and --num_slices must be >= 1")
+  from switchjax import pod  # (jax is not started by the import: XLA_FLAGS are read later)
+  from switchjax.errors import unwritable_output
+
+  try:
+    if not args.topology:
+      pod.check_emulated(max(math.prod(m) for m in args.mesh))
+  except ValueError as e:
+    parser.error(str(e))
+  if problem := unwritable_output(args.json, "--json"):
+    parser.error(problem)
   return args
 
 

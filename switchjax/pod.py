@@ -306,10 +306,25 @@ def _stderr_to_string():
       captured.text = sink.read().decode(errors="replace")
 
 
+# The most CPU devices XLA is asked to emulate: each is a thread pool and buffers of its own, and
+# a mesh of millions of them exhausts memory (or crashes) before a line of the script runs.
+MAX_EMULATED_DEVICES = 4096
+
+
+def check_emulated(count: int, flag: str = "--mesh") -> None:
+  """Refuses (ValueError, one line) a mesh too big to emulate with CPU devices."""
+  if count > MAX_EMULATED_DEVICES:
+    raise ValueError(
+      f"{flag} asks for {count:,} emulated CPU devices, more than {MAX_EMULATED_DEVICES}: "
+      "choose smaller sizes (or compile for a TPU slice with --topology)."
+    )
+
+
 def reexec_with_devices(count: int, argv: list[str], extra_flags: tuple[str, ...] = ()) -> None:
   """Re-executes this Python script with XLA_FLAGS emulating `count` CPU devices (and
   `extra_flags`) unless they are already set: XLA reads the flag only when jax starts. The
   new process also gets `switchjax.huge_pages`' malloc setting (one restart for both)."""
+  check_emulated(count)
   flags = os.environ.get("XLA_FLAGS", "")
   found = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
   missing = [f for f in extra_flags if f.split("=")[0] not in flags]

@@ -180,9 +180,15 @@ def run_sweep(
   Finished runs are read back, not trained again."""
   workdir = pathlib.Path(workdir)
   runs = []
+  # Every run's config first: a variant the base cannot take is refused before any trains.
+  configs = {
+    (seed, variant): run_config(base, variant, seed, steps, eval_every, eval_steps)
+    for seed in seeds
+    for variant in variants
+  }
   for seed in seeds:
     for variant in variants:
-      config = run_config(base, variant, seed, steps, eval_every, eval_steps)
+      config = configs[seed, variant]
       directory = workdir / variant.name / f"seed{seed}"
       log(f"{variant.name}, seed {seed}: training in {directory}")
       result = train(config, directory, progress=False, log=lambda _: None)

@@ -382,11 +382,12 @@ def upcycle(dense_dir, config: Config, output_dir, *, seed: int = 0, overwrite: 
   if spm.is_file():
     data = dataclasses.replace(config.data, spm_path=str((out / hf.SPM).resolve()))
     config = dataclasses.replace(config, data=data)
-  checkpoint.clear_output_dir(out, (checkpoint.CONFIG_FILE, checkpoint.CHECKPOINTS, hf.SPM))
-  out.mkdir(parents=True, exist_ok=True)
-  if spm.is_file():
-    shutil.copyfile(spm, out / hf.SPM)
-  checkpoint.save_model(out, config.validate(), params)
+  with checkpoint.claim_output_dir(out, "--output_dir"):
+    checkpoint.clear_output_dir(out, (checkpoint.CONFIG_FILE, checkpoint.CHECKPOINTS, hf.SPM))
+    out.mkdir(parents=True, exist_ok=True)
+    if spm.is_file():
+      shutil.copyfile(spm, out / hf.SPM)
+    checkpoint.save_model(out, config.validate(), params)
   return config
 
 

@@ -43,7 +43,7 @@ from switchjax.checkpoint.lazy_array import LazyArray
 from switchjax.checkpoint.manifest import verify_manifest, write_manifest
 from switchjax.checkpoint.memory import release_freed_memory, release_memory_eagerly
 from switchjax.checkpoint.model_save import save_model
-from switchjax.checkpoint.output_dir import check_output_dir, clear_output_dir
+from switchjax.checkpoint.output_dir import check_output_dir, claim_output_dir, clear_output_dir
 from switchjax.checkpoint.store import CheckpointStore
 from switchjax.checkpoint.stored_array import StoredArray, lazy_params
 from switchjax.checkpoint.streaming import WRITE_BUDGET
@@ -60,6 +60,7 @@ __all__ = [
   "StoredArray",
   "WriteError",
   "check_output_dir",
+  "claim_output_dir",
   "clear_output_dir",
   "lazy_params",
   "params_equal",

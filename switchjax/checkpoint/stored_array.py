@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 
 from switchjax import config as config_lib
-from switchjax.checkpoint.layout import CHECKPOINTS, read_checkpoint_config
+from switchjax.checkpoint.layout import CHECKPOINTS, CorruptCheckpointError, read_checkpoint_config
 from switchjax.checkpoint.lazy_array import LazyArray
 from switchjax.checkpoint.store import CheckpointStore
 
@@ -41,16 +41,24 @@ class StoredArray(LazyArray):
     return self[start:stop] if self.shape else self[()]
 
 
-def lazy_params(directory, step: int | None = None) -> tuple[config_lib.Config, Any]:
+def lazy_params(
+  directory, step: int | None = None, verify: bool = True
+) -> tuple[config_lib.Config, Any]:
   """(Config, params) of a checkpoint directory (the given or newest step) whose leaves are
   StoredArrays of the stored shapes and dtypes, read when used: converting (`hf.to_hf`) or
-  copying (`save_model`) them holds a stored chunk (one expert) at a time, never the model."""
+  copying (`save_model`) them holds a stored chunk (one expert) at a time, never the model.
+
+  The step's files are checked against its checksums first (`verify`; load_model, which has
+  checked them already, skips it): a corrupt step is a CorruptCheckpointError, never passed
+  on."""
   config = read_checkpoint_config(directory)
   store = CheckpointStore(directory, async_save=False, create=False)
   steps = store.steps()
   if not steps:
     raise FileNotFoundError(f"No checkpoint under {pathlib.Path(directory) / CHECKPOINTS}.")
   step = steps[-1] if step is None else int(step)
+  if verify:
+    _verify(store, step, steps)
   metadata = store.manager.item_metadata(step)["params"]
   store.close()
   metadata = getattr(metadata, "tree", metadata)  # the plain tree of ArrayMetadata
@@ -73,3 +81,22 @@ def lazy_params(directory, step: int | None = None) -> tuple[config_lib.Config, 
     return StoredArray(meta, spec, context, pathlib.Path(directory))
 
   return config, jax.tree.map(leaf, metadata)
+
+
+def _verify(store: CheckpointStore, step: int, steps: list[int]) -> None:
+  """Refuses a step whose bytes changed since it was saved, naming it and the fix."""
+  try:
+    store.verify(step)
+  except CorruptCheckpointError as e:
+    store.close()
+    older = [s for s in steps if s < step]
+    fix = (
+      f"resuming its run steps back to step {older[-1]} and sets step {step} aside, "
+      "or restore the directory from a copy"
+      if older
+      else "restore the directory from a copy (or convert or train it again)"
+    )
+    raise CorruptCheckpointError(
+      f"checkpoint step {step} of {store.directory} is corrupt ({e}): its parameters are not "
+      f"read. {fix[0].upper()}{fix[1:]}."
+    ) from None

@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import importlib.util
 import numbers
+import os
 import pathlib
 import pkgutil
 import sys
@@ -94,13 +95,14 @@ def load_config(name_or_path: str, overrides: tuple[str, ...] | list[str] = ()) 
 
 def _checkpoint_config(path: pathlib.Path) -> Config:
   """The config of a checkpoint directory, made to start a new run from it: train.init_from is
-  the directory and, unless set, data.spm_path its spiece.model (the tokenizer its parameters
-  were trained with travels with them)."""
+  the directory, always (a run that itself started from another checkpoint names that one in its
+  config.json: its own trained parameters are the ones to start from), and data.spm_path its
+  spiece.model when it has one (the tokenizer its parameters were trained with travels with
+  them; the saved path may name a file changed since)."""
   config = _read_json_config(path / "config.json")
-  train, data = config.train, config.data
-  if train.init_from is None:
-    train = dataclasses.replace(train, init_from=str(path.resolve()))
-  if data.spm_path is None and (path / "spiece.model").is_file():
+  train = dataclasses.replace(config.train, init_from=os.path.abspath(path))
+  data = config.data
+  if (path / "spiece.model").is_file():
     data = dataclasses.replace(data, spm_path=str((path / "spiece.model").resolve()))
   return dataclasses.replace(config, train=train, data=data)
 

@@ -1,7 +1,7 @@
 """The on-disk cache of trained tokenizers and tokenized corpora.
 
-Entries are named by a fingerprint of what they were made from (file paths, sizes and
-modification times; the tokenizer's hash; the settings), so a changed input makes a new entry
+Entries are named by a fingerprint of what they were made from (file paths, sizes and content
+hashes; the tokenizer's hash; the settings), so a changed input makes a new entry
 instead of reusing a stale one. Every entry is written to a temporary file and renamed into
 place, so a killed run never leaves a half-written entry, and concurrent runs (several processes
 of one host) at worst both compute the same entry.
@@ -32,13 +32,41 @@ def fingerprint(*parts: Any) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def file_stats(paths) -> list[tuple[str, int, int]]:
-  """(absolute path, size, mtime in ns) of each file: cheap change detection."""
+def file_stats(paths) -> list[tuple[str, int, str]]:
+  """(absolute path, size, sha256 of the content) of each file. A path, a size and a clock are
+  not enough (a rewrite that keeps them, as `cp -p` and `rsync -t` do, or a coarse file-system
+  clock, would reuse stale tokens), so the content is hashed; the digest is remembered under
+  the file's inode, size, mtime and ctime (which no copy tool can set back), so an unchanged
+  file is read once."""
   out = []
   for path in paths:
-    stat = os.stat(path)
-    out.append((str(pathlib.Path(path).resolve()), stat.st_size, stat.st_mtime_ns))
+    resolved = pathlib.Path(path).resolve()
+    out.append((str(resolved), os.stat(resolved).st_size, content_digest(resolved)))
   return out
+
+
+def content_digest(path: pathlib.Path) -> str:
+  """The sha256 of a file's bytes, remembered in the cache (see `file_stats`)."""
+  stat = os.stat(path)
+  key = fingerprint(
+    "content-v1",
+    str(path),
+    stat.st_dev,
+    stat.st_ino,
+    stat.st_size,
+    stat.st_mtime_ns,
+    stat.st_ctime_ns,
+  )
+  memo = cache_dir() / "content" / key
+  with contextlib.suppress(OSError):
+    return memo.read_text().strip()
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(1 << 22):
+      digest.update(block)
+  with contextlib.suppress(OSError):  # a read-only cache: hashed again next time
+    atomic_write_bytes(memo, digest.hexdigest().encode())
+  return digest.hexdigest()
 
 
 def temporary_path(path: pathlib.Path) -> pathlib.Path:

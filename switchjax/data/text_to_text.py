@@ -35,7 +35,7 @@ def read_pairs(path, input_field: str = "input", target_field: str = "target") -
   if path.suffix not in SUFFIXES:
     raise ValueError(f"{path}: use a .tsv (input<TAB>target) or .jsonl file of examples.")
   try:
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8-sig").splitlines()  # a BOM is no text
   except (OSError, UnicodeDecodeError) as e:
     raise ValueError(f"{path} cannot be read as UTF-8 text ({e}).") from None
   read = _tsv_pair if path.suffix == ".tsv" else _json_pair

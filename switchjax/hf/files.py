@@ -62,7 +62,47 @@ def read_hf_config(path) -> dict:
     raise CheckpointError(f"{path / 'config.json'} is not valid JSON ({e}).") from None
   if not isinstance(hf, dict):
     raise CheckpointError(f"{path / 'config.json'} does not hold a JSON object.")
+  _check_sizes(hf, path / "config.json")
   return hf
+
+
+# The integer settings of a T5-family config.json: at least 1, or at least 0 (None allowed).
+_POSITIVE = (
+  "vocab_size",
+  "d_model",
+  "d_ff",
+  "d_kv",
+  "num_heads",
+  "num_layers",
+  "num_experts",
+  "expert_capacity",
+  "relative_attention_num_buckets",
+  "relative_attention_max_distance",
+)
+_COUNTS = (
+  "num_decoder_layers",
+  "num_sparse_encoder_layers",
+  "num_sparse_decoder_layers",
+  "encoder_sparse_step",
+  "decoder_sparse_step",
+)
+
+
+def _check_sizes(hf: dict, where: pathlib.Path) -> None:
+  """Refuses sizes that are not whole numbers in range before anything is allocated for them
+  (a num_experts of 1e7 would otherwise build ten million tensor names first)."""
+  for key in (*_POSITIVE, *_COUNTS):
+    value = hf.get(key)
+    if value is None and key in _COUNTS:
+      continue
+    if key not in hf:
+      continue
+    least = 1 if key in _POSITIVE else 0
+    if isinstance(value, bool) or not isinstance(value, int) or not least <= value < 2**31:
+      raise CheckpointError(
+        f"{where} has {key}={value!r}: it must be a whole number >= {least}; fix it in "
+        "config.json (the file is damaged or not a model's config)."
+      )
 
 
 class Tensors:

@@ -47,6 +47,18 @@ def _names(names, limit: int = 20) -> str:
   return ", ".join(names[:limit]) + more
 
 
+def _check_expert_count(cfg: ModelConfig, shapes: dict, path) -> None:
+  """Refuses a num_experts the weights do not hold before a name is made for each expert (a
+  config.json saying 1e6 experts would otherwise exhaust memory first)."""
+  found = {m.group(1) for name in shapes if (m := re.search(r"\.experts\.expert_(\d+)\.", name))}
+  sparse = encoder_sparse_layers(cfg) or decoder_sparse_layers(cfg)
+  if sparse and found and cfg.moe.num_experts != len(found):
+    raise CheckpointError(
+      f"{path}/config.json has num_experts={cfg.moe.num_experts} but the weights hold "
+      f"{len(found)} experts per layer; fix num_experts in config.json."
+    )
+
+
 def _check_sparse_layers(cfg: ModelConfig, shapes: dict) -> None:
   """The sparse blocks of the config must be the blocks holding a router in the file."""
   pattern = re.compile(
@@ -197,6 +209,7 @@ def lazy_from_hf(path, dtype=None, scan_layers: bool = False) -> tuple[SwitchTra
   path = checkpoint_dir(path)
   cfg = config_from_hf(read_hf_config(path))
   tensors = read_tensors(path)
+  _check_expert_count(cfg, tensors.shapes, path)
   _check_sparse_layers(cfg, tensors.shapes)
   ignored = resolve_tied(cfg, tensors)
   check_names_and_shapes(tensor_specs(cfg), tensors.shapes, ignored)
@@ -242,9 +255,10 @@ def convert_from_hf(
   if (hf_dir / SPM).is_file():
     data = dataclasses.replace(data, spm_path=str((out / SPM).resolve()))
   config = Config(name=f"hf:{hf_dir.resolve().name}", model=model.config, data=data)
-  checkpoint.clear_output_dir(out, (checkpoint.CONFIG_FILE, checkpoint.CHECKPOINTS, SPM))
-  if (hf_dir / SPM).is_file():
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(hf_dir / SPM, out / SPM)
-  checkpoint.save_model(out, config.validate(), params)
+  with checkpoint.claim_output_dir(out, "--output_dir"):
+    checkpoint.clear_output_dir(out, (checkpoint.CONFIG_FILE, checkpoint.CHECKPOINTS, SPM))
+    if (hf_dir / SPM).is_file():
+      out.mkdir(parents=True, exist_ok=True)
+      shutil.copyfile(hf_dir / SPM, out / SPM)
+    checkpoint.save_model(out, config.validate(), params)
   return config

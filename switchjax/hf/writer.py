@@ -270,13 +270,13 @@ def to_hf(
   out = pathlib.Path(out_dir)
   sources = {getattr(x, "source", None) for x in jax.tree.leaves(params)} - {None}
   checkpoint.check_output_dir(out, sources, overwrite, "--hf_output_dir")
-  checkpoint.clear_output_dir(out, HF_OUTPUTS)
-  out.mkdir(parents=True, exist_ok=True)
-  _write_safetensors(out, shards, _hf_arrays(params, cfg, plan))
-  dtypes = {e.dtype.name for shard in shards for e in shard}
-  hf_config["dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
-  (out / "generation_config.json").write_text(
-    json.dumps({"decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}, indent=2) + "\n"
-  )
-  (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+  with checkpoint.claim_output_dir(out, "--hf_output_dir"):
+    checkpoint.clear_output_dir(out, HF_OUTPUTS)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_safetensors(out, shards, _hf_arrays(params, cfg, plan))
+    dtypes = {e.dtype.name for shard in shards for e in shard}
+    hf_config["dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
+    generation = {"decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
   return out

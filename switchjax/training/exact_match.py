@@ -7,13 +7,18 @@ targets every finetune.exact_match_every steps, at the start of a fresh run (the
 figure) and at the end. Whenever the chosen metric (finetune.keep_best) improves, the
 parameters are saved to WORKDIR/best: a model directory (config.json, spiece.model,
 checkpoints/) that generate.py and convert_hf.py read, with WORKDIR/best.json saying which step
-and metrics it holds. A resumed run reads best.json, so "best" spans the whole run.
+and metrics it holds. `best` is a link to the directory best-<step>, which holds its own
+best.json (WORKDIR/best.json links to it), swapped by one atomic rename: a kill at any moment
+leaves a whole best and a record that agrees with it. A resumed run reads best.json, so "best"
+spans the whole run; a resume that changes finetune.keep_best moves the old metric's best to
+WORKDIR/best_by_<metric> and keeps the new metric's from then on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import shutil
 
@@ -63,7 +68,9 @@ class ExactMatchEvaluator(hooks_lib.Evaluator):
     self.evaluated_at: int | None = None
 
   def start(self, run, state):
-    self.best = read_best(run.workdir)
+    if jax.process_index() == 0:
+      repair_best(run.workdir)
+    self.best = set_aside_other_metric(run.workdir, run.config.finetune.keep_best, run.say)
     if state.step == 0:  # the "before" figures
       run.stopwatch.pause(state)
       run.result.eval_metrics = self.evaluate(run, state, exact=True)
@@ -116,13 +123,59 @@ def read_best(workdir: pathlib.Path) -> dict | None:
   return json.loads(path.read_text()) if path.is_file() else None
 
 
+def repair_best(workdir: pathlib.Path) -> None:
+  """Puts back the best checkpoint of an older switchjax's workdir killed between its renames
+  (best moved to best.old, the new one not yet in place), then removes stale best-* copies."""
+  best, old = workdir / BEST, workdir / f"{BEST}.old"
+  if not best.exists() and not best.is_symlink() and old.is_dir():
+    old.rename(best)
+  if best.is_symlink():
+    remove_stale_bests(workdir)
+
+
+def set_aside_other_metric(workdir: pathlib.Path, name: str, say) -> dict | None:
+  """The best record when it was kept by `name` (finetune.keep_best); a best kept by another
+  metric (keep_best changed on resume) is never compared with the new one: it moves, whole, to
+  WORKDIR/best_by_<metric> (process 0), and the new metric's best starts afresh."""
+  best = read_best(workdir)
+  if best is None or best.get("metric") == name:
+    return best
+  if jax.process_index() == 0:
+    kept = workdir / f"{BEST}_by_{best['metric']}"
+    shutil.rmtree(kept, ignore_errors=True)
+    target = workdir / BEST
+    source = target.resolve() if target.is_symlink() else target
+    if source.is_dir():
+      source.rename(kept)
+    (kept / BEST_FILE).write_text(json.dumps(best, indent=1))
+    for link in (workdir / BEST_FILE, target):
+      if link.is_symlink() or link.is_file():
+        link.unlink()
+    say(
+      f"finetune.keep_best is now {name} (was {best['metric']}): the best checkpoint by "
+      f"{best['metric']} (step {best['step']}) moved to {kept}; {workdir / BEST} keeps the best "
+      f"by {name} from now on."
+    )
+  return None
+
+
+def _swap_name(workdir: pathlib.Path, step: int) -> pathlib.Path:
+  """The directory a new best is written to: best-<step>, or best-<step>-2 when best points at
+  best-<step> already (a step evaluated again after a resume). Every process computes it from
+  the `best` link, read before the (synchronised) save."""
+  link = workdir / BEST
+  current = os.readlink(link) if link.is_symlink() else None
+  return workdir / next(n for n in (f"{BEST}-{step}", f"{BEST}-{step}-2") if n != current)
+
+
 def save_best(run, state, name: str, value: float, metrics: dict) -> dict:
-  """Writes the parameters to WORKDIR/best (a model directory) and then best.json. The new
-  directory is complete before it replaces the old one, so a kill at any moment leaves a
-  whole best checkpoint (the old or the new one). Its config names no train.init_from and no
+  """Writes the parameters to a new directory best-<step> (a model directory with its own
+  best.json), then points the link WORKDIR/best at it with one atomic rename; WORKDIR/best.json
+  is a link to best/best.json. A kill at any moment leaves `best` whole (the old or the new
+  one) and best.json naming the step it holds. Its config names no train.init_from and no
   data.spm_path, so that `--config=WORKDIR/best` starts from these parameters and tokenizer."""
   workdir, main = run.workdir, jax.process_index() == 0
-  staging, best = workdir / f"{BEST}.saving", workdir / BEST
+  staging = _swap_name(workdir, state.step)
   if main:
     shutil.rmtree(staging, ignore_errors=True)
   store = checkpoint.CheckpointStore(staging, keep=1, async_save=False)
@@ -136,12 +189,35 @@ def save_best(run, state, name: str, value: float, metrics: dict) -> dict:
   config = dataclasses.replace(run.config, train=train, data=data)
   save_config(config, staging / checkpoint.CONFIG_FILE)
   shutil.copyfile(pathlib.Path(run.data.tokenizer.spm_path), staging / "spiece.model")
-  old = workdir / f"{BEST}.old"
-  shutil.rmtree(old, ignore_errors=True)
-  if best.exists():
-    best.rename(old)
-  staging.rename(best)
-  shutil.rmtree(old, ignore_errors=True)
-  (workdir / f"{BEST_FILE}.tmp").write_text(json.dumps(record, indent=1))
-  (workdir / f"{BEST_FILE}.tmp").replace(workdir / BEST_FILE)
+  (staging / BEST_FILE).write_text(json.dumps(record, indent=1))
+  _point(workdir / BEST, staging.name)
+  _point(workdir / BEST_FILE, f"{BEST}/{BEST_FILE}")
+  remove_stale_bests(workdir)
   return record
+
+
+def _point(link: pathlib.Path, target: str) -> None:
+  """Makes `link` a relative symlink to `target` atomically (a new link renamed over it). A
+  real directory or file found there (a workdir of an older switchjax) is moved aside first."""
+  if link.is_symlink() and os.readlink(link) == target:
+    return
+  if link.exists() and not link.is_symlink():
+    aside = link.with_name(f"{BEST}-{link.name}-older")
+    if aside.exists():
+      shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() else aside.unlink()
+    link.rename(aside)
+  tmp = link.with_name(f".{link.name}.link")
+  if tmp.is_symlink() or tmp.exists():
+    tmp.unlink()
+  os.symlink(target, tmp)
+  tmp.replace(link)
+
+
+def remove_stale_bests(workdir: pathlib.Path) -> None:
+  """Removes the best-* directories `best` no longer points at (replaced ones, a save a kill
+  interrupted, the staging directories of older switchjax)."""
+  link = workdir / BEST
+  current = os.readlink(link) if link.is_symlink() else None
+  for path in workdir.glob(f"{BEST}[-.]*"):
+    if path.name != current and path.name != BEST_FILE and not path.name.startswith("."):
+      shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()

@@ -243,8 +243,10 @@ class Evaluator(Hook):
 
   def evaluate(self, run: Run, state: TrainState) -> dict[str, float]:
     totals: dict[str, list] = {}
+    batches = 0
     for batch in run.data.eval_batches(run.config.train.eval_steps):
       metrics = run.steps.eval(state.params, sharding.host_local_to_global(run.steps.mesh, batch))
+      batches += 1
       for k, v in metrics.items():
         totals.setdefault(k, []).append(v)
     metrics = {
@@ -252,12 +254,25 @@ class Evaluator(Hook):
       for k, v in totals.items()
       if not k.startswith("layers/")
     }
+    read, held_out = batches * run.config.train.batch_size, run.data.num_eval_chunks
+    metrics["eval/examples"] = min(read, held_out)
     run.say(
       f"step {state.step}: eval loss {metrics['eval/loss']:.4f}, cross-entropy "
-      f"{metrics['eval/cross_entropy']:.4f}, accuracy {metrics['eval/accuracy']:.3f}"
+      f"{metrics['eval/cross_entropy']:.4f}, accuracy {metrics['eval/accuracy']:.3f} "
+      f"({coverage(read, held_out)})"
     )
     run.write(state.step, metrics)
     return metrics
+
+
+def coverage(read: int, held_out: int) -> str:
+  """What an evaluation covered, honestly: 'all 200 eval examples' (and whether some were read
+  twice to fill the last batches) or '80 of 200 eval examples' and how to cover them all."""
+  if read < held_out:
+    return f"the first {read} of {held_out} eval examples; raise train.eval_steps to cover all"
+  if read > held_out:
+    return f"all {held_out} eval examples, cycled to fill {read} rows"
+  return f"all {held_out} eval examples"
 
 
 class Checkpointer(Hook):

@@ -33,7 +33,9 @@ import numpy as np
 
 from switchjax import checkpoint
 from switchjax import config as config_lib
+from switchjax.checkpoint.output_dir import lock_holder
 from switchjax.config import Config
+from switchjax.data import cache, corpus
 from switchjax.errors import one_line
 from switchjax.training.resume_rules import (
   DATA,
@@ -49,6 +51,7 @@ HISTORY = "config_history.jsonl"
 SPM = "spiece.model"
 METRICS = "metrics.jsonl"
 SUPERSEDED = "metrics_superseded.jsonl"
+INPUTS = "inputs.json"  # sha256 of each input file the run reads, checked on resume
 
 
 class WorkdirError(ValueError):
@@ -81,16 +84,7 @@ class WorkdirLock:
 
 def _holder(path: pathlib.Path) -> str:
   """' (process 1234)' when /proc/locks names the holder of the directory's lock."""
-  try:
-    st = os.stat(path)
-    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    for line in pathlib.Path("/proc/locks").read_text().splitlines():
-      fields = line.split()
-      if "FLOCK" in fields and device in fields:
-        return f" (process {fields[fields.index(device) - 1]})"
-  except (OSError, ValueError, IndexError):
-    pass
-  return ""
+  return lock_holder(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,6 +197,8 @@ def _inspect(workdir: Workdir, config: Config, allow_converted: bool, say) -> Co
   if steps and not training:
     config = _converted(workdir, config, allow_converted, say)
   workdir.resuming = bool(training)
+  if workdir.resuming:
+    _check_run_files(workdir, training[-1])
   if workdir.resuming and workdir.saved is not None:
     _check_resume(workdir, config, say)
   elif not workdir.resuming and config.train.init_from:
@@ -210,6 +206,32 @@ def _inspect(workdir: Workdir, config: Config, allow_converted: bool, say) -> Co
   if workdir.restart_data and not workdir.resuming:
     say("--restart_data: nothing to restart, this run starts afresh.")
   return config
+
+
+def _check_run_files(workdir: Workdir, step: int) -> None:
+  """A run's checkpoints are resumed only with the files that say what they are: without
+  config.json the resume rules could not be applied (a routing change would pass), without
+  spiece.model another tokenizer could come in. Refused, naming the file and how to get it
+  back (config_history.jsonl holds every config the run started with)."""
+  path = workdir.path
+  history = path / HISTORY
+  if workdir.saved is None:
+    fix = (
+      f'restore it from the last record of {history} (its "config")'
+      if history.is_file()
+      else "restore it from a copy"
+    )
+    raise WorkdirError(
+      f"{path} holds a training run (checkpoint step {step}) but no config.json, so its "
+      f"settings cannot be checked: {fix}, or start a new run in a new --workdir (--set "
+      f"train.init_from={path} starts it from these parameters)."
+    )
+  if not (path / SPM).is_file():
+    raise WorkdirError(
+      f"{path} holds a training run (checkpoint step {step}) but no {SPM}, the tokenizer its "
+      f"model was trained with: put that file back in {path} (a copy, or the data.spm_path its "
+      "config.json names), or start a new run in a new --workdir."
+    )
 
 
 def _read_saved(config_file: pathlib.Path) -> Config:
@@ -265,6 +287,8 @@ def _check_resume(workdir: Workdir, config: Config, say) -> None:
       "its first example, keep the workdir's setting to resume where it stopped, or use a new "
       "--workdir."
     )
+  if not workdir.restart_data:
+    _check_inputs(path, config)
   workdir.changes = found
   noted = [c for c in found if c.field != "name"]
   if noted:
@@ -273,6 +297,41 @@ def _check_resume(workdir: Workdir, config: Config, say) -> None:
       + ", ".join(f"{c.field} {c.old!r} -> {c.new!r}" for c in noted)
       + "."
     )
+
+
+def _input_files(config: Config) -> list[pathlib.Path]:
+  """The files a run reads its examples from: data.paths (pretraining), the fine-tuning files."""
+  files = []
+  with contextlib.suppress(ValueError):  # unreadable paths: the data pipeline says so
+    files += corpus.resolve_paths(config.data.paths) if config.data.paths else []
+  finetune = config.finetune
+  for name in (finetune.train_file, finetune.eval_file) if finetune else ():
+    if name and pathlib.Path(name).is_file():
+      files.append(pathlib.Path(name))
+  return files
+
+
+def input_digests(config: Config) -> dict[str, str]:
+  """{absolute path: sha256 of its content} of the run's input files."""
+  return {path: digest for path, _, digest in cache.file_stats(_input_files(config))}
+
+
+def _check_inputs(path: pathlib.Path, config: Config) -> None:
+  """Refuses a resume whose input files changed content since the run recorded them (a
+  corpus or a --train file rewritten in place, whatever its size, example count and dates)."""
+  record = path / INPUTS
+  try:
+    saved = json.loads(record.read_text()) if record.is_file() else {}
+  except (OSError, ValueError):
+    saved = {}
+  for name, digest in input_digests(config).items():
+    if name in saved and saved[name] != digest:
+      raise WorkdirError(
+        f"{name} changed since the run in {path} read it (its content differs, whatever its "
+        "size and dates): resuming would continue on other examples. Put the original back, "
+        "pass --restart_data to continue this model on the new content from its first "
+        "example, or use a new --workdir."
+      )
 
 
 def check_init_from(config: Config, say=print) -> Config:
@@ -332,6 +391,7 @@ def commit(workdir: Workdir, config: Config, tokenizer, store, step: int, say=pr
       if spm.resolve() != (path / SPM).resolve():
         _write_atomically(path / SPM, spm.read_bytes())
       _supersede_metrics(path, step)
+      _write_atomically(path / INPUTS, json.dumps(input_digests(config), indent=1) + "\n")
       (path / checkpoint.CHECKPOINTS).mkdir(exist_ok=True)
     except OSError as e:
       raise checkpoint.WriteError(
