@@ -284,3 +284,34 @@ def test_error_damaged_prepared_corpus(ws, prepared, tmp_path, damage, words):
 def test_error_prepared_does_not_exist(ws, tmp_path):
   with pytest.raises(ValueError, match="does not exist; prepare the corpus there first"):
     make_pretraining_data(_cfg(ws, prepared=str(tmp_path / "nowhere")), 8)
+
+
+# ------------------------------------------------------------------------------------------
+# The preparation job.
+
+
+@pytest.mark.parametrize("engine", ["beam", "processes"])
+def test_job_with_two_workers_gives_the_same_bytes(ws, prepared, tmp_path, engine):
+  if engine == "beam":
+    pytest.importorskip("apache_beam", reason="the data extra: pip install -e '.[data]'")
+  from switchjax.data.prepare_job import prepare_corpus
+
+  prepare_corpus(_cfg(ws), str(tmp_path / "out"), num_workers=2, engine=engine, block_bytes=BLOCK)
+  assert _files(tmp_path / "out") == _files(prepared)
+
+
+def test_script_errors_are_one_line(ws, tmp_path, capsys):
+  import importlib.util
+  import pathlib
+
+  path = pathlib.Path(__file__).parents[1] / "scripts" / "prepare_data.py"
+  spec = importlib.util.spec_from_file_location("prepare_data", path)
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  (tmp_path / "notes.txt").write_text("mine")
+  argv = ["--config=tiny", f"--set=data.paths={ws.paths[0]}", f"--set=data.spm_path={ws.spm}"]
+  assert script.main([*argv, f"--output={tmp_path}", "--engine=processes"]) == 1
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and re.match(r"error: --output=.* is not empty", err)
+  assert script.main([*argv, f"--output={tmp_path / 'out'}", "--engine=processes"]) == 0
+  assert "Prepared" in capsys.readouterr().out
