@@ -315,3 +315,66 @@ def test_script_errors_are_one_line(ws, tmp_path, capsys):
   assert err.count("\n") == 1 and re.match(r"error: --output=.* is not empty", err)
   assert script.main([*argv, f"--output={tmp_path / 'out'}", "--engine=processes"]) == 0
   assert "Prepared" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------
+# Prefetching.
+
+
+def test_prefetched_batches_and_positions_are_the_iterators(ws, prepared):
+  cfg = _cfg(ws, prepared=str(prepared))
+  plain, ahead = make_pretraining_data(cfg, 8), make_pretraining_data(cfg, 8)
+  ahead.prefetch(depth=3)
+  for _ in range(4):
+    expected, got = next(plain.train), next(ahead.train)
+    for key in expected:
+      np.testing.assert_array_equal(got[key], expected[key])
+    assert ahead.train.get_state() == plain.train.get_state()  # taken, not made ahead
+  assert ahead.train.input_rate() > 0
+  saved = ahead.train.get_state()
+  next(ahead.train)
+  ahead.train.set_state(saved)  # a resume: continues from the saved position
+  np.testing.assert_array_equal(
+    next(ahead.train)["encoder_input_tokens"], next(plain.train)["encoder_input_tokens"]
+  )
+  ahead.train.close()
+
+
+def test_prefetch_raises_the_iterators_error_in_the_consumer(ws, prepared, tmp_path):
+  out = _copy(prepared, tmp_path)
+  data = make_pretraining_data(_cfg(ws, prepared=str(out)), 8)
+  data.prefetch()
+  for part in out.glob("part-*.tokens"):
+    part.unlink()
+  with pytest.raises(ValueError, match="is missing; rerun scripts/prepare_data.py"):
+    next(data.train)
+
+
+# ------------------------------------------------------------------------------------------
+# Training.
+
+
+def _losses(workdir):
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def test_tiny_trains_from_a_prepared_corpus_as_from_its_files(ws, prepared, tmp_path):
+  """An in-process workdir resumed with data.prepared continues as a run that read the
+  prepared corpus from its start (prefetching included): the same losses at every step."""
+  from switchjax.config import load_config
+  from switchjax.training import train
+
+  data = [f"data.paths={','.join(ws.paths)}", f"data.spm_path={ws.spm}"]
+  data += [f"data.cache_dir={ws.root / 'cache'}"]
+  settings = ["train.log_every=1", "train.eval_every=0", "train.checkpoint_every=1", *data]
+
+  def run(workdir, steps, *more):
+    config = load_config("tiny", [*settings, f"train.num_train_steps={steps}", *more])
+    train(config, workdir, progress=False, log=lambda _: None)
+
+  run(tmp_path / "files", 2)
+  run(tmp_path / "files", 3, f"data.prepared={prepared}")
+  run(tmp_path / "prepared", 3, f"data.prepared={prepared}")
+  assert _losses(tmp_path / "files") == _losses(tmp_path / "prepared")
+  assert sorted(_losses(tmp_path / "prepared")) == [1, 2, 3]

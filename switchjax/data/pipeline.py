@@ -41,6 +41,7 @@ import numpy as np
 from switchjax.data import cache
 from switchjax.data import prepared as prepared_lib
 from switchjax.data.corpus import TokenChunks, get_tokenizer, open_corpus, tokenize_corpus
+from switchjax.data.prefetch import Prefetcher
 from switchjax.data.span_corruption import (
   check_sentinels,
   num_noise_spans,
@@ -277,6 +278,11 @@ class PretrainingData:
   @property
   def num_eval_chunks(self) -> int:
     return self.split.num_eval
+
+  def prefetch(self, depth: int = 2) -> None:
+    """Makes the training batches up to `depth` ahead in a background thread from now on
+    (switchjax.data.prefetch): the same batches and positions, off the step's critical path."""
+    self.train = Prefetcher(self.train, depth)
 
   def eval_batches(self, num_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Host-local eval batches from the start of the eval set (forever if num_batches is None)."""
