@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -285,7 +286,8 @@ def _encode_part(spec, tokenizer, text_field, dtype, num_threads) -> tuple[bytes
     for ids in encoded:
       count += len(ids)
       ends.append(count)
-    pieces.append(np.asarray([i for ids in encoded for i in ids], dtype=dtype).tobytes())
+    total = sum(map(len, encoded))
+    pieces.append(np.fromiter(itertools.chain.from_iterable(encoded), dtype, total).tobytes())
   return b"".join(pieces), ends
 
 
