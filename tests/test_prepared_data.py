@@ -378,3 +378,23 @@ def test_tiny_trains_from_a_prepared_corpus_as_from_its_files(ws, prepared, tmp_
   run(tmp_path / "prepared", 3, f"data.prepared={prepared}")
   assert _losses(tmp_path / "files") == _losses(tmp_path / "prepared")
   assert sorted(_losses(tmp_path / "prepared")) == [1, 2, 3]
+
+
+def test_resume_with_another_host_count_continues_the_batches(ws, prepared):
+  cfg = _cfg(ws, prepared=str(prepared))
+  single = make_pretraining_data(cfg, 8)
+  expected = [next(single.train) for _ in range(4)]
+  two = [make_pretraining_data(cfg, 8, process_index=p, process_count=2) for p in range(2)]
+  for data in two:
+    next(data.train), next(data.train)
+  state = two[0].train.get_state()
+  four = [make_pretraining_data(cfg, 8, process_index=p, process_count=4) for p in range(4)]
+  for data in four:
+    data.prefetch()
+    data.train.set_state(state)
+  for batch in expected[2:]:
+    rows = [next(d.train) for d in four]
+    for key in batch:
+      np.testing.assert_array_equal(np.concatenate([r[key] for r in rows]), batch[key])
+  for data in four:
+    data.train.close()
