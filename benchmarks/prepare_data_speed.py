@@ -90,7 +90,7 @@ def prepare(files, cache, output, workers, engine) -> float:
   start = time.perf_counter()
   out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=True).stdout
   wall = time.perf_counter() - start
-  return wall, float(re.search(r"MB of input in ([0-9.]+) s", out).group(1))
+  return wall, float(re.search(r"parts into .* in ([0-9.]+) s", out).group(1))
 
 
 def startup(output, cache) -> dict:

@@ -64,11 +64,13 @@ def _prepare(args, pipeline_args) -> int:
   )
   seconds = time.perf_counter() - start
   megabytes = _input_bytes(data_cfg) / 1e6
+  rate = (
+    f", {megabytes:.1f} MB of input files ({megabytes / seconds:.1f} MB/s)" if megabytes else ""
+  )
   print(
     f"Prepared {manifest['num_tokens']:,} tokens of {manifest['num_documents']:,} documents "
-    f"in {len(manifest['parts'])} parts into {args.output}: {megabytes:.1f} MB of input in "
-    f"{seconds:.1f} s ({megabytes / seconds:.1f} MB/s). Train with --set "
-    f"data.prepared={args.output}"
+    f"in {len(manifest['parts'])} parts into {args.output} in {seconds:.1f} s{rate}. Train "
+    f"with --set data.prepared={args.output}"
   )
   return 0
 
