@@ -398,3 +398,10 @@ def test_resume_with_another_host_count_continues_the_batches(ws, prepared):
       np.testing.assert_array_equal(np.concatenate([r[key] for r in rows]), batch[key])
   for data in four:
     data.train.close()
+
+
+def test_rerun_with_the_tokenizer_file_elsewhere_is_the_same_preparation(ws, prepared, tmp_path):
+  out, moved = _copy(prepared, tmp_path), tmp_path / "moved.model"
+  moved.write_bytes(open(ws.spm, "rb").read())
+  prepared_lib.prepare(_cfg(ws, spm_path=str(moved)), out, block_bytes=BLOCK)
+  assert _files(out) == _files(prepared)

@@ -199,8 +199,8 @@ def describe_preparation(
     "extra_ids": tokenizer.extra_ids,
     "num_pieces": tokenizer.num_pieces,
     "vocab_size": tokenizer.vocab_size,
-    "spm_path": data_cfg.spm_path,
-    "spm_vocab_size": data_cfg.spm_vocab_size,
+    "trained": not data_cfg.spm_path,  # else data.spm_path (wherever that file is)
+    "spm_vocab_size": None if data_cfg.spm_path else data_cfg.spm_vocab_size,
   }
   dtype = token_dtype(tokenizer.vocab_size)
   parts = tuple(plan_parts(corpus, block_bytes))
@@ -533,7 +533,7 @@ def check_settings(prepared: PreparedCorpus, data_cfg) -> None:
     _disagree(where, "data.text_field", data_cfg.text_field, corpus["text_field"])
   if data_cfg.extra_ids != tok["extra_ids"]:
     _disagree(where, "data.extra_ids", data_cfg.extra_ids, tok["extra_ids"])
-  trained = not data_cfg.spm_path and not tok["spm_path"]
+  trained = not data_cfg.spm_path and tok["trained"]
   if trained and data_cfg.spm_vocab_size != tok["spm_vocab_size"]:
     _disagree(where, "data.spm_vocab_size", data_cfg.spm_vocab_size, tok["spm_vocab_size"])
   if data_cfg.paths:
