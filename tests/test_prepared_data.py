@@ -405,3 +405,22 @@ def test_rerun_with_the_tokenizer_file_elsewhere_is_the_same_preparation(ws, pre
   moved.write_bytes(open(ws.spm, "rb").read())
   prepared_lib.prepare(_cfg(ws, spm_path=str(moved)), out, block_bytes=BLOCK)
   assert _files(out) == _files(prepared)
+
+
+def test_reading_through_etils_epath_as_for_urls(ws, prepared, monkeypatch):
+  """The gs:// code path (etils.epath, seek and read) on a local directory."""
+  reference = make_pretraining_data(_cfg(ws), 8)
+  monkeypatch.setattr(prepared_lib, "is_url", lambda location: True)
+  data = make_pretraining_data(_cfg(ws, prepared=str(prepared)), 8)
+  assert not isinstance(data.task.chunks.tokens._handle(0), np.ndarray)  # a file object
+  for _ in range(3):
+    expected, got = next(reference.train), next(data.train)
+    for key in expected:
+      np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_writing_through_etils_epath_as_for_urls(ws, prepared, tmp_path, monkeypatch):
+  monkeypatch.setattr(prepared_lib, "is_url", lambda location: True)
+  prepared_lib.prepare(_cfg(ws), str(tmp_path / "out"), block_bytes=BLOCK)
+  prepared_lib.prepare(_cfg(ws), str(tmp_path / "out"), block_bytes=BLOCK)  # a rerun
+  assert _files(tmp_path / "out") == _files(prepared)

@@ -85,13 +85,16 @@ def _write_atomic(path, data: bytes) -> None:
   tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
   try:
     tmp.write_bytes(data)
-    if is_url(str(path)):
-      tmp.rename(path)
-    else:
-      os.replace(tmp, path)
+    tmp.replace(path)  # overwrites (a rerun rewrites spiece.model and preparation.json)
   finally:
     if tmp.exists():
       tmp.unlink()
+
+
+def _size(path) -> int:
+  """Bytes of a file: os.stat_result.st_size, or etils.epath's StatResult.length."""
+  stat = path.stat()
+  return stat.st_size if hasattr(stat, "st_size") else stat.length
 
 
 def _write_json(path, value: Any) -> None:
@@ -254,7 +257,7 @@ def part_is_finished(output, spec: PartSpec, dtype: np.dtype) -> bool:
   return (
     record.get("part") == spec.to_json()
     and tokens.exists()
-    and tokens.stat().st_size == record["num_tokens"] * np.dtype(dtype).itemsize
+    and _size(tokens) == record["num_tokens"] * np.dtype(dtype).itemsize
   )
 
 
@@ -435,7 +438,7 @@ class PartedTokens:
   def _open_part(self, part: int):
     path = as_path(self.location) / f"{self.names[part]}.tokens"
     expected = int(self.counts[part]) * self.dtype.itemsize
-    size = path.stat().st_size if path.exists() else None
+    size = _size(path) if path.exists() else None
     if size != expected:
       state = "is missing" if size is None else f"has {size} bytes, not {expected} (truncated)"
       raise ValueError(
