@@ -16,6 +16,7 @@ import argparse
 import json
 import pathlib
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -87,10 +88,16 @@ def prepare(files, cache, output, workers, engine) -> float:
   command = [sys.executable, "scripts/prepare_data.py", "--config=small", *args]
   command += [f"--output={output}", f"--num_workers={workers}", f"--engine={engine}"]
   command += ["--block_mb=8"]
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), _children_cpu()
   out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=True).stdout
-  wall = time.perf_counter() - start
-  return wall, float(re.search(r"parts into .* in ([0-9.]+) s", out).group(1))
+  wall, cpu = time.perf_counter() - start, _children_cpu() - cpu
+  return wall, float(re.search(r"parts into .* in ([0-9.]+) s", out).group(1)), cpu
+
+
+def _children_cpu() -> float:
+  """CPU seconds (user + system) of the finished child processes (and theirs) so far."""
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
 
 
 def startup(output, cache) -> dict:
@@ -130,18 +137,22 @@ def main() -> None:
   spm = in_process(files, cache)  # trains the tokenizer and tokenizes once: warm caches
   for token_file in (cache / "tokens").glob("*.npy"):
     token_file.unlink()
+  cpu = _children_cpu()
   today = in_process(files, cache)["seconds"]
-  rows = [("in-process tokenize_corpus (today)", today, today)]
+  rows = [("in-process tokenize_corpus (today)", today, today, _children_cpu() - cpu)]
   for engine in ("beam", "processes"):
     for workers in (1, 2):
       output = root / f"out_{engine}_{workers}"
       subprocess.run(["rm", "-rf", str(output)], check=True)
-      wall, job = prepare(files, cache, output, workers, engine)
-      rows.append((f"prepare_data.py --engine={engine} --num_workers={workers}", wall, job))
+      wall, job, cpu = prepare(files, cache, output, workers, engine)
+      rows.append((f"prepare_data.py --engine={engine} --num_workers={workers}", wall, job, cpu))
   print(f"{megabytes:.1f} MB of text, {spm['tokens']:,} tokens\n")
-  print("| what | wall s (with imports) | s of the job | MB/s of text (job) |\n|---|---|---|---|")
-  for name, wall, job in rows:
-    print(f"| {name} | {wall:.1f} | {job:.1f} | {megabytes / job:.1f} |")
+  print(
+    "| what | wall s (with imports) | s of the job | MB/s of text (job) | CPU s (all processes) |"
+  )
+  print("|---|---|---|---|---|")
+  for name, wall, job, cpu in rows:
+    print(f"| {name} | {wall:.1f} | {job:.1f} | {megabytes / job:.1f} | {cpu:.1f} |")
   prepare([*small], cache, root / "out_small", 2, "processes")
   print(f"\nbaseline RSS (imports only): {baseline_rss():.0f} MB\n")
   print("| prepared corpus | start-up + first batch of 256 (s) | peak RSS (MB) |\n|---|---|---|")
