@@ -141,8 +141,9 @@ def test_a_prepared_corpus_needs_no_data_paths_and_no_input_files(ws, prepared):
   data = make_pretraining_data(_cfg(ws, paths=(), spm_path=None, prepared=str(prepared)), 8)
   reference = make_pretraining_data(_cfg(ws), 8)
   assert data.tokenizer.fingerprint == reference.tokenizer.fingerprint
-  np.testing.assert_array_equal(next(data.train)["encoder_input_tokens"],
-                                next(reference.train)["encoder_input_tokens"])  # fmt: skip
+  np.testing.assert_array_equal(
+    next(data.train)["encoder_input_tokens"], next(reference.train)["encoder_input_tokens"]
+  )
 
 
 def test_trained_tokenizer_is_the_one_a_run_trains(ws, tmp_path):
@@ -236,8 +237,9 @@ def test_error_spm_vocab_size_disagrees_with_a_trained_tokenizer(ws, tmp_path):
   cfg = _cfg(ws, paths=ws.paths[:1], spm_path=None, spm_vocab_size=300)
   prepared_lib.prepare(cfg, tmp_path / "out")
   with pytest.raises(ValueError, match="data.spm_vocab_size=400 disagrees"):
-    make_pretraining_data(_cfg(ws, paths=(), spm_path=None, spm_vocab_size=400,
-                               prepared=str(tmp_path / "out")), 8)  # fmt: skip
+    make_pretraining_data(
+      _cfg(ws, paths=(), spm_path=None, spm_vocab_size=400, prepared=str(tmp_path / "out")), 8
+    )
 
 
 def test_error_corpus_changed_since_preparation(ws, tmp_path):
@@ -267,7 +269,7 @@ def _copy(prepared, tmp_path):
     (
       lambda d: (d / "preparation.json").unlink() or (d / "manifest.json").unlink(),
       "is not a prepared corpus .no manifest.json",
-    ),  # fmt: skip
+    ),
     (lambda d: (d / "spiece.model").write_bytes(b"x"), "spiece.model is missing or is another"),
   ],
 )

@@ -349,9 +349,11 @@ def prepare(
   tokenizer = get_tokenizer(data_cfg, corpus)
   preparation = describe_preparation(data_cfg, tokenizer, corpus, block_bytes)
   begin(output, preparation, tokenizer)
-  out = as_path(output)
-  if (out / MANIFEST).exists():
-    (out / MANIFEST).unlink()  # a rerun completing a damaged corpus: not readable meanwhile
+  out, dtype = as_path(output), np.dtype(preparation.dtype)
+  todo = [s for s in preparation.parts if not part_is_finished(out, s, dtype)]
+  if todo and (out / MANIFEST).exists():
+    (out / MANIFEST).unlink()  # a damaged corpus being completed: not readable meanwhile
+  log.info("Preparing %d of %d parts of %s.", len(todo), len(preparation.parts), corpus.description)
   task = functools.partial(
     _write_spec,
     str(output),
@@ -361,8 +363,6 @@ def prepare(
     preparation.dtype,
     num_threads,
   )
-  todo = [s for s in preparation.parts if not part_is_finished(out, s, np.dtype(preparation.dtype))]
-  log.info("Preparing %d of %d parts of %s.", len(todo), len(preparation.parts), corpus.description)
   list((map_parts or map)(task, todo))
   return finish(output, preparation)
 
