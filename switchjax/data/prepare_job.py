@@ -41,6 +41,7 @@ def beam_map(num_workers: int, pipeline_args: Sequence[str] = ()) -> Callable:
       list(pipeline_args),
       direct_num_workers=num_workers,
       direct_running_mode="multi_processing" if num_workers > 1 else "in_memory",
+      default_sdk_harness_log_level="WARNING",  # the workers' own start/stop chatter
     )
     with beam.Pipeline(options=options) as pipeline:
       _ = (
