@@ -252,6 +252,12 @@ def test_error_corpus_changed_since_preparation(ws, tmp_path):
     make_pretraining_data(_cfg(ws, paths=(str(source),), prepared=str(tmp_path / "out")), 8)
 
 
+def _edit_manifest(directory, edit):
+  manifest = json.loads((directory / "manifest.json").read_text())
+  edit(manifest)
+  (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
 def _copy(prepared, tmp_path):
   out = tmp_path / "copy"
   out.mkdir()
@@ -271,6 +277,7 @@ def _copy(prepared, tmp_path):
       "is not a prepared corpus .no manifest.json",
     ),
     (lambda d: (d / "spiece.model").write_bytes(b"x"), "spiece.model is missing or is another"),
+    (lambda d: _edit_manifest(d, lambda m: m["tokenizer"].pop("trained")), "lacks or garbles"),
   ],
 )
 def test_error_damaged_prepared_corpus(ws, prepared, tmp_path, damage, words):

@@ -582,7 +582,14 @@ def load_prepared(data_cfg, tokenizer: Tokenizer | None = None):
   """(PreparedCorpus, its tokenizer, its tokens) for a run with data.prepared set, checked
   against the run's data settings and the tokenizer the run was given."""
   prepared = open_prepared(data_cfg.prepared)
-  check_settings(prepared, data_cfg)
+  try:
+    check_settings(prepared, data_cfg)
+    tokens = prepared.tokens()
+  except (KeyError, TypeError) as e:  # a manifest edited by hand, or from a development version
+    raise ValueError(
+      f"data.prepared={prepared.location!r}: {MANIFEST} lacks or garbles {one_line(e)}; "
+      "prepare the corpus again (scripts/prepare_data.py)."
+    ) from None
   if data_cfg.spm_path:
     given = Tokenizer(
       os.path.expanduser(data_cfg.spm_path), data_cfg.extra_ids, setting="data.spm_path"
@@ -591,7 +598,7 @@ def load_prepared(data_cfg, tokenizer: Tokenizer | None = None):
   if tokenizer is not None:
     check_tokenizer(prepared, tokenizer, f"the run's tokenizer ({tokenizer.spm_path})")
   own = prepared.tokenizer(cache.cache_dir(data_cfg.cache_dir), data_cfg.extra_ids)
-  return prepared, tokenizer or own, prepared.tokens()
+  return prepared, tokenizer or own, tokens
 
 
 def concatenated_tokens(location: str) -> np.ndarray:
