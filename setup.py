@@ -35,6 +35,9 @@ setup(
     # XLA's TPU compiler (libtpu, matched to jax), to compile for TPU slices on any machine
     # (scripts/simulate_pod.py --topology, scripts/fit_presets.py) and to run on TPUs.
     "tpu": ["jax[tpu]>=0.10.2"],
+    # Corpus preparation as an Apache Beam job (scripts/prepare_data.py; the DirectRunner's
+    # local processes by default, Dataflow/Flink/Spark through Beam's own options).
+    "data": ["apache-beam>=2.70"],
     "test": [
       "pytest>=8",
       "pytest-xdist>=3.5",

@@ -294,6 +294,10 @@ class DataConfig:
     extra_ids: sentinel ids appended after the pieces (<extra_id_N> = vocab - 1 - N; T5: 100).
     cache_dir: where trained tokenizers and tokenized corpora are cached (default:
       $SWITCHJAX_CACHE, else ~/.cache/switchjax).
+    prepared: a prepared corpus (scripts/prepare_data.py): a directory or a URL (gs://...)
+      shared by all hosts; the run reads its tokenizer and only its own rows' tokens from
+      there instead of tokenizing data.paths. data.paths, text_field, extra_ids and
+      spm_vocab_size (or spm_path) must agree with the corpus's; data.paths may be empty.
     inputs_length, targets_length: encoder and decoder lengths (T5: 512 and 114).
     noise_density, mean_noise_span_length: T5 span corruption (0.15, 3.0).
     eval_fraction: share of the corpus's chunks held out for evaluation.
@@ -306,6 +310,7 @@ class DataConfig:
   spm_vocab_size: int = 32000
   extra_ids: int = 100
   cache_dir: str | None = None
+  prepared: str | None = None
   inputs_length: int = 512
   targets_length: int = 114
   noise_density: float = 0.15
@@ -327,6 +332,10 @@ class DataConfig:
       raise ValueError(f"{p}.extra_ids={self.extra_ids} must be >= 0 (T5 uses 100).")
     if self.spm_vocab_size < 16:
       raise ValueError(f"{p}.spm_vocab_size={self.spm_vocab_size} must be >= 16.")
+    if self.prepared is not None and not str(self.prepared).strip():
+      raise ValueError(
+        f"{p}.prepared is empty; give a prepared corpus's directory or URL, or leave it unset."
+      )
 
 
 @dataclasses.dataclass(frozen=True)

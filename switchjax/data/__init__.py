@@ -5,6 +5,7 @@ tokenizer.py        Tokenizer (SentencePiece with T5's pad/eos/unk and sentinel 
 span_corruption.py  T5 span corruption in NumPy
 corpus.py           the embedded default corpus, user files, tokenized and cached corpora
 cache.py            the cache directory and atomic writes
+prepared.py         prepared corpora: parts + manifest on shared storage, read by row
 pipeline.py         make_pretraining_data: global, host-sharded, resumable batches
 """
 

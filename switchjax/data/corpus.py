@@ -184,22 +184,25 @@ def _check_suffix(path: pathlib.Path) -> None:
     )
 
 
-def _lines(path: pathlib.Path) -> Iterator[tuple[int, str]]:
+def _lines(path: pathlib.Path, block: Block | None = None) -> Iterator[tuple[int, str]]:
   """(line number, line without its end) of a UTF-8 text file, gzipped if it ends in .gz.
 
   The file is read as bytes and decoded line by line, so an encoding error names its line (a
   text-mode reader decodes ahead in blocks). Lines end at \n, \r\n or \r, as in text mode.
-  Read and decode errors are ValueErrors naming the file (and the line) and the fix.
+  Read and decode errors are ValueErrors naming the file (and the line) and the fix. With a
+  `block`, only its lines (see Block); line numbers then count from the block's first line.
   """
   opener = gzip.open if path.suffix.lower() == ".gz" else open
+  where = _where(path, block)
   try:
     with opener(path, "rb") as f:
-      for number, raw in enumerate(f, start=1):
+      raws = f if block is None else _block_lines(f, block)
+      for number, raw in enumerate(raws, start=1):
         try:
           line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
           raise ValueError(
-            f"{path}, line {number}: not valid UTF-8 (byte {raw[e.start]:#04x} at offset "
+            f"{where}, line {number}: not valid UTF-8 (byte {raw[e.start]:#04x} at offset "
             f"{e.start} of the line); data.paths files must be UTF-8 text: convert the file, "
             "e.g. with iconv -f latin1 -t utf-8."
           ) from None
@@ -213,7 +216,7 @@ def _lines(path: pathlib.Path) -> Iterator[tuple[int, str]]:
   except (OSError, EOFError, zlib.error) as e:
     kind = "gzip" if opener is gzip.open else "text"
     raise ValueError(
-      f"{path}: cannot read the file ({_one_line(e)}); check that it is a complete, readable "
+      f"{where}: cannot read the file ({_one_line(e)}); check that it is a complete, readable "
       f"{kind} file, or remove it from data.paths."
     ) from None
 
@@ -222,22 +225,70 @@ def _one_line(error: BaseException) -> str:
   return " ".join(str(error).split()) or type(error).__name__
 
 
-def read_documents(path: str | os.PathLike, text_field: str = "text") -> Iterator[str]:
-  """The documents of one file, chosen by its extension."""
+@dataclasses.dataclass(frozen=True)
+class Block:
+  """A part of one file, so that a large file is read (tokenized) by several workers.
+
+  Text files (.txt, .jsonl, .json, not gzipped): the nominal byte range [start, end); a line
+  belongs to the block its first byte is in, and for .txt a paragraph to the block in which its
+  first line starts after the first blank line at or after `start` (so no document is cut).
+  Parquet: the row groups [start, end). The documents of a file's consecutive blocks are, in
+  order, exactly the documents of the whole file.
+  """
+
+  start: int
+  end: int
+
+
+def _where(path: pathlib.Path, block: Block | None) -> str:
+  return str(path) if block is None else f"{path} (block from byte {block.start})"
+
+
+def _blank(raw: bytes) -> bool:
+  """A whitespace-only line: it ends a .txt paragraph (undecodable bytes are not blank)."""
+  return not raw.decode("utf-8", errors="replace").strip()
+
+
+def _block_lines(f, block: Block) -> Iterator[bytes]:
+  """The raw lines of `block` of the binary file `f` (see Block), ends included."""
+  paragraphs = _suffix(pathlib.Path(f.name)) == ".txt"
+  if block.start > 0:
+    f.seek(block.start - 1)
+    f.readline()  # now at the first line starting at or after block.start
+    if paragraphs:  # the block starts after the first blank line at or after its start
+      position = f.tell()
+      for raw in iter(f.readline, b""):
+        if _blank(raw):
+          break
+        position = f.tell()
+      if position >= block.end:
+        return  # that blank line is past the block: the next block starts there
+  while True:
+    position = f.tell()
+    raw = f.readline()
+    if not raw or (position >= block.end and (not paragraphs or _blank(raw))):
+      return
+    yield raw
+
+
+def read_documents(
+  path: str | os.PathLike, text_field: str = "text", block: Block | None = None
+) -> Iterator[str]:
+  """The documents of one file (or of one Block of it), chosen by its extension."""
   path = pathlib.Path(path)
   _check_suffix(path)
   suffix = _suffix(path)
   if suffix == ".txt":
-    return _txt_documents(path)
+    return _txt_documents(path, block)
   if suffix in (".jsonl", ".json"):
-    return _jsonl_documents(path, text_field)
-  return _parquet_documents(path, text_field)
+    return _jsonl_documents(path, text_field, block)
+  return _parquet_documents(path, text_field, block)
 
 
-def _txt_documents(path: pathlib.Path) -> Iterator[str]:
+def _txt_documents(path: pathlib.Path, block: Block | None = None) -> Iterator[str]:
   """Paragraphs: runs of non-blank lines."""
   paragraph: list[str] = []
-  for _, line in _lines(path):
+  for _, line in _lines(path, block):
     if line.strip():
       paragraph.append(line)
     elif paragraph:
@@ -247,33 +298,36 @@ def _txt_documents(path: pathlib.Path) -> Iterator[str]:
     yield "\n".join(paragraph)
 
 
-def _jsonl_documents(path: pathlib.Path, text_field: str) -> Iterator[str]:
-  for line_number, line in _lines(path):
+def _jsonl_documents(
+  path: pathlib.Path, text_field: str, block: Block | None = None
+) -> Iterator[str]:
+  where = _where(path, block)
+  for line_number, line in _lines(path, block):
     if not line.strip():
       continue
     try:
       record = json.loads(line)
     except json.JSONDecodeError as e:
       raise ValueError(
-        f"{path}, line {line_number}: not valid JSON ({e.msg}: column {e.colno}); "
+        f"{where}, line {line_number}: not valid JSON ({e.msg}: column {e.colno}); "
         ".jsonl/.json files must hold one JSON object per line (JSON Lines)."
       ) from None
     if not isinstance(record, dict):
       raise ValueError(
-        f"{path}, line {line_number}: a JSON {type(record).__name__}, not an object; "
+        f"{where}, line {line_number}: a JSON {type(record).__name__}, not an object; "
         ".jsonl/.json files must hold one JSON object per line (JSON Lines), the text in "
         "data.text_field."
       )
     if text_field not in record:
       raise ValueError(
-        f"{path}, line {line_number}: no field {text_field!r} (the line has: "
+        f"{where}, line {line_number}: no field {text_field!r} (the line has: "
         f"{', '.join(map(repr, record))}); set --set data.text_field=NAME to the field that "
         "holds the text."
       )
     text = record[text_field]
     if not isinstance(text, str):
       raise ValueError(
-        f"{path}, line {line_number}: field {text_field!r} is a "
+        f"{where}, line {line_number}: field {text_field!r} is a "
         f"{type(text).__name__}, not a string; set --set data.text_field=NAME "
         "to the field that holds the text."
       )
@@ -281,7 +335,9 @@ def _jsonl_documents(path: pathlib.Path, text_field: str) -> Iterator[str]:
       yield text
 
 
-def _parquet_documents(path: pathlib.Path, text_field: str) -> Iterator[str]:
+def _parquet_documents(
+  path: pathlib.Path, text_field: str, block: Block | None = None
+) -> Iterator[str]:
   import pyarrow as pa
   import pyarrow.parquet as pq
 
@@ -309,7 +365,8 @@ def _parquet_documents(path: pathlib.Path, text_field: str) -> Iterator[str]:
       f"{path}: column {text_field!r} holds {kind}, not strings; set --set "
       "data.text_field=NAME to the column that holds the text."
     )
-  batches = parquet.iter_batches(columns=[text_field], batch_size=1024)
+  groups = None if block is None else range(block.start, block.end)
+  batches = parquet.iter_batches(columns=[text_field], batch_size=1024, row_groups=groups)
   while True:
     try:
       batch = next(batches, None)

@@ -39,7 +39,9 @@ import grain
 import numpy as np
 
 from switchjax.data import cache
+from switchjax.data import prepared as prepared_lib
 from switchjax.data.corpus import TokenChunks, get_tokenizer, open_corpus, tokenize_corpus
+from switchjax.data.prefetch import Prefetcher
 from switchjax.data.span_corruption import (
   check_sentinels,
   num_noise_spans,
@@ -277,6 +279,11 @@ class PretrainingData:
   def num_eval_chunks(self) -> int:
     return self.split.num_eval
 
+  def prefetch(self, depth: int = 2) -> None:
+    """Makes the training batches up to `depth` ahead in a background thread from now on
+    (switchjax.data.prefetch): the same batches and positions, off the step's critical path."""
+    self.train = Prefetcher(self.train, depth)
+
   def eval_batches(self, num_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Host-local eval batches from the start of the eval set (forever if num_batches is None)."""
     if self.split.num_eval == 0:
@@ -324,20 +331,25 @@ def make_pretraining_data(
     model_vocab_size: if given, checked to hold every token id (model.vocab_size).
 
   The first call for a corpus trains its tokenizer (unless data.spm_path is set) and tokenizes
-  it; both are cached (see switchjax.data.cache).
+  it; both are cached (see switchjax.data.cache). With data.prepared set, the tokenizer and the
+  tokens come from that prepared corpus (switchjax.data.prepared) instead, read lazily.
   """
   data_cfg.validate()
   seed = data_cfg.shuffle_seed if seed is None else seed
   _check_batch_arguments(seed, global_batch_size, process_index, process_count)
   raw_length = _raw_chunk_length(data_cfg)
 
-  corpus = open_corpus(data_cfg)
-  tokenizer = tokenizer or get_tokenizer(data_cfg, corpus)
+  if data_cfg.prepared:  # tokens read from shared storage, chunk by chunk
+    corpus, tokenizer, tokens = prepared_lib.load_prepared(data_cfg, tokenizer)
+  else:
+    corpus = open_corpus(data_cfg)
+    tokenizer = tokenizer or get_tokenizer(data_cfg, corpus)
   check_sentinels(
     tokenizer, num_noise_spans(raw_length, data_cfg.noise_density, data_cfg.mean_noise_span_length)
   )
   _check_model_vocab(tokenizer, model_vocab_size)
-  tokens = tokenize_corpus(corpus, tokenizer, cache.cache_dir(data_cfg.cache_dir))
+  if not data_cfg.prepared:
+    tokens = tokenize_corpus(corpus, tokenizer, cache.cache_dir(data_cfg.cache_dir))
   chunks = TokenChunks(tokens, raw_length)
   split = _split_chunks(len(chunks), data_cfg, global_batch_size, raw_length, corpus, len(tokens))
 

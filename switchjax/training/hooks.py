@@ -98,6 +98,7 @@ class Run:
     try:
       for hook in hooks:
         hook.close()
+      getattr(self.data.train, "close", lambda: None)()  # a prefetching thread
       self.store.close()
       self.writer.close()
     except Exception:
@@ -217,6 +218,10 @@ class MetricsLogger(Hook):
     logged["model_tflops_per_device"] = self.flops * count / elapsed / 1e12 / devices
     if self.peak:
       logged["mfu"] = logged["model_tflops_per_device"] / self.peak
+    logged["examples_per_second"] = run.config.train.batch_size * count / elapsed
+    input_rate = getattr(run.data.train, "input_rate", lambda: None)()
+    if input_rate:  # what the input pipeline can make: this host's rate times the hosts
+      logged["input_examples_per_second"] = input_rate * jax.process_count()
     run.write(step, logged)
     run.result.losses[step] = logged["loss"]
     (self.bar.write if self.bar else run.say)(format_log(step, logged))
@@ -363,4 +368,10 @@ def format_log(step: int, m: dict[str, float]) -> str:
     f"{m['learning_rate']:.2e}, grad norm {m['grad_norm']:.3f}, "
     f"{m['tokens_per_second']:.0f} tokens/s"
   )
-  return text + (f", MFU {m['mfu']:.1%}" if "mfu" in m else "")
+  text += f", MFU {m['mfu']:.1%}" if "mfu" in m else ""
+  if "input_examples_per_second" in m:
+    text += (
+      f", input {m['input_examples_per_second']:.0f} examples/s (the step takes "
+      f"{m['examples_per_second']:.0f})"
+    )
+  return text

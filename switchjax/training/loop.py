@@ -170,7 +170,7 @@ def state_bytes(layout) -> int:
 
 def pretraining_data(config: Config, tokenizer=None):
   """The span-corruption pretraining data of config.data, this host's rows of each batch."""
-  return make_pretraining_data(
+  data = make_pretraining_data(
     config.data,
     config.train.batch_size,
     process_index=jax.process_index(),
@@ -178,6 +178,8 @@ def pretraining_data(config: Config, tokenizer=None):
     model_vocab_size=config.model.vocab_size,
     tokenizer=tokenizer,
   )
+  data.prefetch()  # batches made in a thread while the step runs
+  return data
 
 
 def make_hooks(

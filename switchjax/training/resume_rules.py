@@ -48,6 +48,7 @@ RULES: dict[str, str] = {
   **{f"model.moe.{name}": OPTIMISATION for name in _MOE_TRAINING},
   "data": DATA,
   "data.cache_dir": FREE,
+  "data.prepared": FREE,  # the same tokens wherever they are read from (checked at start-up)
   "data.spm_vocab_size": TOKENIZER,
   "data.extra_ids": TOKENIZER,
   "train": OPTIMISATION,

@@ -1,0 +1,165 @@
+"""Corpus preparation speed and the start-up cost of reading a prepared corpus.
+
+  python benchmarks/prepare_data_speed.py --mb=50 --dir=/tmp/prep_bench
+
+Writes a synthetic corpus of --mb MB (sentences of CPython's documentation topics, shuffled
+into new documents; JSON Lines, text and Parquet files), trains its tokenizer once (not timed),
+then measures, each in a fresh process:
+  - today's in-process tokenization (`tokenize_corpus`: one process, SentencePiece threads);
+  - scripts/prepare_data.py with --num_workers 1 and 2, Beam and plain worker processes;
+  - a run's start-up from the prepared corpus (make_pretraining_data and the first batch):
+    seconds and peak RSS, for the whole corpus and for a fifth of it.
+Prints a Markdown table (the one in docs/pod_data.md).
+"""
+
+import argparse
+import json
+import pathlib
+import re
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SETTINGS = ["data.spm_vocab_size=4000", "data.inputs_length=512", "data.targets_length=114"]
+
+
+def write_corpus(directory: pathlib.Path, megabytes: float, seed: int = 0) -> list[str]:
+  """Files of about `megabytes` MB in three formats; returns their paths."""
+  import pydoc_data.topics
+
+  text = " ".join(pydoc_data.topics.topics.values())
+  sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if len(s.strip()) > 20]
+  rng = np.random.default_rng(seed)
+  directory.mkdir(parents=True, exist_ok=True)
+  files, per_file = [], megabytes * 1e6 / 6
+  for i in range(6):
+    docs, size = [], 0
+    while size < per_file:
+      doc = " ".join(sentences[j] for j in rng.integers(0, len(sentences), rng.integers(3, 30)))
+      docs.append(doc)
+      size += len(doc) + 20
+    kind = ("jsonl", "txt", "parquet")[i % 3]
+    path = directory / f"part{i}.{kind}"
+    if kind == "jsonl":
+      path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    elif kind == "txt":
+      path.write_text("\n\n".join(d.replace("\n", " ") for d in docs) + "\n")
+    else:
+      pq.write_table(pa.table({"text": docs}), path, row_group_size=2000)
+    files.append(str(path))
+  return files
+
+
+def python(code: str) -> dict:
+  """Runs `code` in a fresh interpreter; its last stdout line is JSON."""
+  out = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+  )
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def overrides(files, cache, extra=()) -> list[str]:
+  return [*SETTINGS, f"data.paths={','.join(files)}", f"data.cache_dir={cache}", *extra]
+
+
+def in_process(files, cache) -> dict:
+  code = f"""
+import json, time, resource
+from switchjax.config import load_config
+from switchjax.data import corpus as c
+cfg = load_config("small", {overrides(files, cache)!r}).data
+corpus = c.open_corpus(cfg)
+tok = c.get_tokenizer(cfg, corpus)
+start = time.perf_counter()
+tokens = c.tokenize_corpus(corpus, tok, cfg.cache_dir)
+print(json.dumps({{"seconds": time.perf_counter() - start, "tokens": len(tokens)}}))
+"""
+  return python(code)
+
+
+def prepare(files, cache, output, workers, engine) -> float:
+  args = [f"--set={o}" for o in overrides(files, cache)]
+  command = [sys.executable, "scripts/prepare_data.py", "--config=small", *args]
+  command += [f"--output={output}", f"--num_workers={workers}", f"--engine={engine}"]
+  command += ["--block_mb=8"]
+  start, cpu = time.perf_counter(), _children_cpu()
+  out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=True).stdout
+  wall, cpu = time.perf_counter() - start, _children_cpu() - cpu
+  return wall, float(re.search(r"parts into .* in ([0-9.]+) s", out).group(1)), cpu
+
+
+def _children_cpu() -> float:
+  """CPU seconds (user + system) of the finished child processes (and theirs) so far."""
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
+
+
+def startup(output, cache) -> dict:
+  code = f"""
+import json, time, resource
+start = time.perf_counter()
+from switchjax.config import load_config
+from switchjax.data import make_pretraining_data
+cfg = load_config("small", {[*SETTINGS, f"data.prepared={output}", f"data.cache_dir={cache}"]!r})
+data = make_pretraining_data(cfg.data, 256)
+batch = next(data.train)
+print(json.dumps({{"seconds": time.perf_counter() - start,
+                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+  return python(code)
+
+
+def baseline_rss() -> float:
+  code = """
+import json, resource
+import switchjax.config, switchjax.data, grain
+print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+  return python(code)["rss_mb"]
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--mb", type=float, default=50)
+  parser.add_argument("--dir", default="/tmp/prep_bench")
+  args = parser.parse_args()
+  root = pathlib.Path(args.dir)
+  cache = root / "cache"
+  files = write_corpus(root / "corpus", args.mb)
+  small = write_corpus(root / "corpus_small", args.mb / 5, seed=1)
+  megabytes = sum(pathlib.Path(f).stat().st_size for f in files) / 1e6
+  spm = in_process(files, cache)  # trains the tokenizer and tokenizes once: warm caches
+  for token_file in (cache / "tokens").glob("*.npy"):
+    token_file.unlink()
+  cpu = _children_cpu()
+  today = in_process(files, cache)["seconds"]
+  rows = [("in-process tokenize_corpus (today)", today, today, _children_cpu() - cpu)]
+  for engine in ("beam", "processes"):
+    for workers in (1, 2):
+      output = root / f"out_{engine}_{workers}"
+      subprocess.run(["rm", "-rf", str(output)], check=True)
+      wall, job, cpu = prepare(files, cache, output, workers, engine)
+      rows.append((f"prepare_data.py --engine={engine} --num_workers={workers}", wall, job, cpu))
+  print(f"{megabytes:.1f} MB of text, {spm['tokens']:,} tokens\n")
+  print(
+    "| what | wall s (with imports) | s of the job | MB/s of text (job) | CPU s (all processes) |"
+  )
+  print("|---|---|---|---|---|")
+  for name, wall, job, cpu in rows:
+    print(f"| {name} | {wall:.1f} | {job:.1f} | {megabytes / job:.1f} | {cpu:.1f} |")
+  prepare([*small], cache, root / "out_small", 2, "processes")
+  print(f"\nbaseline RSS (imports only): {baseline_rss():.0f} MB\n")
+  print("| prepared corpus | start-up + first batch of 256 (s) | peak RSS (MB) |\n|---|---|---|")
+  for name, output in ((f"{args.mb / 5:.0f} MB", "out_small"), (f"{args.mb:.0f} MB", "out_beam_2")):
+    result = startup(root / output, cache)
+    print(f"| {name} | {result['seconds']:.2f} | {result['rss_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+  main()
