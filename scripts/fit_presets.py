@@ -50,18 +50,23 @@ def main(argv=None) -> int:
       start = time.perf_counter()
       found.append(pod.fit(config, args.generation, args.max_chips, say=print))
       print(f"{config.name}: {time.perf_counter() - start:.0f} s in all", flush=True)
+      save(args, found, pod)  # after each preset: a long run interrupted keeps what it found
   except ValueError as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 1
   table = pod.format_table(pod.FIT_HEADERS, [pod.fit_row(f) for f in found])
   print(f"\nSmallest {args.generation} slice per preset (XLA's TPU compiler, libtpu):\n\n{table}")
+  return 0
+
+
+def save(args, found, pod) -> None:
+  """Writes --out and --json with the presets fitted so far."""
   if args.out:
     with open(args.out, "w") as f:
       f.write(markdown(args, found, pod))
   if args.json:
     with open(args.json, "w") as f:
       json.dump([dataclasses.asdict(x) for x in found], f, indent=1)
-  return 0
 
 
 def markdown(args, found, pod) -> str:

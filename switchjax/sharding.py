@@ -106,7 +106,12 @@ def make_mesh(
   auto = (jax.sharding.AxisType.Auto,) * 3
   slices = len({getattr(d, "slice_index", 0) for d in devices})
   if slices == 1:
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    try:
+      return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    except NotImplementedError:  # e.g. mesh (2, 128, 1) on a 4x8x8 torus: an axis must be
+      # split between mesh axes, which jax.make_mesh does not do on its own.
+      grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+      return Mesh(grid, MESH_AXES, axis_types=auto)
   # Several TPU slices joined over the data-center network: 'data' spans them (each slice
   # holds whole expert and model groups, whose all-to-alls stay on the fast interconnect).
   if shape[0] % slices:
