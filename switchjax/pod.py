@@ -379,6 +379,8 @@ def fit(
     for changes in ATTEMPTS:
       run = apply_overrides(config, [f"{k}={v}" for k, v in changes.items()]).validate()
       mesh = default_mesh(run, tpu.chips)
+      if changes.get("mesh.fsdp") and mesh[0] == 1:  # no data axis to shard over: the
+        continue  # program is the one just compiled without FSDP
       try:
         report = simulate(run, mesh, tpu, eval_step=False)
         if report.fits:
@@ -418,6 +420,12 @@ FIT_HEADERS = [
   "HBM GiB",
   "compile s",
 ]
+
+
+def fit_from_dict(d: dict[str, Any]) -> Fit:
+  """A `Fit` read back from its JSON (`dataclasses.asdict`)."""
+  report = d["report"] and PodReport(**{**d["report"], "mesh": tuple(d["report"]["mesh"])})
+  return Fit(d["config"], d["parameters"], report, d["attempts"])
 
 
 def fit_row(found: Fit) -> list[str]:

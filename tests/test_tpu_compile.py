@@ -2,6 +2,10 @@
 XLA's TPU compiler for a described v5p slice (libtpu, no TPU), and FSDP's equivalence."""
 
 import dataclasses
+import json
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -11,6 +15,8 @@ import switchjax
 from switchjax import pod, topologies
 from switchjax.sharding import batch_sharding
 from switchjax.training import compile_steps, make_train_state, plan_run, state_layout
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -85,6 +91,7 @@ def _losses(config, steps=3) -> list[float]:
   return losses
 
 
+@pytest.mark.slow
 def test_fsdp_trains_as_the_replicated_parameters_do():
   """mesh.fsdp splits parameters and optimizer state over 'data'; the updates are the same
   up to the order of float32 sums (different programs: all-reduce vs reduce-scatter)."""
@@ -104,3 +111,24 @@ def test_fsdp_needs_d_model_to_split_over_data():
   )
   with pytest.raises(ValueError, match=r"model.d_model=32 is not divisible by the 3 data"):
     plan_run(config, jax.devices()[:3])
+
+
+@pytest.mark.slow
+def test_fit_presets_finds_the_smallest_slice_and_appends(tmp_path):
+  """scripts/fit_presets.py on the tiny preset: the smallest v5p slice (4 chips) holds it at
+  once; a second run with --append keeps it without compiling, and the page has its row."""
+  out, saved = tmp_path / "fit.md", tmp_path / "fit.json"
+  command = [sys.executable, "scripts/fit_presets.py", "tiny", "--out", str(out)]
+  command += ["--json", str(saved), "--max_chips", "4"]
+  first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+  assert first.returncode == 0, first.stderr[-2000:]
+  assert "tiny on v5p-8" in first.stdout
+  found = pod.fit_from_dict(json.loads(saved.read_text())[0])
+  assert (found.config, found.report.platform, found.report.fits) == ("tiny", "v5p-8", True)
+  assert found.attempts == [
+    {"slice": "v5p-8", "mesh": list(found.report.mesh), "model.scan_layers": True, "fits": True}
+  ]
+  again = subprocess.run([*command, "--append"], cwd=ROOT, capture_output=True, text=True)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert "tiny on" not in again.stdout  # nothing compiled again
+  assert "| tiny | " in out.read_text() and "--append" in out.read_text()
