@@ -329,6 +329,7 @@ def test_token_cross_entropy_matches_the_training_loss(batch, params):
 # The notebook.
 
 
+@pytest.mark.slow
 def test_notebook_runs_on_the_tiny_preset(tmp_path, monkeypatch):
   monkeypatch.setenv("SWITCHJAX_NOTEBOOK_TINY", "1")
   monkeypatch.setenv("SWITCHJAX_NOTEBOOK_WORKDIR", str(tmp_path / "run"))

@@ -11,6 +11,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from benchmarks import machine, moe_layer
 from switchjax import huge_pages
 
@@ -30,6 +32,7 @@ def numbers(tree, path="results"):
     yield path, tree
 
 
+@pytest.mark.slow
 def test_benchmark_quick_reports_every_section(tmp_path):
   out = tmp_path / "benchmark.json"
   # conftest's XLA_FLAGS (8 emulated devices) are inherited: the default 2x4x1 mesh runs.

@@ -230,6 +230,7 @@ def test_too_many_parameters_in_all(tmp_path):
 # The scripts print the line and exit with status 1.
 
 
+@pytest.mark.slow
 def test_pretrain_prints_config_errors_as_one_line(tmp_path):
   (tmp_path / "bad.py").write_text("def get_config():\n  raise KeyError('d_model')\n")
   for args, expected in (

@@ -315,6 +315,7 @@ def test_interrupted_tokenization_leaves_no_cache_entry(ws, tmp_path, monkeypatc
   assert len(calls) == 2 and not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 
+@pytest.mark.slow
 def test_default_corpus(tmp_path):
   cfg = DataConfig(
     spm_vocab_size=500, cache_dir=str(tmp_path), inputs_length=INPUTS, targets_length=TARGETS
@@ -470,6 +471,7 @@ def test_no_eval_split(ws):
     data.eval_batches(1)
 
 
+@pytest.mark.slow
 def test_default_corpus_caps_an_oversized_vocabulary(tmp_path, caplog):
   # Presets made for real corpora (32,000 pieces) still run on the embedded corpus.
   from switchjax.config import DataConfig

@@ -143,6 +143,7 @@ def test_cache_equals_recomputing_the_prefix(setup):
 @pytest.mark.parametrize(
   "num_beams,length_penalty,early_stopping", [(3, 1.0, True), (4, 0.6, False)]
 )
+@pytest.mark.slow
 def test_beam_search_equals_hugging_face(setup, num_beams, length_penalty, early_stopping):
   ours, scores = _run_with_scores(
     setup,
@@ -278,12 +279,14 @@ def _native_generate(checkpoint_dir, **kwargs):
   return np.asarray(out), tokenizer
 
 
+@pytest.mark.slow
 def test_native_model_cache_equals_recomputing_the_prefix(checkpoint_dir):
   cached, _ = _native_generate(checkpoint_dir)
   full, _ = _native_generate(checkpoint_dir, use_cache=False)
   np.testing.assert_array_equal(cached, full)
 
 
+@pytest.mark.slow
 def test_script_generates_one_line_per_input(checkpoint_dir):
   command = [
     sys.executable,

@@ -214,6 +214,7 @@ def test_dropless_router_settings():
     switchjax.hf.config_to_hf(config.model)
 
 
+@pytest.mark.slow
 def test_dropless_on_meshes_equals_single_device():
   """Not expert-parallel (the sort spans the batch), but correct on every mesh."""
   boxed, params, x, grad_fn = mesh_test_layer("tokens_choose_dropless")
@@ -225,6 +226,7 @@ def test_dropless_on_meshes_equals_single_device():
       np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-5, err_msg=str(shape))
 
 
+@pytest.mark.slow
 def test_tiny_dropless_model_equals_masked_with_room_for_every_token():
   """Encoder and (causal) decoder MoE layers, logits and parameter gradients."""
   base = switchjax.load_config("tiny").model

@@ -78,6 +78,7 @@ def _preset(name: str, layers: int) -> ModelConfig:
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,layers", [("small", 2), ("base8", 2)])
 def test_initial_spread_of_every_parameter_family_matches_flaxformer(name, layers):
   cfg = _preset(name, layers)
@@ -122,6 +123,7 @@ DECODER_ROUTERS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dispatch", ["buffers", "sorted"])
 @pytest.mark.parametrize("router", DECODER_ROUTERS, ids=lambda r: "-".join(map(str, r.values())))
 def test_decoder_token_outputs_ignore_later_tokens(router, dispatch):
@@ -166,6 +168,7 @@ def test_decoder_token_outputs_ignore_later_tokens(router, dispatch):
       np.testing.assert_allclose(earlier, reference[:, : t + 1], rtol=0, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_encoder_style_routing_would_leak_the_future():
   """The control for the test above: the same layer serving tokens as the encoder does
   (group order, every first choice before any second choice) lets later tokens change earlier
@@ -278,6 +281,7 @@ def tiny_batch():
   )
 
 
+@pytest.mark.slow
 def test_bfloat16_model_keeps_the_residual_stream_float32_from_the_first_sparse_layer(tiny_batch):
   cfg, params, inputs, targets = tiny_batch
   bf16 = dataclasses.replace(cfg, dtype="bfloat16")  # tiny: layer 1 of each stack is sparse
@@ -305,6 +309,7 @@ BF16_TOLERANCE = 0.05  # of the float32 logits' standard deviation
 BF16_ARGMAX_AGREEMENT = 0.9
 
 
+@pytest.mark.slow
 def test_bfloat16_tiny_model_stays_close_to_its_float32_twin(tiny_batch):
   cfg, params, inputs, targets = tiny_batch
   f32, _ = _outputs(cfg, params, inputs, targets)

@@ -165,6 +165,7 @@ def talkative(pretrained, tmp_path_factory):
   return directory
 
 
+@pytest.mark.slow
 def test_exact_match_scores_known_predictions(talkative, tmp_path):
   """Eval targets made from the model's own greedy outputs for every other example: the
   step-0 exact match must be exactly the share of those."""
@@ -194,6 +195,7 @@ def test_exact_match_scores_known_predictions(talkative, tmp_path):
   assert exact_match(["a  b", "c"], [" a b", "d"]) == 0.5
 
 
+@pytest.mark.slow
 def test_finetune_keeps_the_best_and_resumes_exactly(pretrained, tmp_path):
   overrides = [
     "train.eval_every=4",
@@ -235,6 +237,7 @@ def test_finetune_keeps_the_best_and_resumes_exactly(pretrained, tmp_path):
   assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "parts").rglob("*")) == before
 
 
+@pytest.mark.slow
 def test_script_runs_the_bundled_task_offline(pretrained, tmp_path):
   out = subprocess.run(
     [

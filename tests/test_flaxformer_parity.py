@@ -96,6 +96,7 @@ def test_a_file_that_is_not_a_case_is_named(tmp_path):
     equivalence.load_golden_case(tmp_path / "other.npz")
 
 
+@pytest.mark.slow
 def test_equivalence_report_prints_every_case():
   script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "equivalence_report.py"
   out = subprocess.run(

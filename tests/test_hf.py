@@ -165,6 +165,7 @@ def test_router_losses_and_cross_entropy_match_transformers(parity):
 GRAD_TOL = 2e-5  # of a tensor's largest |gradient|; measured <= 3.5e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dispatch", ["buffers", "sorted"])
 def test_gradients_match_transformers(parity, dispatch):
   """The backward pass: transformers' gradient of its training loss (U.hf_gradients) w.r.t.
@@ -533,6 +534,7 @@ def _run(*args):
   )
 
 
+@pytest.mark.slow
 def test_convert_script_both_directions(hf_dirs, tmp_path):
   source = U.copy_checkpoint(hf_dirs["untied_gelu_bias"][0], tmp_path / "hf_in")
   (source / "spiece.model").write_bytes(b"sentencepiece stand-in")

@@ -197,6 +197,7 @@ def bf16_hf(tmp_path_factory):
   return root / "bf16"
 
 
+@pytest.mark.slow
 def test_bfloat16_stays_bfloat16_and_casts_on_restore(bf16_hf, tmp_path):
   config = hf.convert_from_hf(bf16_hf, tmp_path / "ckpt")
   assert config.model.param_dtype == "bfloat16"
@@ -220,6 +221,7 @@ def test_bfloat16_stays_bfloat16_and_casts_on_restore(bf16_hf, tmp_path):
   assert torch.equal(logits, U.hf_forward(U.load_hf(bf16_hf)).logits)
 
 
+@pytest.mark.slow
 def test_dtype_flag_casts(bf16_hf, tmp_path):
   status, out, _ = run(
     CONVERT, "--hf_dir", bf16_hf, "--output_dir", tmp_path / "f32", "--dtype", "float32"
@@ -379,6 +381,7 @@ def test_two_processes_restore_their_shards_only(medium, tmp_path):
   assert diff <= 1e-5 * scale
 
 
+@pytest.mark.slow
 def test_generate_on_a_mesh_matches_one_device(tmp_path):
   """scripts/generate.py --set mesh.*: restored onto 8 devices, the same text."""
   sentences = ["the cat sat on the mat", "a dog ran in the park", "birds sing in the morning"]

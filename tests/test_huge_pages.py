@@ -80,6 +80,7 @@ def run_probe(environ):
   return tunables, int(faults)
 
 
+@pytest.mark.slow
 def test_a_script_restarts_once_and_faults_in_huge_pages():
   base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   expected = huge_pages.environment(base)

@@ -44,6 +44,7 @@ def test_sparse_layer_placement(n, s, layout, expected):
   assert sparse_layer_indices(n, s, layout) == expected
 
 
+@pytest.mark.slow
 def test_explicit_sparse_layers_override_the_layout():
   cfg = ModelConfig(
     num_layers=4,
@@ -156,6 +157,7 @@ def _init(model, enc_len=8, dec_len=4):
   return nn.unbox(model.init(jax.random.key(0), *args))["params"]
 
 
+@pytest.mark.slow
 def test_encoder_only_model_equals_the_encoder_of_the_encoder_decoder():
   cfg = tiny_config()
   full = SwitchTransformer(cfg)
@@ -167,6 +169,7 @@ def test_encoder_only_model_equals_the_encoder_of_the_encoder_decoder():
   np.testing.assert_array_equal(np.asarray(alone), np.asarray(encoded))
 
 
+@pytest.mark.slow
 def test_decoder_is_causal_and_padding_does_not_leak():
   cfg = tiny_config()
   model = SwitchTransformer(cfg)
@@ -192,6 +195,7 @@ def test_tied_logits_are_scaled_and_untied_logits_have_their_own_kernel():
   )
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_loss_and_gradients():
   cfg = tiny_config()
   enc = jnp.array([[5, 6, 7, 8, 1, 0, 0, 0], [9, 3, 4, 1, 0, 0, 0, 0]])

@@ -39,6 +39,7 @@ def test_collectives_are_counted_and_token_sized_gathers_found():
   assert pod._per_token("s32[8,512,2]", sizes) == 2  # an argmax across 2 'model' shards
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("microbatches", [1, 2])
 def test_tiny_on_eight_devices_routes_by_all_to_all(microbatches):
   config = switchjax.load_config(

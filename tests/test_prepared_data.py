@@ -299,6 +299,7 @@ def test_error_prepared_does_not_exist(ws, tmp_path):
 # The preparation job.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["beam", "processes"])
 def test_job_with_two_workers_gives_the_same_bytes(ws, prepared, tmp_path, engine):
   if engine == "beam":
@@ -368,6 +369,7 @@ def _losses(workdir):
   return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
 
 
+@pytest.mark.slow
 def test_tiny_trains_from_a_prepared_corpus_as_from_its_files(ws, prepared, tmp_path):
   """An in-process workdir resumed with data.prepared continues as a run that read the
   prepared corpus from its start (prefetching included): the same losses at every step."""

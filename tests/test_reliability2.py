@@ -73,6 +73,7 @@ def work(trained, tmp_path):
 # train.init_from.
 
 
+@pytest.mark.slow
 def test_config_dir_starts_from_its_own_parameters_not_its_parent(trained, tmp_path):
   child = tmp_path / "child"
   run(load_config(str(trained), ["train.num_train_steps=1", *SETTINGS]), child)
@@ -92,6 +93,7 @@ def test_config_dir_starts_from_its_own_parameters_not_its_parent(trained, tmp_p
 # 2: a conversion's --overwrite honours the workdir lock and never replaces a run's checkpoints.
 
 
+@pytest.mark.slow
 def test_overwrite_into_a_live_run_is_refused(work, tmp_path, trained):
   converted = tmp_path / "converted"
   hf_dir = tmp_path / "hf"
@@ -201,6 +203,7 @@ def test_tsv_with_a_byte_order_mark_skips_its_header(tmp_path):
   assert read_pairs(tsv) == [("Hello.", "world")]
 
 
+@pytest.mark.slow
 def test_best_is_a_whole_checkpoint_its_record_agrees_with(trained, tmp_path):
   workdir = tmp_path / "run"
   messages = []
@@ -221,6 +224,7 @@ def assert_best_agrees(workdir: pathlib.Path) -> dict:
   return record
 
 
+@pytest.mark.slow
 def test_changing_keep_best_on_resume_keeps_the_old_best_aside(trained, tmp_path):
   workdir = tmp_path / "run"
   finetune(finetuned(trained, 2, "finetune.keep_best=loss"), workdir, **QUIET)
@@ -378,6 +382,7 @@ def test_pod_and_benchmark_check_arguments_before_any_work(args, message):
   assert status in (1, 2) and len(err) == 1 and message in err[0], err
 
 
+@pytest.mark.slow
 def test_scaling_refuses_a_bad_variant_before_training_the_good_ones(tmp_path):
   common = ["scripts/scaling.py", f"--workdir={tmp_path / 'sweep'}", "--steps=2", "--seeds=0"]
   status, err = script(*common, "--eval_every=1", "--experts=2", "--table_experts=2", "--top_k=3")
@@ -421,6 +426,7 @@ def test_resume_without_config_or_tokenizer_is_refused(work, missing, message):
   assert snapshot(work) == before
 
 
+@pytest.mark.slow
 def test_finetune_file_rewritten_with_as_many_examples_is_refused_on_resume(trained, tmp_path):
   pairs = [(f"sentence {i} <extra_id_0>.", f"word{i}") for i in range(40)]
   train_file = write_pairs(pairs[:32], tmp_path / "train.tsv")

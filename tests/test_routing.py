@@ -384,6 +384,7 @@ class RenormalizedTopKRouter(switchjax.Router):
     return route.replace(combine_array=route.combine_array / jnp.where(total > 0, total, 1.0))
 
 
+@pytest.mark.slow
 def test_a_router_defined_outside_the_library_trains_through_the_config(tmp_path):
   import json
 

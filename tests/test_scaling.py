@@ -157,6 +157,7 @@ def shrunken_sweep(tmp_path_factory) -> tuple[pathlib.Path, str]:
   return workdir / "results.json", done.stdout
 
 
+@pytest.mark.slow
 def test_script_runs_every_variant_and_seed_and_prints_the_tables(shrunken_sweep):
   path, stdout = shrunken_sweep
   results = json.loads(path.read_text())
@@ -176,6 +177,7 @@ def test_script_runs_every_variant_and_seed_and_prints_the_tables(shrunken_sweep
   assert "| E=2 |" in stdout and "| top-2, cf 1.25 |" in stdout and "Wrote " in stdout
 
 
+@pytest.mark.slow
 def test_notebook_plots_the_sweep(shrunken_sweep, monkeypatch):
   path, _ = shrunken_sweep
   monkeypatch.setenv("SWITCHJAX_SCALING_RESULTS", str(path))

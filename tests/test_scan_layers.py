@@ -60,6 +60,7 @@ def assert_trees_close(a, b, rtol=1e-5):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_scanned_parameters_have_a_leading_layers_axis():
   _, params, scanned, stacked = both()
   boxed = init_params(scanned, jax.random.key(0))
@@ -86,6 +87,7 @@ def test_stack_then_unstack_is_identity():
   assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(stacked), jax.tree.leaves(again)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_scanned_logits_and_gradients_equal_unscanned(remat):
   model, params, scanned, stacked = both(remat=remat)
@@ -105,11 +107,12 @@ def test_scanned_logits_and_gradients_equal_unscanned(remat):
   for name in sums:
     np.testing.assert_allclose(s_sums[name], sums[name], rtol=1e-5, atol=1e-6, err_msg=name)
   assert_trees_close(grads, scan.unstack_layers(s_grads))
-  logits = model.apply({"params": params}, *list(b.values())[:2])
-  s_logits = scanned.apply({"params": stacked}, *list(b.values())[:2])
+  logits = jax.jit(model.apply)({"params": params}, *list(b.values())[:2])
+  s_logits = jax.jit(scanned.apply)({"params": stacked}, *list(b.values())[:2])
   np.testing.assert_allclose(s_logits, logits, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["greedy", "beam"])
 def test_cached_generation_equals_unscanned(method):
   model, params, scanned, stacked = both()
@@ -152,6 +155,7 @@ def hf_dir(tmp_path_factory):
   return directory, reference
 
 
+@pytest.mark.slow
 def test_scanned_model_from_and_to_hf_matches_transformers(hf_dir, tmp_path):
   directory, reference = hf_dir
   model, params = hf.from_hf(directory, scan_layers=True)
@@ -171,6 +175,7 @@ def test_scanned_model_from_and_to_hf_matches_transformers(hf_dir, tmp_path):
   assert diff == 0.0
 
 
+@pytest.mark.slow
 def test_streaming_conversion_and_restore_in_either_layout(hf_dir, tmp_path):
   directory, _ = hf_dir
   config = hf.convert_from_hf(directory, tmp_path / "ckpt", scan_layers=True)
@@ -202,6 +207,7 @@ def run(workdir, *overrides, devices=None):
   return train(config, workdir, devices=devices, progress=False, log=lambda _: None)
 
 
+@pytest.mark.slow
 def test_scanned_pretraining_learns_and_resumes(tmp_path):
   straight = run(tmp_path / "straight", "train.num_train_steps=30", "train.checkpoint_every=15")
   assert straight.losses[30] < straight.losses[1] - 1.0, straight.losses
@@ -220,6 +226,7 @@ def test_scanned_pretraining_learns_and_resumes(tmp_path):
   assert layout.param_axes["encoder"]["scan_p2"]["layers_1"]["mlp"]["wi"][0] == "layers"
 
 
+@pytest.mark.slow
 def test_scanned_run_on_an_eight_device_mesh_matches_one_device(tmp_path):
   settings = ["train.num_train_steps=3", "train.eval_every=0"]
   one = run(tmp_path / "one", *settings, devices=jax.devices()[:1])

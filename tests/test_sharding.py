@@ -13,6 +13,7 @@ from switchjax.equivalence import MESHES, mesh_test_layer, run_on_mesh
 @pytest.mark.parametrize(
   "router_type", ["tokens_choose_masked", "tokens_choose_scatter", "experts_choose_masked"]
 )
+@pytest.mark.slow
 def test_meshes_match_single_device(router_type, dispatch):
   boxed, params, x, grad_fn = mesh_test_layer(router_type, dispatch)
   ref_grads, ref_y = jax.jit(grad_fn)(params, x)

@@ -57,6 +57,7 @@ def test_unknown_slices_are_refused_in_one_line(name, words):
     topologies.parse_slice(name)
 
 
+@pytest.mark.slow
 def test_tiny_compiles_for_a_v5p_slice_with_expert_parallel_all_to_alls():
   """The tiny preset on a 4-chip v5p slice (data 2 x expert 2): XLA's TPU compiler partitions
   the routing groups with all-to-alls (one sparse layer per stack: dispatch and combine,

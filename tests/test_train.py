@@ -55,6 +55,7 @@ def script(args, env=None, **kw):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tiny_config_learns(tmp_path):
   result = run(tiny("train.num_train_steps=40", "train.log_every=5"), tmp_path)
   first, last = result.losses[5], result.losses[40]
@@ -83,6 +84,7 @@ def test_tiny_config_learns(tmp_path):
   assert list((tmp_path / "tensorboard").iterdir())
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path):
   settings = ["train.log_every=1", "train.eval_every=0", "train.checkpoint_every=4"]
   straight = run(tiny("train.num_train_steps=8", *settings), tmp_path / "straight")
@@ -95,6 +97,7 @@ def test_resume_is_exact(tmp_path):
   assert checkpoint.params_equal(params_straight, params_resumed)
 
 
+@pytest.mark.slow
 def test_eight_device_mesh_matches_one_device(tmp_path):
   assert jax.device_count() == 8
   settings = ["train.num_train_steps=6", "train.log_every=1", "train.eval_every=0"]
@@ -225,6 +228,7 @@ def test_run_killed_while_saving_resumes_from_last_complete_checkpoint(tmp_path)
   assert max(logged_losses(workdir)) == left[-1] + 3
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_is_reported_and_previous_used(tmp_path):
   run(tiny("train.num_train_steps=4", "train.checkpoint_every=2", "train.eval_every=0"), tmp_path)
   for f in (tmp_path / "checkpoints" / "4" / "params").rglob("*"):
@@ -248,6 +252,7 @@ def test_corrupt_newest_checkpoint_is_reported_and_previous_used(tmp_path):
   assert sorted(result.losses) == [3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   run(tiny("train.num_train_steps=2", "train.checkpoint_every=2", "train.eval_every=0"), tmp_path)
   with pytest.raises(
@@ -337,6 +342,7 @@ def test_adafactor_state_of_expert_kernels_is_sharded_over_experts():
   assert state.v["scale"] == P(None)
 
 
+@pytest.mark.slow
 def test_microbatches_give_the_full_batch_update(tmp_path):
   # The tiny preset's routing groups (8 tokens) never straddle sequences and 2 microbatches of
   # 4 sequences keep them (with fewer tokens than 8 x E, groups would shrink), so splitting
@@ -349,6 +355,7 @@ def test_microbatches_give_the_full_batch_update(tmp_path):
     np.testing.assert_allclose(split.losses[step], loss, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
   settings = ["train.log_every=1", "train.eval_every=0", "train.checkpoint_every=3"]
   straight = run(
@@ -404,6 +411,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
   assert checkpoint.CheckpointStore(workdir).steps() == [stopped]
 
 
+@pytest.mark.slow
 def test_training_starts_from_a_converted_hugging_face_checkpoint(tmp_path):
   from hf_utils import build_hf_checkpoint
 

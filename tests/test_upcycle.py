@@ -84,6 +84,7 @@ def model_logits(config, params, batch) -> np.ndarray:
 # What the upcycled model computes.
 
 
+@pytest.mark.slow
 def test_upcycled_checkpoint_holds_copies_of_the_dense_mlps_and_fresh_routers(dense_dir, tmp_path):
   config = upcycle.upcycle(dense_dir, switch_config(), tmp_path / "out")
   assert (tmp_path / "out" / "spiece.model").read_bytes() == b"not really a tokenizer"
@@ -110,6 +111,7 @@ def test_upcycled_checkpoint_holds_copies_of_the_dense_mlps_and_fresh_routers(de
   assert np.array_equal(pick(again), pick(params)) and not np.array_equal(pick(other), pick(params))
 
 
+@pytest.mark.slow
 def test_renormalized_router_gives_the_dense_logits(dense):
   config = switch_config(RENORMALIZED)
   params = upcycle.upcycle_params(dense, config.model)
@@ -216,6 +218,7 @@ def build_t5(directory: pathlib.Path, layout: str) -> transformers.T5ForConditio
   return kind.from_pretrained(directory).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["t5", "t5_v1_1", "t5_v1_1_4x", "mt5", "mt5_4x"])
 def test_hugging_face_t5_upcycles_to_transformers_logits(tmp_path, layout):
   reference_model = build_t5(tmp_path / "hf", layout)
@@ -362,6 +365,7 @@ def test_bad_sources_and_outputs_are_refused(dense_dir, tmp_path):
 # The script, and training from its output.
 
 
+@pytest.mark.slow
 def test_script_writes_a_checkpoint_that_trains(dense_dir, tmp_path):
   out = tmp_path / "upcycled"
   args = [

@@ -135,6 +135,7 @@ def test_refused_resume_changes_no_byte(work, tmp_path, case):
   assert snapshot(work) == before
 
 
+@pytest.mark.slow
 def test_allowed_changes_are_noted_and_recorded_and_data_restarts_on_request(work, tmp_path):
   import pydoc_data.topics
 
@@ -214,6 +215,7 @@ def test_resume_rules_of_the_readme_table():
   assert resume_rules.rule_of("model.decoder_moe.jitter_noise") == "optimisation"
 
 
+@pytest.mark.slow
 def test_resume_with_another_batch_size_is_noted_and_continues_the_data(work):
   messages = []
   train(
@@ -344,6 +346,7 @@ def test_one_run_at_a_time_and_a_killed_run_holds_no_lock(work):
 # used; the non-finite-loss message names the checkpoint really restored.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["largest file", "OCDBT index"])
 def test_changed_bytes_are_detected_and_the_previous_checkpoint_used(work, where):
   # Which file is largest varies between saves; the top-level d/ holds the OCDBT index that
