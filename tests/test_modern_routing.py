@@ -2,23 +2,25 @@
 auxiliary-loss-free balancing by a choice bias, with their load metrics, HF refusals and
 resume rules. Each is checked against a formula written here."""
 
+import dataclasses
 import json
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from match import words
 from tiny import MOE, tiny_config
 
-from switchjax import checkpoint, losses, model_loading, routing
-from switchjax.config import MoeConfig, load_config
+from switchjax import checkpoint, losses, model_loading, routing, scan
+from switchjax.config import MoeConfig, TrainConfig, load_config
 from switchjax.hf.config_map import config_to_hf
 from switchjax.model import SwitchTransformer, abstract_params, init_params
 from switchjax.moe import MoeLayer
 from switchjax.routing import balance
-from switchjax.training import resume_rules, train
+from switchjax.training import make_train_step, resume_rules, train
 
 D_MODEL, D_FF = 16, 32
 
@@ -326,3 +328,39 @@ def test_flops_and_parameter_estimate_count_the_shared_experts():
   count = sum(x.size for x in jax.tree.leaves(nn.unbox(abstract_params(model))))
   assert estimate_parameters(shared.model) == count
   assert count - estimate_parameters(base.model) == 2 * (2 * d * 2 * w)
+
+
+@pytest.mark.slow
+def test_scanned_layers_update_the_same_biases():
+  moe = dict(MOE, num_experts=4, router_bias_update_rate=0.01)
+  cfg = tiny_config(num_layers=4, num_decoder_layers=4, num_sparse_encoder_layers=2, moe=moe)
+  cfg = dataclasses.replace(cfg, num_sparse_decoder_layers=2)
+  scanned_cfg = dataclasses.replace(cfg, scan_layers=True)
+  model, scanned = SwitchTransformer(cfg), SwitchTransformer(scanned_cfg)
+  params = nn.unbox(jax.jit(lambda k: init_params(model, k))(jax.random.key(0)))
+  tokens = jax.random.randint(jax.random.key(6), (4, 8), 1, 64)
+  batch = {
+    "encoder_input_tokens": tokens,
+    "decoder_input_tokens": tokens,
+    "decoder_target_tokens": tokens,
+    "decoder_loss_weights": jnp.ones((4, 8)),
+  }
+  train_cfg = TrainConfig(batch_size=4, aux_loss_factor=0.0)
+  tx = optax.sgd(0.1)
+
+  def biases(m, p):
+    step = jax.jit(make_train_step(m, tx, train_cfg))
+    new, _, _ = step(p, tx.init(p), jnp.int32(0), batch)
+    new = scan.unstack_layers(new) if m is scanned else new
+    return {
+      f"{s}/{i}": np.asarray(new[s][f"layers_{i}"]["mlp"]["router"]["choice_bias"])
+      for s in ("encoder", "decoder")
+      for i in (1, 3)
+    }
+
+  plain, stacked = biases(model, params), biases(scanned, scan.stack_layers(params, scanned_cfg))
+  assert plain.keys() == stacked.keys()
+  for name in plain:
+    np.testing.assert_array_equal(stacked[name], plain[name])
+    assert set(np.round(plain[name] / 0.01).tolist()) <= {-1.0, 0.0, 1.0}
+  assert any(np.abs(b).max() > 0 for b in plain.values())
