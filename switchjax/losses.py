@@ -22,6 +22,20 @@ ROUTING_METRICS = (
   "fraction_tokens_left_behind",
   "expert_usage",
   "router_confidence",
+  "load_imbalance",
+  "fraction_choices_dropped",
+)
+# Per-layer metrics logged as layers/{path}/{name}; the choice bias ones only where the layer
+# balances without an auxiliary loss (moe.router_bias_update_rate > 0).
+LAYER_METRICS = (
+  "expert_usage",
+  "fraction_tokens_left_behind",
+  "router_confidence",
+  "load_imbalance",
+  "fraction_choices_dropped",
+  "choice_bias_min",
+  "choice_bias_max",
+  "choice_bias_abs_mean",
 )
 
 
@@ -104,16 +118,22 @@ def moe_losses_and_metrics(
     name: jnp.mean(jnp.stack([m[name] for m in layers.values()])).astype(jnp.float32)
     for name in ROUTING_METRICS
   }
+  biased = [m["choice_bias_abs_mean"] for m in layers.values() if "choice_bias_abs_mean" in m]
+  if biased:
+    metrics["choice_bias_abs_mean"] = jnp.mean(jnp.stack(biased)).astype(jnp.float32)
   for path, m in layers.items():
-    for name in ("expert_usage", "fraction_tokens_left_behind", "router_confidence"):
-      metrics[f"layers/{path}/{name}"] = m[name].astype(jnp.float32)
+    for name in LAYER_METRICS:
+      if name in m:
+        metrics[f"layers/{path}/{name}"] = m[name].astype(jnp.float32)
   loss = (
     aux_loss_factor * metrics["auxiliary_loss"] + router_z_loss_factor * metrics["router_z_loss"]
   )
   return loss, metrics
 
 
-SUMMED = ("ce_sum", "z_sum", "correct", "num_tokens")  # add up over microbatches; the rest average
+# Add up over microbatches (the rest average); none of them is a logged metric. expert_loads
+# (a tree: tokens per expert of each MoE layer) feeds the choice-bias update of the train step.
+SUMMED = ("ce_sum", "z_sum", "correct", "num_tokens", "expert_loads")
 
 
 def loss_sums(

@@ -75,6 +75,9 @@ def _mlp(cfg: ModelConfig, sparse: bool, causal: bool, name: str) -> nn.Module:
       dtype=dtype,
       param_dtype=param_dtype,
       kernel_init=expert_kernel_init(cfg.init_scale),
+      shared_kernel_init=nn.initializers.variance_scaling(
+        cfg.init_scale, "fan_in", "truncated_normal"
+      ),
       name=name,
     )
   return layers.MlpBlock(

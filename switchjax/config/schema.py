@@ -12,6 +12,7 @@ from switchjax.config.sparse_layout import STACKS, stack_layout
 SPARSE_LAYOUTS = ("mixed", "top", "bottom", "middle", "hf")
 PRECISIONS = ("default", "high", "highest")
 DISPATCHES = ("auto", "einsum", "buffers", "sorted")
+ROUTER_SCORES = ("softmax", "sigmoid")
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_exact", "silu", "linear")
 
 
@@ -61,6 +62,22 @@ class MoeConfig:
       are cut into matmuls by each expert's whole load, so in a decoder a later token can
       change an earlier token's output in the last bit (routing stays causal); the buffers
       keep decoders bit-causal, which 'auto' keeps for scoring and decoding.
+    num_shared_experts: dense experts every token passes through beside its routed ones
+      (DeepSeekMoE), their outputs added to the routed output; 0 (default, Switch): none.
+      They run as one dense MLP of num_shared_experts x shared_expert_d_ff hidden units,
+      sharded like the dense MLPs ('embed', 'mlp').
+    shared_expert_d_ff: hidden width of each shared expert; None: the routed experts' width.
+    router_score: how router logits become scores: 'softmax' (Switch) or 'sigmoid'
+      (DeepSeek-V3: independent per expert; the load-balancing loss then uses the scores
+      normalised to sum 1 per token). Tokens-choose routers only.
+    normalize_top_k: divide each token's combine weights by the sum of its k chosen scores.
+    routed_scaling_factor: multiplies the routed experts' combine weights (DeepSeek-V3: 2.5).
+    router_bias_update_rate: auxiliary-loss-free load balancing (DeepSeek-V3) when > 0: a
+      per-expert bias (the router's `choice_bias` parameter) is added to the scores for
+      choosing experts only, never to the combine weights, and after each train step
+      becomes bias + rate * sign(mean load - expert load), the loads counted over the whole
+      global batch. It has no gradient and the optimizer never changes it (the train step
+      writes it); it is saved with the parameters. 0 (default): no bias.
   """
 
   num_experts: int = 8
@@ -79,6 +96,12 @@ class MoeConfig:
   router_precision: str = "default"
   combine_dtype: str = "float32"
   dispatch: str = "auto"
+  num_shared_experts: int = 0
+  shared_expert_d_ff: int | None = None
+  router_score: str = "softmax"
+  normalize_top_k: bool = False
+  routed_scaling_factor: float = 1.0
+  router_bias_update_rate: float = 0.0
 
   def validate(self, prefix: str = "moe") -> None:
     """Raises ValueError naming the field and the fix."""
@@ -119,6 +142,37 @@ class MoeConfig:
       raise ValueError(f"{p}.combine_dtype={self.combine_dtype!r}; use float32 or bfloat16.")
     if self.dispatch not in DISPATCHES:
       raise ValueError(f"{p}.dispatch={self.dispatch!r}; use one of {', '.join(DISPATCHES)}.")
+    self._validate_modern(p)
+
+  def _validate_modern(self, p: str) -> None:
+    """The shared-expert and DeepSeek-style router settings (all off by default)."""
+    if self.num_shared_experts < 0:
+      raise ValueError(f"{p}.num_shared_experts={self.num_shared_experts} must be >= 0.")
+    if self.shared_expert_d_ff is not None and self.shared_expert_d_ff < 1:
+      raise ValueError(
+        f"{p}.shared_expert_d_ff={self.shared_expert_d_ff} must be >= 1, or None for the "
+        "experts' width."
+      )
+    if self.router_score not in ROUTER_SCORES:
+      raise ValueError(
+        f"{p}.router_score={self.router_score!r}; use one of {', '.join(ROUTER_SCORES)}."
+      )
+    if self.routed_scaling_factor <= 0:
+      raise ValueError(f"{p}.routed_scaling_factor={self.routed_scaling_factor} must be > 0.")
+    if self.router_bias_update_rate < 0:
+      raise ValueError(
+        f"{p}.router_bias_update_rate={self.router_bias_update_rate} must be >= 0 (0: off)."
+      )
+
+  @property
+  def default_gating(self) -> bool:
+    """Switch's gating: softmax scores, raw top-k weights, no choice bias."""
+    return (
+      self.router_score == "softmax"
+      and not self.normalize_top_k
+      and self.routed_scaling_factor == 1.0
+      and self.router_bias_update_rate == 0.0
+    )
 
   def validate_causal(self, prefix: str) -> None:
     """Refuses routing that lets a decoder token's routing depend on later tokens."""

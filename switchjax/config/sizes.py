@@ -46,8 +46,11 @@ def _parameter_terms(model: ModelConfig) -> dict[str, int]:
   """Parameters by the setting that sizes them: experts, dense MLPs, embeddings, attention."""
   d, moe = model.d_model, model.moe
   expert = d * model.expert_mlp_dim * (len(model.expert_acts) + 1) + moe.router_bias
+  expert += 1 if moe.router_bias_update_rate > 0 else 0  # the choice bias
+  shared_width = moe.num_shared_experts * (moe.shared_expert_d_ff or model.expert_mlp_dim)
   terms = {
     "model.moe.num_experts": 0,
+    "model.moe.num_shared_experts": 0,
     "model.d_ff": 0,
     "model.vocab_size": model.vocab_size * d * (1 if model.tie_embeddings else 2),
     "model.num_heads": 0,
@@ -59,6 +62,9 @@ def _parameter_terms(model: ModelConfig) -> dict[str, int]:
   ):
     num_sparse = len(set(given)) if given is not None else count
     terms["model.moe.num_experts"] += num_sparse * moe.num_experts * (expert + d)
+    terms["model.moe.num_shared_experts"] += (
+      num_sparse * d * shared_width * (len(model.expert_acts) + 1)
+    )
     terms["model.d_ff"] += (layers - num_sparse) * d * model.d_ff * (len(model.mlp_activations) + 1)
     terms["model.num_heads"] += layers * attentions * 4 * d * model.num_heads * model.d_kv
     terms["other"] += layers * (attentions + 1) * d  # RMS norm scales

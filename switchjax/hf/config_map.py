@@ -272,4 +272,25 @@ def _hf_refusals(cfg: ModelConfig) -> list[str]:
     refusals.append(
       "moe.ignore_padding_tokens=True: HF routes padding like any token; set it to False"
     )
-  return refusals
+  return refusals + _modern_refusals(moe)
+
+
+# Settings beyond Switch that HF's SwitchTransformers has no place for: (field, off value, what
+# it is). Each gives one refusal naming the setting and its off value.
+_MODERN = (
+  ("num_shared_experts", 0, "shared experts"),
+  ("router_bias_update_rate", 0.0, "auxiliary-loss-free balancing (a choice bias)"),
+  ("router_score", "softmax", "sigmoid router scores"),
+  ("normalize_top_k", False, "top-k normalised combine weights"),
+  ("routed_scaling_factor", 1.0, "a routed scaling factor"),
+)
+
+
+def _modern_refusals(moe) -> list[str]:
+  """One refusal per setting HF's Switch cannot express (shared experts, DeepSeek gating)."""
+  return [
+    f"{what} (model.moe.{field}={getattr(moe, field)!r}): HF's SwitchTransformers has none; "
+    f"set model.moe.{field}={off!r}"
+    for field, off, what in _MODERN
+    if getattr(moe, field) != off
+  ]

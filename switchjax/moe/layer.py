@@ -17,6 +17,7 @@ from switchjax import routing
 from switchjax.activations import activation_fn
 from switchjax.config import MoeConfig
 from switchjax.gmm import grouped_matmul
+from switchjax.layers import MlpBlock
 from switchjax.moe.groups import causal_token_order, group_layout, mesh_group_shards
 from switchjax.moe.sorted_layout import dropless_block, sorted_rows
 
@@ -51,6 +52,8 @@ class MoeLayer(nn.Module):
       output has the config's combine dtype (float32 by default, as flaxformer).
     param_dtype: dtype of the expert kernels.
     kernel_init: initialiser of the [E, in, out] expert kernels.
+    shared_kernel_init: initialiser of the shared experts' dense kernels (config
+      num_shared_experts > 0), as the dense MLPs'.
   """
 
   config: MoeConfig
@@ -61,6 +64,9 @@ class MoeLayer(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   kernel_init: nn.initializers.Initializer = expert_kernel_init(1.0)
+  shared_kernel_init: nn.initializers.Initializer = nn.initializers.variance_scaling(
+    1.0, "fan_in", "truncated_normal"
+  )
 
   @nn.compact
   def __call__(self, inputs: Array, *, enable_dropout: bool = False, decode: bool = False) -> Array:
@@ -124,10 +130,37 @@ class MoeLayer(nn.Module):
     else:
       y, stats = self._masked_dispatch_and_combine(x, route, enable_dropout)
 
-    self._sow_metrics(x, route, stats, router_logits, layout, batch, length, type(router))
+    self._sow_metrics(x, route, stats, router_logits, layout, batch, length, router, enable_dropout)
+    self._sow_bias_metrics(router)
 
     y = y.reshape(layout.padded_batch, layout.padded_length, d_model)[:batch, :length]
+    if cfg.num_shared_experts:
+      y = y + self._shared_experts(inputs, enable_dropout)
     return nn.with_logical_constraint(y, ("batch", "length", "embed"))
+
+  def _shared_experts(self, inputs: Array, enable_dropout: bool) -> Array:
+    """DeepSeekMoE's shared experts: dense MLPs every token passes through, beside its routed
+    experts. The sum of n MLPs of width w is one MLP of width n * w (their hidden units
+    concatenated), so they run as one `MlpBlock`, sharded like the dense MLPs.
+
+    Args:
+      inputs: <float>[batch, length, d_model].
+
+    Returns:
+      <float>[batch, length, d_model], in the compute dtype.
+    """
+    cfg = self.config
+    width = cfg.num_shared_experts * (cfg.shared_expert_d_ff or self.d_ff)
+    mlp = MlpBlock(
+      width,
+      self.activations,
+      self.dropout_rate,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=self.shared_kernel_init,
+      name="shared_experts",
+    )
+    return mlp(inputs.astype(self.dtype), enable_dropout=enable_dropout)
 
   def dispatch(self, train: bool) -> str:
     """How capacity routing reaches the experts: 'einsum', 'buffers' or 'sorted' (see
@@ -349,14 +382,19 @@ class MoeLayer(nn.Module):
 
   # ------------------------------------------------------------------------------------------
 
-  def _sow_metrics(self, x, route, stats, router_logits, layout, batch, length, router_cls):
-    """Sows flaxformer's five routing metrics plus per-expert token counts and the logits.
+  def _sow_metrics(self, x, route, stats, router_logits, layout, batch, length, router, train):
+    """Sows flaxformer's five routing metrics, per-expert token counts and the logits, and
+    the load metrics of newer routers.
 
     expert_usage is flaxformer's dispatched / (experts * capacity * groups) (1 for routers
     whose experts fill their buffers); a dropless router has no capacity: its usage is
     dispatched / (experts * the busiest expert's tokens), 1 when perfectly balanced.
+    load_imbalance is max / mean of the tokens each expert took (1: balanced, E: one expert
+    took all); fraction_choices_dropped the share of the token choices (tokens x experts per
+    token; for experts-choose, x capacity factor) that no expert served.
     """
     cfg = self.config
+    router_cls = type(router)
     if cfg.ignore_padding_tokens:  # only real (non-zero) tokens count
       num_tokens = jnp.sum(jnp.sum(jnp.abs(x), axis=-1) > 0).astype(jnp.float32)
     else:
@@ -371,6 +409,8 @@ class MoeLayer(nn.Module):
       expert_usage = num_dispatched / (cfg.num_experts * busiest)
     else:
       expert_usage = num_dispatched / (cfg.num_experts * layout.expert_capacity * layout.num_groups)
+    load = stats.tokens_per_expert.astype(jnp.float32)
+    choices = num_tokens * router_cls.experts_per_token(cfg, train=train)
     metrics = {
       "auxiliary_loss": route.auxiliary_loss,
       "router_z_loss": route.router_z_loss,
@@ -378,12 +418,24 @@ class MoeLayer(nn.Module):
       "expert_usage": expert_usage,
       "router_confidence": stats.combine_total / num_dispatched,
       "tokens_per_expert": stats.tokens_per_expert,
+      "load_imbalance": jnp.max(load) / jnp.maximum(jnp.mean(load), 1e-9),
+      "fraction_choices_dropped": jnp.maximum(1.0 - num_dispatched / choices, 0.0),
     }
     for name, value in metrics.items():
       self.sow("intermediates", name, jnp.asarray(value))
     # [batch, length, experts], in the input's layout (padding added for grouping removed).
     logits = router_logits.reshape(layout.padded_batch, layout.padded_length, cfg.num_experts)
     self.sow("intermediates", "router_logits", logits[:batch, :length])
+
+  def _sow_bias_metrics(self, router) -> None:
+    """min, max and mean |.| of the choice bias (auxiliary-loss-free balancing), if any."""
+    bias = router.variables.get("params", {}).get(routing.CHOICE_BIAS)
+    if bias is None:
+      return
+    bias = jnp.asarray(nn.unbox(bias), jnp.float32)
+    self.sow("intermediates", "choice_bias_min", jnp.min(bias))
+    self.sow("intermediates", "choice_bias_max", jnp.max(bias))
+    self.sow("intermediates", "choice_bias_abs_mean", jnp.mean(jnp.abs(bias)))
 
 
 @flax.struct.dataclass

@@ -25,6 +25,8 @@ classes and their registry).
 
 from switchjax.config.router_registry import ROUTERS, register_router, router_class
 from switchjax.routing.algorithms import (
+  SWITCH_GATING,
+  Gating,
   choice_priorities,
   experts_choose,
   experts_choose_masked,
@@ -37,6 +39,7 @@ from switchjax.routing.algorithms import (
 from switchjax.routing.losses import load_balancing_loss, router_z_loss
 from switchjax.routing.results import RouterChoices, RouterIndices, RouterMask, choices_of
 from switchjax.routing.routers import (
+  CHOICE_BIAS,
   ExpertsChooseMaskedRouter,
   RenormalizedTokensChooseRouter,
   Router,
@@ -49,7 +52,10 @@ from switchjax.routing.routers import (
 )
 
 __all__ = [
+  "CHOICE_BIAS",
   "ROUTERS",
+  "SWITCH_GATING",
+  "Gating",
   "ExpertsChooseMaskedRouter",
   "RenormalizedTokensChooseRouter",
   "Router",

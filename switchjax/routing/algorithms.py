@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -25,6 +27,50 @@ def top_k(x: Array, k: int) -> tuple[Array, Array]:
     indices.append(index)
     x = jnp.where(jax.nn.one_hot(index, x.shape[-1], dtype=jnp.bool_), -jnp.inf, x)
   return jnp.stack(values, axis=-1), jnp.stack(indices, axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gating:
+  """How a tokens-choose router turns scores into choices and combine weights beyond Switch's
+  top-k of the softmax (DeepSeek-V3's options; the default changes nothing).
+
+  Attributes:
+    choice_bias: <float32>[experts] added to the scores for choosing experts only (auxiliary-
+      loss-free balancing); the combine weights stay the scores themselves. None: no bias.
+    normalize_top_k: divide each token's k weights by their sum.
+    scaling_factor: multiply the weights (routed scaling factor).
+    sigmoid: the scores are independent sigmoids, not a distribution: the load-balancing loss
+      uses them normalised to sum 1 per token.
+  """
+
+  choice_bias: Array | None = None
+  normalize_top_k: bool = False
+  scaling_factor: float = 1.0
+  sigmoid: bool = False
+
+  def choose(self, scores: Array, k: int) -> tuple[Array, Array]:
+    """(scores of the chosen experts, their indices), each [..., tokens, k]: top-k of the
+    scores, or of scores + choice_bias with the unbiased scores as the gates."""
+    if self.choice_bias is None:
+      return top_k(scores, k)
+    _, index = top_k(scores + self.choice_bias.astype(scores.dtype), k)
+    return jnp.take_along_axis(scores, index, axis=-1), index
+
+  def weights(self, gate: Array) -> Array:
+    """Combine weights of the chosen scores [..., tokens, k] (normalised, scaled)."""
+    if self.normalize_top_k:
+      gate = gate / jnp.maximum(jnp.sum(gate, axis=-1, keepdims=True), 1e-20)
+    return gate * self.scaling_factor if self.scaling_factor != 1.0 else gate
+
+  def loss_probs(self, scores: Array) -> Array:
+    """The probabilities the load-balancing loss averages: the scores, or sigmoid scores
+    normalised over the experts."""
+    if not self.sigmoid:
+      return scores
+    return scores / jnp.maximum(jnp.sum(scores, axis=-1, keepdims=True), 1e-20)
+
+
+SWITCH_GATING = Gating()
 
 
 def _priority_of_choices(expert_index: Array, num_experts: int, choice_major: bool) -> Array:
@@ -83,6 +129,7 @@ def tokens_choose(
   order: Array | None = None,
   choice_major: bool = True,
   route_padding: bool = False,
+  gating: Gating = SWITCH_GATING,
 ) -> RouterIndices:
   """Each token picks its top-k experts; experts take tokens in priority order up to capacity.
 
@@ -96,6 +143,8 @@ def tokens_choose(
       its position order and choice_major=False.
     route_padding: flaxformer's scatter router: padding tokens are down-weighted (probability
       0) but still take slots. Otherwise (its masked router) they are never routed.
+    gating: choice bias, top-k normalisation, scaling, sigmoid scores (default: Switch's).
+      Batch-prioritized routing orders tokens by their unbiased top score.
 
   Returns:
     RouterIndices: each choice's (expert, slot); a slot >= capacity (or a padding choice) is
@@ -105,22 +154,24 @@ def tokens_choose(
   if padding_mask is not None and route_padding:
     router_probs = router_probs * padding_mask[..., None]
   # [groups, tokens, k]
-  expert_gate, expert_index = top_k(router_probs, num_selected_experts)
+  expert_gate, expert_index = gating.choose(router_probs, num_selected_experts)
+  weight = gating.weights(expert_gate)
   routed_index = expert_index
   if padding_mask is not None and not route_padding:
     gate_mask = padding_mask[..., None]  # [groups, tokens, 1]
     expert_gate = expert_gate * gate_mask
+    weight = weight * gate_mask
     # Padding choices get negative indices: no expert counts or serves them.
     routed_index = jnp.where(gate_mask > 0, expert_index, -1 - expert_index)
     router_probs = router_probs * gate_mask  # so the load-balancing loss ignores padding
 
-  auxiliary_loss = load_balancing_loss(router_probs, routed_index)
+  auxiliary_loss = load_balancing_loss(gating.loss_probs(router_probs), routed_index)
   if batch_prioritized_routing:  # [groups, tokens]: by decreasing top-1 gate
     order = jnp.argsort(-expert_gate[..., 0], axis=-1)
   # [groups, tokens, k]: the slot of each choice at its expert (-1 for padding choices).
   slot = jnp.max(choice_priorities(routed_index, num_experts, order, choice_major), axis=-1)
   slot = jnp.where(slot < 0, expert_capacity, slot)
-  combine_weights = expert_gate * (slot < expert_capacity)
+  combine_weights = weight * (slot < expert_capacity)
   # [groups, tokens, k, 2]
   dispatch_indices = jnp.stack([expert_index, slot], axis=-1).astype(jnp.int32)
   return RouterIndices(dispatch_indices, combine_weights, auxiliary_loss)
@@ -134,6 +185,7 @@ def tokens_choose_masked(
   batch_prioritized_routing: bool = False,
   order: Array | None = None,
   choice_major: bool = True,
+  gating: Gating = SWITCH_GATING,
 ) -> RouterMask:
   """flaxformer's TokensChooseMaskedRouter as one-hot arrays: `tokens_choose` (padding never
   routed) as a RouterMask [groups, tokens, experts, capacity]."""
@@ -145,6 +197,7 @@ def tokens_choose_masked(
     batch_prioritized_routing,
     order,
     choice_major,
+    gating=gating,
   )
   return route.to_mask(router_probs.shape[-1], expert_capacity)
 
@@ -157,6 +210,7 @@ def tokens_choose_scatter(
   batch_prioritized_routing: bool = False,
   order: Array | None = None,
   choice_major: bool = True,
+  gating: Gating = SWITCH_GATING,
 ) -> RouterIndices:
   """flaxformer's TokensChooseScatterRouter: the same choices and priorities as
   `tokens_choose_masked`, but padding tokens are down-weighted (probability 0), not excluded:
@@ -170,11 +224,15 @@ def tokens_choose_scatter(
     order,
     choice_major,
     route_padding=True,
+    gating=gating,
   )
 
 
 def tokens_choose_dropless(
-  router_probs: Array, padding_mask: Array | None, num_selected_experts: int = 1
+  router_probs: Array,
+  padding_mask: Array | None,
+  num_selected_experts: int = 1,
+  gating: Gating = SWITCH_GATING,
 ) -> RouterChoices:
   """Each token goes to its top-k experts, all of them: no capacity, nothing dropped, and no
   token's routing depends on another's (so it is causal as it stands).
@@ -182,14 +240,16 @@ def tokens_choose_dropless(
   Padding tokens (ignore_padding_tokens) are not routed, as in the masked router; the
   load-balancing loss is the masked router's (the same choices, before any dropping).
   """
-  expert_gate, expert_index = top_k(router_probs, num_selected_experts)  # [groups, tokens, k]
+  # [groups, tokens, k]
+  expert_gate, expert_index = gating.choose(router_probs, num_selected_experts)
+  expert_gate = gating.weights(expert_gate)
   routed_index = expert_index
   if padding_mask is not None:
     gate_mask = padding_mask[..., None]
     expert_gate = expert_gate * gate_mask
     routed_index = jnp.where(gate_mask > 0, expert_index, -1 - expert_index)
     router_probs = router_probs * gate_mask
-  auxiliary_loss = load_balancing_loss(router_probs, routed_index)
+  auxiliary_loss = load_balancing_loss(gating.loss_probs(router_probs), routed_index)
   expert_index = jnp.where(routed_index >= 0, expert_index, -1).astype(jnp.int32)
   return RouterChoices(expert_index, expert_gate, auxiliary_loss)
 

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 from switchjax.config import MoeConfig
 from switchjax.config.router_registry import register_router, router_class
 from switchjax.routing.algorithms import (
+  SWITCH_GATING,
+  Gating,
   experts_choose,
   tokens_choose,
   tokens_choose_dropless,
@@ -27,6 +29,9 @@ Array = jax.Array
 # flaxformer: "slightly better results adopting typical normally-distributed scaling for the
 # router, rather than the 0.1-scaled variance_scaling".
 default_router_init = nn.initializers.normal(stddev=2e-2)
+# The router parameter of auxiliary-loss-free balancing (moe.router_bias_update_rate > 0):
+# [experts], added to the scores for choosing only; the train step writes it, the optimizer not.
+CHOICE_BIAS = "choice_bias"
 
 
 class Router(nn.Module):
@@ -61,7 +66,21 @@ class Router(nn.Module):
   @classmethod
   def config_problem(cls, config: MoeConfig, prefix: str) -> str | None:
     """What is wrong with `config` for this router (one sentence with the fix), or None."""
-    return None
+    return cls.gating_problem(config, prefix)
+
+  @classmethod
+  def gating_problem(cls, config: MoeConfig, prefix: str) -> str | None:
+    """Why this router cannot use the gating options (router_score, normalize_top_k,
+    routed_scaling_factor, router_bias_update_rate: `routing.Gating`), or None. Only the
+    tokens-choose routers whose top-k takes a `Gating` support them."""
+    if config.default_gating:
+      return None
+    return (
+      f"{prefix}.router_type={cls.router_type!r} has Switch's softmax gating only; "
+      f"router_score, normalize_top_k, routed_scaling_factor and router_bias_update_rate "
+      f"need a tokens-choose top-k router: set {prefix}.router_type=tokens_choose_masked "
+      f"(or tokens_choose_scatter, tokens_choose_dropless)."
+    )
 
   @classmethod
   def causal_problem(cls, config: MoeConfig, prefix: str) -> str | None:
@@ -123,9 +142,12 @@ class Router(nn.Module):
       raise ValueError(problem)
     router_logits = self._logits(token_inputs, apply_jitter)
     router_logits = nn.with_logical_constraint(router_logits, ("batch", "length", "unmodeled"))
-    router_probs = nn.with_logical_constraint(
-      jax.nn.softmax(router_logits, axis=-1), ("batch", "length", "unmodeled")
-    )
+    # [groups, tokens, experts]: softmax probabilities, or independent sigmoid scores.
+    if self.config.router_score == "sigmoid":
+      scores = jax.nn.sigmoid(router_logits)
+    else:
+      scores = jax.nn.softmax(router_logits, axis=-1)
+    router_probs = nn.with_logical_constraint(scores, ("batch", "length", "unmodeled"))
     padding_mask = None
     if self.config.ignore_padding_tokens:
       # [groups, tokens]: padding positions hold all-zero inputs.
@@ -164,6 +186,32 @@ class Router(nn.Module):
       logits = logits + jnp.asarray(bias, jnp.float32)
     return logits
 
+  def gating(self) -> Gating:
+    """The config's gating options, with the choice bias parameter when balancing is on.
+
+    The bias is a parameter so that it is saved, restored and sharded (replicated; stacked
+    under scanned layers) with the model and reaches every apply; it is held outside
+    training: stop_gradient gives it no gradient and the train step overwrites whatever the
+    optimizer did with the balancing update (`routing.balance`)."""
+    cfg = self.config
+    if cfg.default_gating:
+      return SWITCH_GATING
+    bias: Array | None = None
+    if cfg.router_bias_update_rate > 0:
+      param = self.param(
+        CHOICE_BIAS,
+        nn.with_logical_partitioning(nn.initializers.zeros, ("unmodeled",)),
+        (cfg.num_experts,),
+        jnp.float32,
+      )
+      bias = jax.lax.stop_gradient(jnp.asarray(param, jnp.float32))
+    return Gating(
+      choice_bias=bias,
+      normalize_top_k=cfg.normalize_top_k,
+      scaling_factor=cfg.routed_scaling_factor,
+      sigmoid=cfg.router_score == "sigmoid",
+    )
+
 
 class TokensChooseRouter(Router):
   """Shared facts of the tokens-choose routers: each token picks its top-k experts."""
@@ -175,7 +223,11 @@ class TokensChooseRouter(Router):
         f"{prefix}.num_selected_experts={config.num_selected_experts} must be between 1 and "
         f"{prefix}.num_experts={config.num_experts}; lower k or add experts."
       )
-    return None
+    return cls.gating_problem(config, prefix)
+
+  @classmethod
+  def gating_problem(cls, config: MoeConfig, prefix: str) -> str | None:
+    return None  # top-k through `Gating`: every option works
 
   @classmethod
   def causal_problem(cls, config: MoeConfig, prefix: str) -> str | None:
@@ -215,6 +267,7 @@ class TokensChooseRouter(Router):
       cfg.batch_prioritized_routing,
       order=order,
       choice_major=not causal,
+      gating=self.gating(),
     )
 
 
@@ -302,7 +355,9 @@ class TokensChooseDroplessRouter(TokensChooseRouter):
     )
 
   def route(self, router_probs, padding_mask, expert_capacity, causal, order):
-    return tokens_choose_dropless(router_probs, padding_mask, self.config.num_selected_experts)
+    return tokens_choose_dropless(
+      router_probs, padding_mask, self.config.num_selected_experts, gating=self.gating()
+    )
 
 
 @register_router("tokens_choose_renormalized")
@@ -318,6 +373,17 @@ class RenormalizedTokensChooseRouter(TokensChooseMaskedRouter):
     return (
       f"{cls.router_type} routing: HF weights each token's expert output by the router "
       "probability; set model.moe.router_type='tokens_choose_masked'"
+    )
+
+  @classmethod
+  def gating_problem(cls, config: MoeConfig, prefix: str) -> str | None:
+    if config.default_gating:
+      return None
+    return (
+      f"{prefix}.router_type='tokens_choose_renormalized' renormalises softmax top-k weights "
+      f"itself; for router_score, normalize_top_k, routed_scaling_factor or "
+      f"router_bias_update_rate set {prefix}.router_type=tokens_choose_masked "
+      f"(normalize_top_k=True gives its weights)."
     )
 
   def route(self, router_probs, padding_mask, expert_capacity, causal, order):

@@ -32,16 +32,20 @@ def train_flops_per_example(config: Config) -> float:
 
   Counts the matmuls: 2 FLOPs per multiply-add of every dense weight a token passes through,
   each MoE token through the experts its router sends it to (the router class says how many;
-  capacity slack not counted), attention's QK^T and AV, and the output logits.
+  capacity slack not counted) and through the shared experts, attention's QK^T and AV, and the
+  output logits.
   """
   m, d = config.model, config.data
   s, t = d.inputs_length, d.targets_length
   attn_proj = 4 * m.d_model * m.num_heads * m.d_kv
   mlp = (len(m.mlp_activations) + 1) * m.d_model * m.d_ff
 
-  def expert(moe):  # MACs of one token through the router and its experts
+  def expert(moe):  # MACs of one token through the router, its experts and the shared ones
     k = moe.router().experts_per_token(moe, train=True)
-    return k * (len(m.expert_acts) + 1) * m.d_model * m.expert_mlp_dim + m.d_model * moe.num_experts
+    width = k * m.expert_mlp_dim + moe.num_shared_experts * (
+      moe.shared_expert_d_ff or m.expert_mlp_dim
+    )
+    return (len(m.expert_acts) + 1) * m.d_model * width + m.d_model * moe.num_experts
 
   def stack(name, num_layers, sparse, length, cross):
     sparse_mlp = expert(m.moe_for(name))

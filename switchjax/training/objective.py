@@ -12,6 +12,7 @@ import jax
 
 from switchjax import losses
 from switchjax.config import TrainConfig
+from switchjax.routing import balance
 
 Array = jax.Array
 
@@ -45,7 +46,8 @@ def loss_fn(
     moe_weight: 1 / microbatches, for the same reason.
 
   Returns:
-    (loss, sums) with sums as `losses.loss_sums`.
+    (loss, sums) with sums as `losses.loss_sums`, plus `expert_loads` (each MoE layer's
+    tokens per expert, `balance.expert_loads`) when a router balances with a choice bias.
   """
   rngs = (
     None
@@ -70,5 +72,7 @@ def loss_fn(
     aux_loss_factor=cfg.aux_loss_factor,
     router_z_loss_factor=cfg.router_z_loss_factor,
   )
+  if balance.uses_choice_bias(model.config):
+    sums["expert_loads"] = balance.expert_loads(state.get("intermediates", {}))
   ce = losses.loss_from_sums({**sums, "moe_loss": 0.0}, normalizer)
   return ce + moe_weight * sums["moe_loss"], sums

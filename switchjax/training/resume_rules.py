@@ -21,6 +21,10 @@ _MOE_TRAINING = (
   "group_multiple",
   "router_precision",
   "combine_dtype",
+  # How fast the choice bias moves; its value is in the checkpoint and carries on. (Turning
+  # balancing on or off adds or removes the bias parameter: the checkpoint then no longer
+  # fits and the run is refused as another model.)
+  "router_bias_update_rate",
 )
 _BOOKKEEPING = (
   "num_train_steps",
@@ -34,6 +38,16 @@ _BOOKKEEPING = (
   "init_from",
   "peak_tflops_per_device",
 )
+# Settings of the routing beyond Switch that change what the model computes from the same
+# parameters (or its parameters): refused on resume like the rest of the model. Listed so the
+# README's table names them.
+_MOE_MODEL = (
+  "num_shared_experts",
+  "shared_expert_d_ff",
+  "router_score",
+  "normalize_top_k",
+  "routed_scaling_factor",
+)
 # What a change of each setting means on resume; the longest matching prefix decides
 # (model.decoder_moe.* follows model.moe.*). FREE and OPTIMISATION changes are allowed (noted,
 # recorded), DATA needs --restart_data, TOKENIZER and MODEL are refused.
@@ -46,6 +60,7 @@ RULES: dict[str, str] = {
   "model.dropout_rate": OPTIMISATION,
   "model.expert_dropout_rate": OPTIMISATION,
   **{f"model.moe.{name}": OPTIMISATION for name in _MOE_TRAINING},
+  **{f"model.moe.{name}": MODEL for name in _MOE_MODEL},
   "data": DATA,
   "data.cache_dir": FREE,
   "data.prepared": FREE,  # the same tokens wherever they are read from (checked at start-up)

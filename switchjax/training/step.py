@@ -18,6 +18,7 @@ import optax
 from switchjax import losses, sharding
 from switchjax.config import TrainConfig
 from switchjax.optimizers import learning_rate_schedule
+from switchjax.routing import balance
 from switchjax.training.objective import loss_fn
 from switchjax.training.state import StateLayout, TrainState
 
@@ -84,14 +85,20 @@ def make_train_step(model, tx: optax.GradientTransformation, cfg: TrainConfig) -
   The dropout/jitter key of step s is fold_in(key(train.seed), s), made inside the trace (a
   concrete key would be an array on a device, which a program compiled for devices that are
   only described, e.g. a TPU topology, cannot hold). metrics["finite"] says whether the loss
-  and gradients were finite.
+  and gradients were finite. Routers that balance without an auxiliary loss get their choice
+  biases updated from the step's expert loads (`routing.balance`), after the optimizer.
   """
   schedule = learning_rate_schedule(cfg)
+  rates = balance.stack_rates(model.config)
 
   def train_step(params, opt_state, step, batch):
     key = jax.random.fold_in(jax.random.key(cfg.seed), step)
     grads, sums = accumulate_gradients(model, params, batch, cfg, key)
+    loads = sums.pop("expert_loads", None)
+    old_params = params
     params, opt_state = apply_update(tx, params, opt_state, grads)
+    if loads is not None:
+      params = balance.update_choice_biases(old_params, params, loads, rates)
     metrics = losses.metrics_from_sums(sums)
     metrics["learning_rate"] = schedule(step)
     metrics["grad_norm"] = optax.tree.norm(grads)
