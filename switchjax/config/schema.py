@@ -55,13 +55,15 @@ class MoeConfig:
       units), 'buffers' (the same buffers filled and emptied by gathers: O(slots) instead of
       O(tokens x slots) work per group), both moved between devices by a mesh's all-to-all
       (empty slots are computed too), 'sorted' (the kept choices sorted by expert and run by
-      grouped matmuls, switchjax.gmm: no empty slot is computed; one device's worth of work,
-      not expert-parallel) or 'auto' (sorted on one CPU device with at most 16 experts, where
-      it is fastest, except in a decoder outside training; otherwise the backend's measured
-      choice, moe.layer.AUTO_DISPATCH). The dropless router always runs sorted. Sorted runs
-      are cut into matmuls by each expert's whole load, so in a decoder a later token can
-      change an earlier token's output in the last bit (routing stays causal); the buffers
-      keep decoders bit-causal, which 'auto' keeps for scoring and decoding.
+      grouped matmuls, switchjax.gmm: no empty slot is computed; on a mesh with an expert
+      axis, expert-parallel by an all-to-all of capped buffers, see
+      dropless_ep_capacity_factor) or 'auto' (sorted on one CPU device with at most 16
+      experts, where it is fastest, except in a decoder outside training; otherwise the
+      backend's measured choice, moe.layer.AUTO_DISPATCH). The dropless router always runs
+      sorted. Sorted runs are cut into matmuls by each expert's whole load, so in a decoder
+      a later token can change an earlier token's output in the last bit (routing stays
+      causal); the buffers keep decoders bit-causal, which 'auto' keeps for scoring and
+      decoding.
     num_shared_experts: dense experts every token passes through beside its routed ones
       (DeepSeekMoE), their outputs added to the routed output; 0 (default, Switch): none.
       They run as one dense MLP of num_shared_experts x shared_expert_d_ff hidden units,
@@ -78,6 +80,12 @@ class MoeConfig:
       becomes bias + rate * sign(mean load - expert load), the loads counted over the whole
       global batch. It has no gradient and the optimizer never changes it (the train step
       writes it); it is saved with the parameters. 0 (default): no bias.
+    dropless_ep_capacity_factor: dropless dispatch (the dropless router, or dispatch
+      'sorted') on a mesh whose 'expert' axis has more than one device runs expert-parallel
+      (moe.expert_parallel, chosen automatically): every device sends each expert shard a
+      buffer of ceil(factor x its choices / expert shards) rows (at most all its choices,
+      which never caps). Choices beyond the cap contribute 0, like dropped tokens, and are
+      reported as fraction_choices_capped. Unused on one device or without an expert axis.
   """
 
   num_experts: int = 8
@@ -102,6 +110,7 @@ class MoeConfig:
   normalize_top_k: bool = False
   routed_scaling_factor: float = 1.0
   router_bias_update_rate: float = 0.0
+  dropless_ep_capacity_factor: float = 2.0
 
   def validate(self, prefix: str = "moe") -> None:
     """Raises ValueError naming the field and the fix."""
@@ -159,6 +168,11 @@ class MoeConfig:
       )
     if self.routed_scaling_factor <= 0:
       raise ValueError(f"{p}.routed_scaling_factor={self.routed_scaling_factor} must be > 0.")
+    if self.dropless_ep_capacity_factor <= 0:
+      raise ValueError(
+        f"{p}.dropless_ep_capacity_factor={self.dropless_ep_capacity_factor} must be > 0 "
+        "(2.0: twice the even share of each device's choices per expert shard)."
+      )
     if self.router_bias_update_rate < 0:
       raise ValueError(
         f"{p}.router_bias_update_rate={self.router_bias_update_rate} must be >= 0 (0: off)."

@@ -25,6 +25,8 @@ _MOE_TRAINING = (
   # balancing on or off adds or removes the bias parameter: the checkpoint then no longer
   # fits and the run is refused as another model.)
   "router_bias_update_rate",
+  # The expert-parallel dropless buffers' cap: which choices are capped, like a capacity factor.
+  "dropless_ep_capacity_factor",
 )
 _BOOKKEEPING = (
   "num_train_steps",
