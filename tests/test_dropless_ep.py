@@ -6,6 +6,8 @@ with a small cap, the choices beyond it contribute 0 and are counted in
 fraction_choices_capped.
 """
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,12 +15,12 @@ import numpy as np
 import pytest
 from match import words
 
-from switchjax import losses, pod
+from switchjax import load_config, losses, pod
 from switchjax.activations import activation_fn
 from switchjax.config import MoeConfig
 from switchjax.equivalence import run_on_mesh
 from switchjax.moe import MoeLayer, expert_parallel
-from switchjax.training import resume_rules
+from switchjax.training import resume_rules, train
 
 NUM_EXPERTS, K = 8, 2
 
@@ -149,3 +151,30 @@ def test_capped_share_is_logged_per_layer_and_averaged():
   )
   assert float(metrics["layers/encoder/mlp/fraction_choices_capped"]) == 0.25
   assert float(metrics["fraction_choices_capped"]) == 0.5
+
+
+@pytest.mark.slow
+def test_dropless_training_on_an_expert_mesh_matches_one_device(tmp_path):
+  """The tiny model (scanned layers) trained with the dropless router: the same losses on
+  one device and expert-parallel on (2, 4, 1), nothing capped, the capped share logged."""
+
+  def run(workdir, *overrides, devices=None):
+    settings = [
+      "model.scan_layers=true",
+      "model.moe.router_type=tokens_choose_dropless",
+      "model.moe.group_multiple=8",  # the same routing groups on both
+      "model.moe.dropless_ep_capacity_factor=4.0",  # = expert shards: nothing capped
+      "train.num_train_steps=3",
+      "train.log_every=1",
+      "train.eval_every=0",
+    ]
+    config = load_config("tiny", settings + list(overrides))
+    return train(config, workdir, devices=devices, progress=False, log=lambda _: None)
+
+  one = run(tmp_path / "one", devices=jax.devices()[:1])
+  eight = run(tmp_path / "eight", "mesh.data=2", "mesh.expert=4")
+  for step in one.losses:
+    np.testing.assert_allclose(eight.losses[step], one.losses[step], atol=1e-5, rtol=0)
+  records = [json.loads(x) for x in (tmp_path / "eight" / "metrics.jsonl").read_text().splitlines()]
+  capped = [r["fraction_choices_capped"] for r in records if "fraction_choices_capped" in r]
+  assert capped == [0.0] * 3
