@@ -34,7 +34,8 @@ class MoeConfig:
       (training only).
     router_bias: add a bias to the router logits (off for Switch).
     max_group_size: tokens are routed in groups of at most this many (flaxformer rule).
-    train_capacity_factor, eval_capacity_factor: capacity = cf * tokens_per_group / E.
+    train_capacity_factor, eval_capacity_factor: capacity = cf * tokens_per_group / E
+      (x k with capacity_per_choice).
     min_expert_capacity: lower bound on the capacity.
     expert_capacity: Hugging Face mode when set: every sequence is one group and each expert
       takes at most this many tokens of it (switch-base-*: 64); the factors are then unused.
@@ -86,6 +87,11 @@ class MoeConfig:
       buffer of ceil(factor x its choices / expert shards) rows (at most all its choices,
       which never caps). Choices beyond the cap contribute 0, like dropped tokens, and are
       reported as fraction_choices_capped. Unused on one device or without an expert axis.
+    capacity_per_choice: capacity = cf * k * tokens_per_group / E for the tokens-choose
+      routers (GShard's 2N/E for top-2; MaxText and DeepSpeed for any k): room for every
+      choice of a balanced routing at cf 1, which many narrow experts with a large k
+      (fine-grained experts, model.expert_d_ff < d_ff) need. False (default): flaxformer's
+      cf * tokens_per_group / E whatever k, so top-k drops most choices when k > cf.
   """
 
   num_experts: int = 8
@@ -111,6 +117,7 @@ class MoeConfig:
   routed_scaling_factor: float = 1.0
   router_bias_update_rate: float = 0.0
   dropless_ep_capacity_factor: float = 2.0
+  capacity_per_choice: bool = False
 
   def validate(self, prefix: str = "moe") -> None:
     """Raises ValueError naming the field and the fix."""

@@ -27,6 +27,7 @@ _MOE_TRAINING = (
   "router_bias_update_rate",
   # The expert-parallel dropless buffers' cap: which choices are capped, like a capacity factor.
   "dropless_ep_capacity_factor",
+  "capacity_per_choice",  # capacity x k: a capacity factor too
 )
 _BOOKKEEPING = (
   "num_train_steps",
