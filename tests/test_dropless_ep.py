@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from match import words
 
-from switchjax import load_config, losses, pod
+from switchjax import load_config, losses, pod, sharding, topologies
 from switchjax.activations import activation_fn
-from switchjax.config import MoeConfig
+from switchjax.config import MeshConfig, MoeConfig
 from switchjax.equivalence import run_on_mesh
 from switchjax.moe import MoeLayer, expert_parallel
 from switchjax.training import resume_rules, train
@@ -25,7 +25,12 @@ from switchjax.training import resume_rules, train
 NUM_EXPERTS, K = 8, 2
 
 
-def _layer(factor: float, dispatch: str = "auto", router_type: str = "tokens_choose_dropless"):
+def _layer(
+  factor: float,
+  dispatch: str = "auto",
+  router_type: str = "tokens_choose_dropless",
+  collective: str = "all_to_all",
+):
   """A top-2 GEGLU dropless layer (8 experts, groups of 16), its params, inputs [16, 16, 16]
   and grad_fn(params, x) = (gradients of sum(y * cos(y)), (y, sown intermediates))."""
   config = MoeConfig(
@@ -35,6 +40,7 @@ def _layer(factor: float, dispatch: str = "auto", router_type: str = "tokens_cho
     max_group_size=16,
     dispatch=dispatch,
     dropless_ep_capacity_factor=factor,
+    dropless_ep_collective=collective,
   )
   layer = MoeLayer(config, d_ff=32, activations=("gelu", "linear"))
   x = jax.random.normal(jax.random.key(1), (16, 16, 16))
@@ -178,3 +184,56 @@ def test_dropless_training_on_an_expert_mesh_matches_one_device(tmp_path):
   records = [json.loads(x) for x in (tmp_path / "eight" / "metrics.jsonl").read_text().splitlines()]
   capped = [r["fraction_choices_capped"] for r in records if "fraction_choices_capped" in r]
   assert capped == [0.0] * 3
+
+
+@pytest.mark.slow
+def test_ragged_collective_compiles_for_a_tpu_slice():
+  """moe.dropless_ep_collective='ragged' (XLA:CPU cannot run it) compiles, forward and
+  backward, for a v5p-8 slice described by libtpu: the program moves the buffers by
+  ragged-all-to-all."""
+  pytest.importorskip("libtpu")
+  boxed, params, x, grad_fn = _layer(2.0, collective="ragged")
+  devices = topologies.slice_devices(topologies.parse_slice("v5p-8"))
+  mesh = sharding.make_mesh(MeshConfig(1, 4, 1), num_experts=NUM_EXPERTS, devices=devices)
+  abstract = lambda tree, shardings: jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
+  )
+  param_sharding = sharding.param_shardings(mesh, boxed)
+  args = abstract(params, param_sharding), abstract(x, sharding.batch_sharding(mesh))
+  with jax.set_mesh(mesh), sharding.axis_rules():
+    hlo = jax.jit(grad_fn).lower(*args).compile().as_text()
+  assert "ragged-all-to-all" in hlo
+  assert pod.all_gather_shapes(hlo) == []
+
+
+def _emulated_ragged_all_to_all(
+  operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name
+):
+  """jax.lax.ragged_all_to_all as its docstring defines it, from a dense all-to-all (which
+  XLA:CPU runs): rows [input_offsets[j], + send_sizes[j]) of `operand` land at
+  output_offsets[j] of device j's `output`."""
+  rows = operand.shape[0]
+  r = jnp.arange(rows)
+  pieces = operand[jnp.clip(input_offsets[:, None] + r, 0, rows - 1)]  # [devices, rows, ...]
+  valid = r < send_sizes[:, None]
+  at = jnp.where(valid, output_offsets[:, None] + r, rows)  # rows: nowhere
+  move = lambda a: jax.lax.all_to_all(a, axis_name, 0, 0, tiled=True)
+  pieces, at = move(pieces), move(at)  # [sources, rows, ...]
+  return output.at[at.reshape(-1)].set(pieces.reshape(-1, *operand.shape[1:]), mode="drop")
+
+
+@pytest.mark.slow
+def test_ragged_collective_moves_the_same_rows(monkeypatch):
+  """The ragged transport's offsets and sizes, run through an emulation of
+  ragged_all_to_all's documented semantics on the CPU mesh, give the fixed buffers' outputs
+  and gradients, with choices capped."""
+  monkeypatch.setattr(jax.lax, "ragged_all_to_all", _emulated_ragged_all_to_all)
+  fixed = _layer(0.5)
+  ragged = _layer(0.5, collective="ragged")
+  (grads, (y, sown), _), (ref_grads, (ref_y, ref_sown), _) = (
+    run_on_mesh((2, 4, 1), *case) for case in (ragged, fixed)
+  )
+  assert float(ref_sown["fraction_choices_capped"][0]) > 0
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), atol=1e-6)
+  _assert_close_trees(grads, ref_grads, "ragged")
+  assert float(sown["fraction_choices_capped"][0]) == float(ref_sown["fraction_choices_capped"][0])

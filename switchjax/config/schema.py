@@ -87,6 +87,9 @@ class MoeConfig:
       buffer of ceil(factor x its choices / expert shards) rows (at most all its choices,
       which never caps). Choices beyond the cap contribute 0, like dropped tokens, and are
       reported as fraction_choices_capped. Unused on one device or without an expert axis.
+    dropless_ep_collective: how those buffers travel: 'all_to_all' (whole buffers; every
+      backend) or 'ragged' (only their filled rows, jax.lax.ragged_all_to_all as MaxText;
+      TPUs and GPUs: XLA:CPU cannot run it). Same layout, cap and results.
     capacity_per_choice: capacity = cf * k * tokens_per_group / E for the tokens-choose
       routers (GShard's 2N/E for top-2; MaxText and DeepSpeed for any k): room for every
       choice of a balanced routing at cf 1, which many narrow experts with a large k
@@ -117,6 +120,7 @@ class MoeConfig:
   routed_scaling_factor: float = 1.0
   router_bias_update_rate: float = 0.0
   dropless_ep_capacity_factor: float = 2.0
+  dropless_ep_collective: str = "all_to_all"
   capacity_per_choice: bool = False
 
   def validate(self, prefix: str = "moe") -> None:
@@ -179,6 +183,11 @@ class MoeConfig:
       raise ValueError(
         f"{p}.dropless_ep_capacity_factor={self.dropless_ep_capacity_factor} must be > 0 "
         "(2.0: twice the even share of each device's choices per expert shard)."
+      )
+    if self.dropless_ep_collective not in ("all_to_all", "ragged"):
+      raise ValueError(
+        f"{p}.dropless_ep_collective={self.dropless_ep_collective!r}; use all_to_all or "
+        "ragged (TPUs and GPUs only)."
       )
     if self.router_bias_update_rate < 0:
       raise ValueError(

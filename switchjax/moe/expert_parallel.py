@@ -20,10 +20,16 @@ ceil(moe.dropless_ep_capacity_factor x the even share, choices / expert shards),
 of the device's choices (then nothing can be capped). A choice beyond the cap of its
 destination is *capped*: it contributes 0, like a dropped token, and the MoE layer reports the
 share of such choices as `fraction_choices_capped`.
+
+Transport (moe.dropless_ep_collective): 'all_to_all' (default; runs everywhere) moves whole
+blocks of `cap` rows; 'ragged' moves only each block's filled rows with
+`jax.lax.ragged_all_to_all` (MaxText's way; TPUs and GPUs, not XLA:CPU) into the same
+fixed-size buffers, so the layout, the cap and the results are the same.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax
@@ -67,7 +73,14 @@ class ExpertWeights:
 
 
 def dropless_all_to_all(
-  x: Array, expert_index: Array, weights: ExpertWeights, hidden, *, factor: float, dropout: float
+  x: Array,
+  expert_index: Array,
+  weights: ExpertWeights,
+  hidden,
+  *,
+  factor: float,
+  dropout: float,
+  ragged: bool = False,
 ) -> tuple[Array, Array]:
   """Expert outputs of every choice by expert-parallel all-to-all (see the module docstring).
 
@@ -79,6 +92,7 @@ def dropless_all_to_all(
     hidden: act(x @ wi) (or its gated product) from the list of pre-activations.
     factor: moe.dropless_ep_capacity_factor.
     dropout: expert dropout rate (used when weights.keep is set).
+    ragged: move only the filled rows (jax.lax.ragged_all_to_all; not on XLA:CPU).
 
   Returns:
     outputs: [groups, tokens, k, d_model], zero for choices that go nowhere or were capped;
@@ -97,7 +111,9 @@ def dropless_all_to_all(
 
   def local(x, expert_index, wis, wo, keep):
     local_weights = ExpertWeights(wis=wis, wo=wo, keep=keep)
-    return _device_step(x, expert_index, local_weights, hidden, cap=cap, dropout=dropout)
+    return _device_step(
+      x, expert_index, local_weights, hidden, cap=cap, dropout=dropout, ragged=ragged
+    )
 
   tokens_spec = P(TOKEN_AXES)
   # Experts over 'expert' (replicated over 'data'), hidden units over 'model'.
@@ -115,7 +131,9 @@ def _token_shards() -> int:
   return math.prod(mesh.shape.get(axis, 1) for axis in TOKEN_AXES)
 
 
-def _device_step(x, expert_index, weights: ExpertWeights, hidden, *, cap: int, dropout: float):
+def _device_step(
+  x, expert_index, weights: ExpertWeights, hidden, *, cap: int, dropout: float, ragged: bool
+):
   """One device's part of `dropless_all_to_all`: local [groups, tokens, ...] blocks in and
   out; the kernels are its experts' ([local experts, ...], hidden units of its 'model' shard)."""
   groups, tokens, k = expert_index.shape
@@ -131,13 +149,17 @@ def _device_step(x, expert_index, weights: ExpertWeights, hidden, *, cap: int, d
   send = jnp.zeros((buffer + 1, d_model), x.dtype).at[place].set(x_flat[token_of_choice])
   # Each row's expert on its destination shard, -1 for empty rows.
   send_expert = jnp.full((buffer + 1,), -1, jnp.int32).at[place].set(choices % local_experts)
-  # [shards (destinations), cap, ...] -> [shards (sources), cap, ...]
-  recv = _all_to_all(send[:buffer].reshape(shards, cap, d_model))
-  recv_expert = _all_to_all(send_expert[:buffer].reshape(shards, cap))
-  out = _local_experts(
-    recv.reshape(buffer, d_model), recv_expert.reshape(buffer), weights, hidden, dropout
-  )
-  back = _all_to_all(out.reshape(shards, cap, d_model)).reshape(buffer, d_model)
+  # Blocks of `cap` rows: [shards (destinations) * cap, ...] -> [shards (sources) * cap, ...]
+  if ragged:
+    sent = jnp.bincount(place, length=buffer + 1)[:buffer].reshape(shards, cap).sum(-1)
+    exchange = functools.partial(_ragged_exchange, cap=cap)
+    recv, received = exchange(send[:buffer], sent), _all_to_all(sent)
+    recv_expert = exchange(send_expert[:buffer], sent, fill=-1)
+  else:
+    recv = _block_exchange(send[:buffer], shards)
+    recv_expert = _block_exchange(send_expert[:buffer], shards)
+  out = _local_experts(recv, recv_expert, weights, hidden, dropout)
+  back = exchange(out, received) if ragged else _block_exchange(out, shards)
   # [choices, d_model]: capped choices and those going nowhere read the zero row.
   outputs = jnp.pad(back, ((0, 1), (0, 0)))[place]
   return outputs.reshape(groups, tokens, k, d_model), served.reshape(groups, tokens, k)
@@ -160,6 +182,28 @@ def _send_places(choices: Array, local_experts: int, shards: int, cap: int):
 def _all_to_all(x: Array) -> Array:
   """Block j of axis 0 to expert shard j; block i of the result came from shard i."""
   return jax.lax.all_to_all(x, EXPERT_AXIS, 0, 0, tiled=True)
+
+
+def _block_exchange(rows: Array, shards: int) -> Array:
+  """[shards * cap, ...] rows: block j to expert shard j, whole (empty rows too)."""
+  return _all_to_all(rows.reshape(shards, -1, *rows.shape[1:])).reshape(rows.shape)
+
+
+def _ragged_exchange(rows: Array, sizes: Array, *, cap: int, fill=0) -> Array:
+  """As `_block_exchange`, but only the first sizes[j] rows of block j travel (to block
+  `this shard` of shard j's result); the rest of the result is `fill`."""
+  shards = sizes.shape[0]
+  offsets = jnp.arange(shards, dtype=jnp.int32) * cap
+  here = jnp.full((shards,), jax.lax.axis_index(EXPERT_AXIS) * cap, jnp.int32)
+  return jax.lax.ragged_all_to_all(
+    rows,
+    jnp.full_like(rows, fill),
+    offsets,
+    sizes.astype(jnp.int32),
+    here,
+    _all_to_all(sizes).astype(jnp.int32),
+    axis_name=EXPERT_AXIS,
+  )
 
 
 def _local_experts(rows: Array, row_expert: Array, weights: ExpertWeights, hidden, dropout):

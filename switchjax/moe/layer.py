@@ -326,6 +326,7 @@ class MoeLayer(nn.Module):
         self._hidden,
         factor=self.config.dropless_ep_capacity_factor,
         dropout=self.dropout_rate,
+        ragged=self.config.dropless_ep_collective == "ragged",
       )
     with jax.named_scope("moe_combine"):
       dtype = jnp.dtype(self.config.combine_dtype)
