@@ -237,3 +237,30 @@ def test_ragged_collective_moves_the_same_rows(monkeypatch):
   np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), atol=1e-6)
   _assert_close_trees(grads, ref_grads, "ragged")
   assert float(sown["fraction_choices_capped"][0]) == float(ref_sown["fraction_choices_capped"][0])
+
+
+def test_a_decoding_step_is_never_capped():
+  """A cached decoding step (one token per sequence) routes without capacity; on an expert
+  mesh its buffers hold all of a device's choices whatever the factor: nothing capped, the
+  one-device outputs."""
+  config = MoeConfig(
+    num_experts=NUM_EXPERTS,
+    num_selected_experts=K,
+    max_group_size=16,
+    dropless_ep_capacity_factor=0.01,
+  )
+  layer = MoeLayer(config, d_ff=32, activations=("relu",))
+  x = jax.random.normal(jax.random.key(3), (16, 1, 16))
+  params = nn.unbox(layer.init(jax.random.key(0), x))["params"]
+  params["router"]["kernel"] = params["router"]["kernel"] * 100  # confident: many collide
+
+  def step(params, x):
+    y, state = layer.apply({"params": params}, x, decode=True, mutable=["intermediates"])
+    return y, state["intermediates"]
+
+  ref_y, ref_sown = jax.jit(step)(params, x)
+  mesh = sharding.make_mesh(MeshConfig(1, 8, 1), num_experts=NUM_EXPERTS)
+  with jax.set_mesh(mesh), sharding.axis_rules():
+    y, sown = jax.jit(step)(params, jax.device_put(x, sharding.batch_sharding(mesh)))
+  assert float(sown["fraction_choices_capped"][0]) == 0.0
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), atol=1e-5)

@@ -124,7 +124,7 @@ class MoeLayer(nn.Module):
         route = route.to_mask(cfg.num_experts, capacity)  # flaxformer's one-hot form
 
     if isinstance(route, routing.RouterChoices):
-      y, stats = self._dropless(x, route, enable_dropout)
+      y, stats = self._dropless(x, route, enable_dropout, uncapped=step)
     elif isinstance(route, routing.RouterIndices):
       scatter = type(router).combine_by_scatter
       y, stats = self._dispatch_by_slots(x, route, capacity, scatter, enable_dropout)
@@ -261,17 +261,18 @@ class MoeLayer(nn.Module):
     )
     return y, stats
 
-  def _dropless(self, x, route: routing.RouterChoices, enable_dropout):
+  def _dropless(self, x, route: routing.RouterChoices, enable_dropout, uncapped: bool = False):
     """Every choice computed, none dropped: choices sorted by expert into runs (each padded to a
     multiple of a small block), the experts run on their runs by grouped matmuls
     (`switchjax.gmm`: jax.lax.ragged_dot, or blocked loops on CPU), outputs gathered back.
 
     The sort spans all groups of the call. On a mesh whose 'expert' axis has more than one
     device, the choices travel to their experts' devices and back instead (`_dropless_ep`,
-    chosen automatically; no setting turns it off).
+    chosen automatically; no setting turns it off), in buffers that cap nothing when
+    `uncapped` (a decoding step: its few tokens are never dropped).
     """
     if expert_parallel.expert_shards() > 1:
-      return self._dropless_ep(x, route, enable_dropout)
+      return self._dropless_ep(x, route, enable_dropout, uncapped)
     groups, tokens, d_model = x.shape
     num_experts = self.config.num_experts
     with jax.named_scope("moe_dispatch"):
@@ -304,13 +305,16 @@ class MoeLayer(nn.Module):
     )
     return y, stats
 
-  def _dropless_ep(self, x, route: routing.RouterChoices, enable_dropout):
+  def _dropless_ep(self, x, route: routing.RouterChoices, enable_dropout, uncapped: bool):
     """The dropless layer expert-parallel (`switchjax.moe.expert_parallel`): each device sends
     its choices to the devices of their experts by all-to-all, in buffers of a fixed number of
-    rows per destination (moe.dropless_ep_capacity_factor x the even share); choices beyond
-    that are capped: they contribute 0, like dropped tokens, and are counted in
-    `fraction_choices_capped` (and so in the dropped-choice metrics)."""
+    rows per destination (moe.dropless_ep_capacity_factor x the even share, or all of a
+    device's choices when `uncapped`); choices beyond that are capped: they contribute 0, like
+    dropped tokens, and are counted in `fraction_choices_capped` (and so in the dropped-choice
+    metrics)."""
     num_experts = self.config.num_experts
+    shards = expert_parallel.expert_shards()
+    factor = float(shards) if uncapped else self.config.dropless_ep_capacity_factor
     wis, wo = self._kernels(x.shape[-1])
     keep = None
     if enable_dropout and self.dropout_rate > 0.0:  # the one-device path's per-expert masks
@@ -324,7 +328,7 @@ class MoeLayer(nn.Module):
         route.expert_index,
         weights,
         self._hidden,
-        factor=self.config.dropless_ep_capacity_factor,
+        factor=factor,
         dropout=self.dropout_rate,
         ragged=self.config.dropless_ep_collective == "ragged",
       )
