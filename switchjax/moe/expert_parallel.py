@@ -38,11 +38,13 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from switchjax.gmm import grouped_matmul
+from switchjax.moe.groups import mesh_group_shards
 from switchjax.moe.sorted_layout import dropless_block, sorted_rows
+from switchjax.sharding import BATCH_MESH_AXES
 
 Array = jax.Array
 EXPERT_AXIS, MODEL_AXIS = "expert", "model"
-TOKEN_AXES = ("data", "expert")  # the mesh axes the routing groups are split over
+TOKEN_AXES = BATCH_MESH_AXES  # ('data', 'expert'): the mesh axes the routing groups split over
 
 
 def expert_shards() -> int:
@@ -100,7 +102,7 @@ def dropless_all_to_all(
   """
   groups, tokens, k = expert_index.shape
   shards = expert_shards()
-  local_choices = groups * tokens * k // _token_shards()
+  local_choices = groups * tokens * k // mesh_group_shards()
   cap = send_capacity(local_choices, shards, factor)
   num_experts = weights.wo.shape[0]
   if num_experts % shards:
@@ -124,11 +126,6 @@ def dropless_all_to_all(
     in_specs=(tokens_spec, tokens_spec, wi_specs, P(EXPERT_AXIS, MODEL_AXIS, None), keep_spec),
     out_specs=(tokens_spec, tokens_spec),
   )(x, expert_index, weights.wis, weights.wo, weights.keep)
-
-
-def _token_shards() -> int:
-  mesh = jax.sharding.get_abstract_mesh()
-  return math.prod(mesh.shape.get(axis, 1) for axis in TOKEN_AXES)
 
 
 def _device_step(
