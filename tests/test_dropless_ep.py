@@ -239,6 +239,7 @@ def test_ragged_collective_moves_the_same_rows(monkeypatch):
   assert float(sown["fraction_choices_capped"][0]) == float(ref_sown["fraction_choices_capped"][0])
 
 
+@pytest.mark.slow
 def test_a_decoding_step_is_never_capped():
   """A cached decoding step (one token per sequence) routes without capacity; on an expert
   mesh its buffers hold all of a device's choices whatever the factor: nothing capped, the
