@@ -6,9 +6,10 @@
 For each (preset, slice) the train step is compiled (`switchjax.pod.simulate`, scanned layers,
 the default mesh of the slice, the preset's batch) once per `model.moe.dispatch` (einsum:
 flaxformer's one-hot einsums; buffers: the same buffers filled by gathers; sorted: grouped
-matmuls without capacity buffers, not expert-parallel) and the table compares their per-chip
-memory, XLA's FLOP and byte counts (`cost_analysis()`) and collectives. Needs libtpu
-(`pip install -e ".[tpu]"`), no TPU. Errors print one line and exit 1.
+matmuls without capacity buffers, expert-parallel by all-to-all of capped buffers) and the
+table compares their per-chip memory, XLA's FLOP and byte counts (`cost_analysis()`) and
+collectives. Needs libtpu (`pip install -e ".[tpu]"`), no TPU. Errors print one line and
+exit 1.
 """
 
 import argparse

@@ -274,6 +274,9 @@ def mesh_test_layer(router_type: str, dispatch: str = "auto"):
     train_capacity_factor=1.25,
     min_expert_capacity=1,
     dispatch=dispatch,
+    # Expert-parallel dropless buffers as large as a device's choices: nothing is capped, so
+    # the mesh must equal one device (tests/test_dropless_ep.py checks the cap).
+    dropless_ep_capacity_factor=8.0,
   )
   layer = MoeLayer(config, d_ff=32, activations=("gelu", "linear"))
   x = jax.random.normal(jax.random.key(1), (16, 16, 16))

@@ -58,6 +58,7 @@ def grouped_matmul(
   if implementation == "auto":
     implementation = "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
   group_sizes = group_sizes.astype(jnp.int32)
+  lhs, rhs, group_sizes = _vary_like([lhs, rhs, group_sizes], [lhs, rhs, group_sizes])
   if implementation == "ragged_dot":
     return jax.lax.ragged_dot(lhs, rhs.astype(lhs.dtype), group_sizes)
   return _blocked_gmm(lhs, rhs.astype(lhs.dtype), group_sizes, block)
@@ -96,6 +97,29 @@ def _for_each_chunk(start: Array, size: Array, block: int, rows: int, fn, carry)
   return carry
 
 
+def _varying_axes(x: Array) -> frozenset[str]:
+  """The manual mesh axes over which `x` varies inside `jax.shard_map` (none outside)."""
+  return frozenset(jax.typeof(x).manual_axis_type.varying)
+
+
+def _vary_like(arrays, like):
+  """`arrays` made to vary over every manual mesh axis that any of `like` varies over (the
+  identity outside `jax.shard_map`). Inside it (the expert-parallel dropless path) a loop's
+  carry, both branches of a cond, and a custom VJP's inputs and cotangents must agree on them;
+  the transpose of this cast sums the cotangents over the added axes."""
+  axes = frozenset().union(*(_varying_axes(x) for x in like))
+  out = []
+  for x in arrays:
+    missing = tuple(sorted(axes - _varying_axes(x)))
+    out.append(jax.lax.pcast(x, missing, to="varying") if missing else x)
+  return out
+
+
+def _zeros(shape, dtype, *like: Array) -> Array:
+  """Zeros that vary over the manual mesh axes `like` vary over."""
+  return _vary_like([jnp.zeros(shape, dtype)], like)[0]
+
+
 def _group_starts(group_sizes: Array) -> Array:
   return jnp.cumsum(group_sizes) - group_sizes
 
@@ -122,7 +146,7 @@ def _loop_matmul(lhs: Array, rhs: Array, group_sizes: Array, block: int, transpo
 
     return _for_each_chunk(starts[e], group_sizes[e], block, rows, chunk_matmul, out)
 
-  return _for_each_group(group_sizes, group, jnp.zeros((rows, n), lhs.dtype))
+  return _for_each_group(group_sizes, group, _zeros((rows, n), lhs.dtype, lhs, rhs, group_sizes))
 
 
 def _loop_weight_grad(lhs: Array, dout: Array, group_sizes: Array, block: int, rhs_dtype):
@@ -159,7 +183,8 @@ def _loop_weight_grad(lhs: Array, dout: Array, group_sizes: Array, block: int, r
     return acc.astype(rhs_dtype)
 
   def group_grad(e):
-    return jax.lax.cond(group_sizes[e] > 0, group, lambda e: jnp.zeros((k, n), rhs_dtype), e)
+    zeros = lambda e: _zeros((k, n), rhs_dtype, lhs, dout, group_sizes)
+    return jax.lax.cond(group_sizes[e] > 0, group, zeros, e)
 
   num_groups = group_sizes.shape[0]
   if num_groups <= UNROLL_GROUPS:  # stacked as computed: no zero-filled buffer to update

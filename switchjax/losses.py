@@ -26,13 +26,15 @@ ROUTING_METRICS = (
   "fraction_choices_dropped",
 )
 # Per-layer metrics logged as layers/{path}/{name}; the choice bias ones only where the layer
-# balances without an auxiliary loss (moe.router_bias_update_rate > 0).
+# balances without an auxiliary loss (moe.router_bias_update_rate > 0), the capped share only
+# where dropless dispatch runs expert-parallel (a mesh with an expert axis).
 LAYER_METRICS = (
   "expert_usage",
   "fraction_tokens_left_behind",
   "router_confidence",
   "load_imbalance",
   "fraction_choices_dropped",
+  "fraction_choices_capped",
   "choice_bias_min",
   "choice_bias_max",
   "choice_bias_abs_mean",
@@ -118,9 +120,10 @@ def moe_losses_and_metrics(
     name: jnp.mean(jnp.stack([m[name] for m in layers.values()])).astype(jnp.float32)
     for name in ROUTING_METRICS
   }
-  biased = [m["choice_bias_abs_mean"] for m in layers.values() if "choice_bias_abs_mean" in m]
-  if biased:
-    metrics["choice_bias_abs_mean"] = jnp.mean(jnp.stack(biased)).astype(jnp.float32)
+  for name in ("choice_bias_abs_mean", "fraction_choices_capped"):  # where layers sow them
+    values = [m[name] for m in layers.values() if name in m]
+    if values:
+      metrics[name] = jnp.mean(jnp.stack(values)).astype(jnp.float32)
   for path, m in layers.items():
     for name in LAYER_METRICS:
       if name in m:

@@ -216,7 +216,8 @@ def test_dropless_router_settings():
 
 @pytest.mark.slow
 def test_dropless_on_meshes_equals_single_device():
-  """Not expert-parallel (the sort spans the batch), but correct on every mesh."""
+  """Expert-parallel where the mesh has an expert axis (`tests/test_dropless_ep.py`), and
+  correct on every mesh."""
   boxed, params, x, grad_fn = mesh_test_layer("tokens_choose_dropless")
   ref_grads, ref_y = jax.jit(grad_fn)(params, x)
   for shape in ((2, 2, 2),):

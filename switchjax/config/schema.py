@@ -34,7 +34,8 @@ class MoeConfig:
       (training only).
     router_bias: add a bias to the router logits (off for Switch).
     max_group_size: tokens are routed in groups of at most this many (flaxformer rule).
-    train_capacity_factor, eval_capacity_factor: capacity = cf * tokens_per_group / E.
+    train_capacity_factor, eval_capacity_factor: capacity = cf * tokens_per_group / E
+      (x k with capacity_per_choice).
     min_expert_capacity: lower bound on the capacity.
     expert_capacity: Hugging Face mode when set: every sequence is one group and each expert
       takes at most this many tokens of it (switch-base-*: 64); the factors are then unused.
@@ -55,13 +56,15 @@ class MoeConfig:
       units), 'buffers' (the same buffers filled and emptied by gathers: O(slots) instead of
       O(tokens x slots) work per group), both moved between devices by a mesh's all-to-all
       (empty slots are computed too), 'sorted' (the kept choices sorted by expert and run by
-      grouped matmuls, switchjax.gmm: no empty slot is computed; one device's worth of work,
-      not expert-parallel) or 'auto' (sorted on one CPU device with at most 16 experts, where
-      it is fastest, except in a decoder outside training; otherwise the backend's measured
-      choice, moe.layer.AUTO_DISPATCH). The dropless router always runs sorted. Sorted runs
-      are cut into matmuls by each expert's whole load, so in a decoder a later token can
-      change an earlier token's output in the last bit (routing stays causal); the buffers
-      keep decoders bit-causal, which 'auto' keeps for scoring and decoding.
+      grouped matmuls, switchjax.gmm: no empty slot is computed; on a mesh with an expert
+      axis, expert-parallel by an all-to-all of capped buffers, see
+      dropless_ep_capacity_factor) or 'auto' (sorted on one CPU device with at most 16
+      experts, where it is fastest, except in a decoder outside training; otherwise the
+      backend's measured choice, moe.layer.AUTO_DISPATCH). The dropless router always runs
+      sorted. Sorted runs are cut into matmuls by each expert's whole load, so in a decoder
+      a later token can change an earlier token's output in the last bit (routing stays
+      causal); the buffers keep decoders bit-causal, which 'auto' keeps for scoring and
+      decoding.
     num_shared_experts: dense experts every token passes through beside its routed ones
       (DeepSeekMoE), their outputs added to the routed output; 0 (default, Switch): none.
       They run as one dense MLP of num_shared_experts x shared_expert_d_ff hidden units,
@@ -78,6 +81,20 @@ class MoeConfig:
       becomes bias + rate * sign(mean load - expert load), the loads counted over the whole
       global batch. It has no gradient and the optimizer never changes it (the train step
       writes it); it is saved with the parameters. 0 (default): no bias.
+    dropless_ep_capacity_factor: dropless dispatch (the dropless router, or dispatch
+      'sorted') on a mesh whose 'expert' axis has more than one device runs expert-parallel
+      (moe.expert_parallel, chosen automatically): every device sends each expert shard a
+      buffer of ceil(factor x its choices / expert shards) rows (at most all its choices,
+      which never caps). Choices beyond the cap contribute 0, like dropped tokens, and are
+      reported as fraction_choices_capped. Unused on one device or without an expert axis.
+    dropless_ep_collective: how those buffers travel: 'all_to_all' (whole buffers; every
+      backend) or 'ragged' (only their filled rows, jax.lax.ragged_all_to_all as MaxText;
+      TPUs and GPUs: XLA:CPU cannot run it). Same layout, cap and results.
+    capacity_per_choice: capacity = cf * k * tokens_per_group / E for the tokens-choose
+      routers (GShard's 2N/E for top-2; MaxText and DeepSpeed for any k): room for every
+      choice of a balanced routing at cf 1, which many narrow experts with a large k
+      (fine-grained experts, model.expert_d_ff < d_ff) need. False (default): flaxformer's
+      cf * tokens_per_group / E whatever k, so top-k drops most choices when k > cf.
   """
 
   num_experts: int = 8
@@ -102,6 +119,9 @@ class MoeConfig:
   normalize_top_k: bool = False
   routed_scaling_factor: float = 1.0
   router_bias_update_rate: float = 0.0
+  dropless_ep_capacity_factor: float = 2.0
+  dropless_ep_collective: str = "all_to_all"
+  capacity_per_choice: bool = False
 
   def validate(self, prefix: str = "moe") -> None:
     """Raises ValueError naming the field and the fix."""
@@ -159,6 +179,16 @@ class MoeConfig:
       )
     if self.routed_scaling_factor <= 0:
       raise ValueError(f"{p}.routed_scaling_factor={self.routed_scaling_factor} must be > 0.")
+    if self.dropless_ep_capacity_factor <= 0:
+      raise ValueError(
+        f"{p}.dropless_ep_capacity_factor={self.dropless_ep_capacity_factor} must be > 0 "
+        "(2.0: twice the even share of each device's choices per expert shard)."
+      )
+    if self.dropless_ep_collective not in ("all_to_all", "ragged"):
+      raise ValueError(
+        f"{p}.dropless_ep_collective={self.dropless_ep_collective!r}; use all_to_all or "
+        "ragged (TPUs and GPUs only)."
+      )
     if self.router_bias_update_rate < 0:
       raise ValueError(
         f"{p}.router_bias_update_rate={self.router_bias_update_rate} must be >= 0 (0: off)."

@@ -23,10 +23,14 @@ A cached decoding step (one token per sequence) routes without capacity and runs
 
 Expert parallelism: buffers are laid out [groups, experts, capacity, d] with groups sharded over
 ('data', 'expert') and moved to [experts, groups, capacity, d] with experts sharded over
-'expert'; under a mesh the compiler turns that resharding into an all-to-all.
+'expert'; under a mesh the compiler turns that resharding into an all-to-all. Sorted dispatch
+on a mesh whose 'expert' axis has more than one device is expert-parallel by explicit
+all-to-alls inside `jax.shard_map` (`expert_parallel`): each choice goes to its expert's
+device in a buffer of fixed size per destination (`MoeConfig.dropless_ep_capacity_factor`;
+choices beyond it are capped, give 0 and are counted in `fraction_choices_capped`).
 
 The package: `groups` (routing groups and capacity), `sorted_layout` (choices sorted by
-expert) and `layer` (MoeLayer).
+expert), `expert_parallel` (sorted dispatch across the expert axis) and `layer` (MoeLayer).
 """
 
 from switchjax.moe.groups import (

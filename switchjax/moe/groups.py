@@ -82,7 +82,8 @@ def group_layout(
 
   The group count is a multiple of `config.group_multiple`, or of `num_shards` when that is 0;
   a fixed multiple whose groups cannot split over `num_shards` devices is refused.
-  Capacity = max(round(cf * tokens_per_group / E), min_expert_capacity).
+  Capacity = max(round(cf * tokens_per_group / E), min_expert_capacity), with cf multiplied
+  by k for config.capacity_per_choice (tokens-choose routers).
   """
   if config.expert_capacity is not None:  # Hugging Face: one group per sequence.
     return GroupLayout(batch, length, batch, length, config.expert_capacity)
@@ -98,10 +99,20 @@ def group_layout(
     )
   tokens_per_group = tokens // groups
   factor = config.train_capacity_factor if train else config.eval_capacity_factor
+  factor *= choices_per_token(config)
   capacity = max(
     int(round(factor * tokens_per_group / config.num_experts)), config.min_expert_capacity
   )
   return GroupLayout(batch + pad_b, length + pad_l, groups, tokens_per_group, capacity)
+
+
+def choices_per_token(config: MoeConfig) -> int:
+  """The multiple of cf * tokens / E that an expert's capacity is: k for a tokens-choose
+  router with config.capacity_per_choice, else 1 (flaxformer; experts-choose routers, whose
+  experts pick cf * tokens / E tokens each, have no k)."""
+  if not config.capacity_per_choice or config.router().fills_capacity:
+    return 1
+  return config.num_selected_experts
 
 
 def causal_token_order(layout: GroupLayout) -> np.ndarray | None:

@@ -18,6 +18,7 @@ from switchjax.activations import activation_fn
 from switchjax.config import MoeConfig
 from switchjax.gmm import grouped_matmul
 from switchjax.layers import MlpBlock
+from switchjax.moe import expert_parallel
 from switchjax.moe.groups import causal_token_order, group_layout, mesh_group_shards
 from switchjax.moe.sorted_layout import dropless_block, sorted_rows
 
@@ -123,7 +124,7 @@ class MoeLayer(nn.Module):
         route = route.to_mask(cfg.num_experts, capacity)  # flaxformer's one-hot form
 
     if isinstance(route, routing.RouterChoices):
-      y, stats = self._dropless(x, route, enable_dropout)
+      y, stats = self._dropless(x, route, enable_dropout, uncapped=step)
     elif isinstance(route, routing.RouterIndices):
       scatter = type(router).combine_by_scatter
       y, stats = self._dispatch_by_slots(x, route, capacity, scatter, enable_dropout)
@@ -260,15 +261,18 @@ class MoeLayer(nn.Module):
     )
     return y, stats
 
-  def _dropless(self, x, route: routing.RouterChoices, enable_dropout):
+  def _dropless(self, x, route: routing.RouterChoices, enable_dropout, uncapped: bool = False):
     """Every choice computed, none dropped: choices sorted by expert into runs (each padded to a
     multiple of a small block), the experts run on their runs by grouped matmuls
     (`switchjax.gmm`: jax.lax.ragged_dot, or blocked loops on CPU), outputs gathered back.
 
-    The sort spans all groups of the call. Under a mesh it is not partitioned: XLA gathers the
-    tokens and the expert weights it needs onto each device (correct; no expert-parallel
-    all-to-all, which would need ragged_all_to_all on TPUs/GPUs).
+    The sort spans all groups of the call. On a mesh whose 'expert' axis has more than one
+    device, the choices travel to their experts' devices and back instead (`_dropless_ep`,
+    chosen automatically; no setting turns it off), in buffers that cap nothing when
+    `uncapped` (a decoding step: its few tokens are never dropped).
     """
+    if expert_parallel.expert_shards() > 1:
+      return self._dropless_ep(x, route, enable_dropout, uncapped)
     groups, tokens, d_model = x.shape
     num_experts = self.config.num_experts
     with jax.named_scope("moe_dispatch"):
@@ -298,6 +302,45 @@ class MoeLayer(nn.Module):
       routed=jnp.sum(routed, axis=-1),
       tokens_per_expert=_bincount(route.expert_index, num_experts),
       combine_total=jnp.sum(route.combine_weights),
+    )
+    return y, stats
+
+  def _dropless_ep(self, x, route: routing.RouterChoices, enable_dropout, uncapped: bool):
+    """The dropless layer expert-parallel (`switchjax.moe.expert_parallel`): each device sends
+    its choices to the devices of their experts by all-to-all, in buffers of a fixed number of
+    rows per destination (moe.dropless_ep_capacity_factor x the even share, or all of a
+    device's choices when `uncapped`); choices beyond that are capped: they contribute 0, like
+    dropped tokens, and are counted in `fraction_choices_capped` (and so in the dropped-choice
+    metrics)."""
+    num_experts = self.config.num_experts
+    shards = expert_parallel.expert_shards()
+    factor = float(shards) if uncapped else self.config.dropless_ep_capacity_factor
+    wis, wo = self._kernels(x.shape[-1])
+    keep = None
+    if enable_dropout and self.dropout_rate > 0.0:  # the one-device path's per-expert masks
+      ones = jnp.ones((num_experts, 1, 1, self.d_ff), self.dtype)
+      keep = self._dropout(ones, enable_dropout)[:, 0, 0] > 0  # [experts, d_ff]
+    weights = expert_parallel.ExpertWeights(wis=wis, wo=wo, keep=keep)
+    with jax.named_scope("moe_experts"):
+      # [groups, tokens, k, d_model], [groups, tokens, k]
+      outputs, served = expert_parallel.dropless_all_to_all(
+        x.astype(self.dtype),
+        route.expert_index,
+        weights,
+        self._hidden,
+        factor=factor,
+        dropout=self.dropout_rate,
+        ragged=self.config.dropless_ep_collective == "ragged",
+      )
+    with jax.named_scope("moe_combine"):
+      dtype = jnp.dtype(self.config.combine_dtype)
+      y = jnp.einsum("gtkd,gtk->gtd", outputs.astype(dtype), route.combine_weights.astype(dtype))
+    chosen = route.expert_index >= 0
+    stats = RouteStats(
+      routed=jnp.sum(served, axis=-1),
+      tokens_per_expert=_bincount(jnp.where(served, route.expert_index, -1), num_experts),
+      combine_total=jnp.sum(jnp.where(served, route.combine_weights, 0.0)),
+      capped=jnp.sum(chosen & ~served) / jnp.maximum(jnp.sum(chosen), 1),
     )
     return y, stats
 
@@ -391,7 +434,9 @@ class MoeLayer(nn.Module):
     dispatched / (experts * the busiest expert's tokens), 1 when perfectly balanced.
     load_imbalance is max / mean of the tokens each expert took (1: balanced, E: one expert
     took all); fraction_choices_dropped the share of the token choices (tokens x experts per
-    token; for experts-choose, x capacity factor) that no expert served.
+    token; for experts-choose, x capacity factor) that no expert served. Dropless layers run
+    expert-parallel also sow fraction_choices_capped: the share of their routed choices beyond
+    the all-to-all buffers' cap (served by no expert, so also counted as dropped).
     """
     cfg = self.config
     router_cls = type(router)
@@ -421,6 +466,8 @@ class MoeLayer(nn.Module):
       "load_imbalance": jnp.max(load) / jnp.maximum(jnp.mean(load), 1e-9),
       "fraction_choices_dropped": jnp.maximum(1.0 - num_dispatched / choices, 0.0),
     }
+    if stats.capped is not None:
+      metrics["fraction_choices_capped"] = stats.capped
     for name, value in metrics.items():
       self.sow("intermediates", name, jnp.asarray(value))
     # [batch, length, experts], in the input's layout (padding added for grouping removed).
@@ -446,11 +493,14 @@ class RouteStats:
     routed: <int>[groups, tokens], how many experts took each token.
     tokens_per_expert: <int32>[experts], tokens each expert took.
     combine_total: sum of the combine weights of the kept choices.
+    capped: the share of the routed choices that expert-parallel dropless dispatch capped
+      (`_dropless_ep`), or None where nothing is capped.
   """
 
   routed: Array
   tokens_per_expert: Array
   combine_total: Array
+  capped: Array | None = None
 
 
 def _bincount(expert_index: Array, num_experts: int) -> Array:

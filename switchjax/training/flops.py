@@ -31,9 +31,12 @@ def train_flops_per_example(config: Config) -> float:
   """Approximate training FLOPs (forward + backward = 3 x forward) of one example.
 
   Counts the matmuls: 2 FLOPs per multiply-add of every dense weight a token passes through,
-  each MoE token through the experts its router sends it to (the router class says how many;
-  capacity slack not counted) and through the shared experts, attention's QK^T and AV, and the
-  output logits.
+  each MoE token through the experts its router sends it to (the router class says how many:
+  k for top-k, each of width model.expert_d_ff, so 4 x 16 experts of d_ff / 4 with top-4 cost
+  Switch's top-1 plus the wider router; capacity slack and dropped choices not counted: with
+  flaxformer's capacity, cf x tokens / E whatever k, a top-k router with k > cf serves fewer
+  choices than counted, which moe.capacity_per_choice avoids) and through the shared experts,
+  attention's QK^T and AV, and the output logits.
   """
   m, d = config.model, config.data
   s, t = d.inputs_length, d.targets_length

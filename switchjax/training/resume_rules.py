@@ -25,7 +25,12 @@ _MOE_TRAINING = (
   # balancing on or off adds or removes the bias parameter: the checkpoint then no longer
   # fits and the run is refused as another model.)
   "router_bias_update_rate",
+  # The expert-parallel dropless buffers' cap: which choices are capped, like a capacity factor.
+  "dropless_ep_capacity_factor",
+  "capacity_per_choice",  # capacity x k: a capacity factor too
 )
+# How the computation runs, not what it computes.
+_MOE_FREE = ("dropless_ep_collective",)
 _BOOKKEEPING = (
   "num_train_steps",
   "num_microbatches",
@@ -61,6 +66,7 @@ RULES: dict[str, str] = {
   "model.expert_dropout_rate": OPTIMISATION,
   **{f"model.moe.{name}": OPTIMISATION for name in _MOE_TRAINING},
   **{f"model.moe.{name}": MODEL for name in _MOE_MODEL},
+  **{f"model.moe.{name}": FREE for name in _MOE_FREE},
   "data": DATA,
   "data.cache_dir": FREE,
   "data.prepared": FREE,  # the same tokens wherever they are read from (checked at start-up)
