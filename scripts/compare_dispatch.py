@@ -44,11 +44,19 @@ def parse_args(argv):
     metavar="PRESET:SLICE",
     help="default: base8:v5p-32 and large128:v5p-128",
   )
+  parser.add_argument(
+    "--dispatch",
+    action="append",
+    choices=DISPATCHES,
+    default=[],
+    help="compile only these (repeatable; default: all three)",
+  )
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
   parser.add_argument("--out", default=None, metavar="PATH", help="write the table (markdown)")
   parser.add_argument("--json", default=None, metavar="PATH", help="write the reports")
   args = parser.parse_args(argv)
   args.case = args.case or ["base8:v5p-32", "large128:v5p-128"]
+  args.dispatch = args.dispatch or list(DISPATCHES)
   if any(c.count(":") < 1 for c in args.case):
     parser.error("--case takes PRESET:SLICE, e.g. base8:v5p-32")
   return args
@@ -85,7 +93,7 @@ def main(argv=None) -> int:
       preset, name = case.split(":", 1)
       cases.append((load_config(preset, args.set), topologies.parse_slice(name)))
     for config, tpu in cases:
-      for dispatch in DISPATCHES:
+      for dispatch in args.dispatch:
         run = load_config(
           config.name, [*args.set, "model.scan_layers=true", f"model.moe.dispatch={dispatch}"]
         )

@@ -133,3 +133,22 @@ def test_fit_presets_finds_the_smallest_slice_and_appends(tmp_path):
   assert again.returncode == 0, again.stderr[-2000:]
   assert "tiny on" not in again.stdout  # nothing compiled again
   assert "| tiny | " in out.read_text() and "--append" in out.read_text()
+
+
+@pytest.mark.slow
+def test_compare_dispatch_reports_each_dispatch_for_a_slice(tmp_path):
+  """scripts/compare_dispatch.py on the tiny preset and a 4-chip v5p slice: one row per asked
+  dispatch, both expert-parallel (all-to-alls, no token-sized all-gather)."""
+  out, saved = tmp_path / "dispatch.md", tmp_path / "dispatch.json"
+  command = [sys.executable, "scripts/compare_dispatch.py", "--case", "tiny:v5p-8"]
+  command += ["--dispatch", "einsum", "--dispatch", "buffers", "--set", "train.batch_size=32"]
+  done = subprocess.run(
+    [*command, "--out", str(out), "--json", str(saved)], cwd=ROOT, capture_output=True, text=True
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  reports = json.loads(saved.read_text())
+  assert [r["settings"]["dispatch"] for r in reports] == ["einsum", "buffers"]
+  for r in reports:
+    assert r["platform"] == "v5p-8" and r["collectives"]["all-to-all"] > 0, r
+    assert r["token_sized_all_gathers"] == [] and r["flops"] > 0
+  assert out.read_text().count("| tiny | v5p-8 |") == 2
