@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from match import words
+from tiny import doc_paragraphs
 
 from switchjax.config import DataConfig
 from switchjax.data import (
@@ -30,16 +31,6 @@ from switchjax.data import tokenizer as tokenizer_lib
 INPUTS, TARGETS, RAW = 64, 14, 70  # random_spans_helper(64) == (70, 14): 3 spans per chunk.
 
 
-def _paragraphs(text):
-  """Paragraphs without blank lines inside or trailing spaces (so .txt round-trips them)."""
-  out = []
-  for block in re.split(r"\n\s*\n", text):
-    lines = [line.rstrip() for line in block.splitlines() if line.strip()]
-    if lines:
-      out.append("\n".join(lines))
-  return out
-
-
 def _write_jsonl(path, records):
   path.write_text("".join(json.dumps(r) + "\n" for r in records))
   return path
@@ -49,8 +40,7 @@ def _write_jsonl(path, records):
 def ws(tmp_path_factory):
   """A corpus in three formats and a small tokenizer trained once for the whole session."""
   root = tmp_path_factory.mktemp("data")
-  topics = pydoc_data.topics.topics
-  docs = [p for name in sorted(topics) for p in _paragraphs(topics[name])][:2500]
+  docs = doc_paragraphs(2500)
   (root / "corpus.txt").write_text("\n\n".join(docs) + "\n")
   _write_jsonl(root / "corpus.jsonl", [{"id": i, "text": d} for i, d in enumerate(docs)])
   pq.write_table(pa.table({"body": docs, "n": list(range(len(docs)))}), root / "corpus.parquet")

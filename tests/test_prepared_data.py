@@ -3,7 +3,6 @@ bit-identical to today's pipeline for any host count; reruns; one-line errors.""
 
 import gzip
 import json
-import pydoc_data.topics
 import re
 import types
 
@@ -11,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from tiny import doc_paragraphs
 
 from switchjax.config import DataConfig
 from switchjax.data import corpus as corpus_lib
@@ -23,21 +23,11 @@ INPUTS, TARGETS = 64, 14
 BLOCK = 24_000  # bytes: the larger files are cut into several parts
 
 
-def _paragraphs(text):
-  out = []
-  for block in re.split(r"\n\s*\n", text):
-    lines = [line.rstrip() for line in block.splitlines() if line.strip()]
-    if lines:
-      out.append("\n".join(lines))
-  return out
-
-
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
   """A corpus of ~300 KB in five files of four formats, and a small tokenizer."""
   root = tmp_path_factory.mktemp("prepared")
-  topics = pydoc_data.topics.topics
-  docs = [p for name in sorted(topics) for p in _paragraphs(topics[name])][:2000]
+  docs = doc_paragraphs(2000)
   quarters = [docs[i::4] for i in range(4)]
   (root / "a.txt").write_text("\n\n".join(quarters[0]) + "\n")
   lines = "".join(json.dumps({"text": d, "n": i}) + "\n" for i, d in enumerate(quarters[1]))
@@ -302,8 +292,6 @@ def test_error_prepared_does_not_exist(ws, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["beam", "processes"])
 def test_job_with_two_workers_gives_the_same_bytes(ws, prepared, tmp_path, engine):
-  if engine == "beam":
-    pytest.importorskip("apache_beam", reason="the data extra: pip install -e '.[data]'")
   from switchjax.data.prepare_job import prepare_corpus
 
   prepare_corpus(_cfg(ws), str(tmp_path / "out"), num_workers=2, engine=engine, block_bytes=BLOCK)

@@ -6,6 +6,8 @@ Small enough to compile in seconds on one CPU core; no test should need a bigger
 """
 
 import io
+import pydoc_data.topics
+import re
 
 import jax
 import numpy as np
@@ -60,3 +62,17 @@ def random_params(model, scale: float = 0.5, seed: int = 0):
   rng = np.random.default_rng(seed)
   shapes = sharding.unbox(abstract_params(model))
   return jax.tree.map(lambda s: rng.normal(0.0, scale, s.shape).astype(np.float32), shapes)
+
+
+def doc_paragraphs(limit: int) -> list[str]:
+  """The first `limit` paragraphs of CPython's pydoc topics (blank lines removed): a small
+  offline corpus of real text, in a fixed order, without blank lines inside or trailing spaces
+  (so a .txt file round-trips them)."""
+  topics = pydoc_data.topics.topics
+  out = []
+  for name in sorted(topics):
+    for block in re.split(r"\n\s*\n", topics[name]):
+      lines = [line.rstrip() for line in block.splitlines() if line.strip()]
+      if lines:
+        out.append("\n".join(lines))
+  return out[:limit]

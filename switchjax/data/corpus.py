@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 TOKENIZER_TRAINING_SENTENCES = 300_000  # Lines of the corpus the tokenizer is trained on.
-_ENCODE_BATCH_DOCS = 512
+ENCODE_BATCH_DOCS = 512
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,7 +486,7 @@ def _write_tokens(corpus, tokenizer: Tokenizer, path: pathlib.Path) -> None:
   try:
     num_tokens = 0
     with open(raw_path, "wb") as raw:
-      for docs in _batches(corpus.documents(), _ENCODE_BATCH_DOCS):
+      for docs in in_batches(corpus.documents(), ENCODE_BATCH_DOCS):
         encoded = call_interruptibly(tokenizer.encode_batch, docs)  # signals stay prompt
         ids = [i for doc_ids in encoded for i in doc_ids]
         raw.write(np.asarray(ids, dtype=dtype).tobytes())
@@ -505,7 +505,8 @@ def _write_tokens(corpus, tokenizer: Tokenizer, path: pathlib.Path) -> None:
     raw_path.unlink(missing_ok=True)
 
 
-def _batches(items, size):
+def in_batches(items, size):
+  """Lists of `size` consecutive items (the last may be shorter)."""
   batch = []
   for item in items:
     batch.append(item)

@@ -42,10 +42,12 @@ import numpy as np
 
 from switchjax.data import cache
 from switchjax.data.corpus import (
+  ENCODE_BATCH_DOCS,
   Block,
   DefaultCorpus,
   default_documents,
   get_tokenizer,
+  in_batches,
   open_corpus,
   read_documents,
   token_dtype,
@@ -59,7 +61,6 @@ FORMAT = "switchjax-prepared-corpus"
 VERSION = 1
 MANIFEST, PREPARATION, SPIECE = "manifest.json", "preparation.json", "spiece.model"
 DEFAULT_BLOCK_BYTES = 64 << 20  # A part per 64 MB of a large text file.
-_ENCODE_BATCH_DOCS = 512
 _OPEN_PARTS = 64  # Part files a reader keeps open.
 
 
@@ -284,7 +285,7 @@ def write_part(
 def _encode_part(spec, tokenizer, text_field, dtype, num_threads) -> tuple[bytes, list[int]]:
   """(token bytes, document ends) of a part: documents encoded in batches, no separators."""
   pieces, ends, count = [], [], 0
-  for docs in _batches(spec.documents(text_field), _ENCODE_BATCH_DOCS):
+  for docs in in_batches(spec.documents(text_field), ENCODE_BATCH_DOCS):
     encoded = call_interruptibly(tokenizer.encode_batch, docs, num_threads=num_threads)
     for ids in encoded:
       count += len(ids)
@@ -292,17 +293,6 @@ def _encode_part(spec, tokenizer, text_field, dtype, num_threads) -> tuple[bytes
     total = sum(map(len, encoded))
     pieces.append(np.fromiter(itertools.chain.from_iterable(encoded), dtype, total).tobytes())
   return b"".join(pieces), ends
-
-
-def _batches(items, size):
-  batch = []
-  for item in items:
-    batch.append(item)
-    if len(batch) == size:
-      yield batch
-      batch = []
-  if batch:
-    yield batch
 
 
 def finish(output, preparation: Preparation) -> dict:
