@@ -2,6 +2,7 @@
 
   python scripts/scaling.py --workdir=runs/scaling          # the README's sweep (~40 min, 2 cores)
   python scripts/scaling.py --workdir=runs/s --seeds=0,1,2 --steps=1000 --experts=4,16
+  python scripts/scaling.py --study --workdir=runs/study --set data.paths=corpus.txt  # issue 31
 
 Trains a dense T5 and Switch models with --experts experts (top-1, experts as wide as the
 dense MLP: the same FLOPs per token) for --steps steps each, then Switch models with
@@ -9,7 +10,9 @@ dense MLP: the same FLOPs per token) for --steps steps each, then Switch models 
 embedded corpus (switchjax.scaling.base_config: the small preset shrunk to 2 + 2 layers of
 width 64, 16 x (64 + 14) tokens per step; --config picks another, --set changes fields). Runs
 live in WORKDIR/<variant>/seed<N> (an interrupted sweep resumes); all of them are written to
---output (default WORKDIR/results.json) and the tables are printed.
+--output (default WORKDIR/results.json) and the tables are printed. --study runs the
+beyond-Switch variants instead (scaling.study_variants: Switch top-1 with the auxiliary loss,
+auxiliary-loss-free and dropless; top-2; shared + fine-grained experts), all at Switch's FLOPs.
 notebooks/expert_scaling.ipynb plots them. Run as a script it restarts once with XLA's
 buffers on huge pages (switchjax/huge_pages.py; GLIBC_TUNABLES=glibc.malloc.hugetlb=0 opts out).
 """
@@ -44,6 +47,14 @@ def main(argv=None) -> int:
   parser.add_argument(
     "--capacity_factor", type=float, default=1.25, help="of the experts sweep (train)"
   )
+  parser.add_argument(
+    "--study",
+    action="store_true",
+    help="run the beyond-Switch study's variants (scaling.study_variants) instead of the sweep",
+  )
+  parser.add_argument(
+    "--bias_update_rate", type=float, default=1e-3, help="of the study's auxiliary-loss-free runs"
+  )
   args = parser.parse_args(argv)
 
   from switchjax import scaling
@@ -55,9 +66,12 @@ def main(argv=None) -> int:
       base = load_config(args.config, args.set)
     else:
       base = scaling.base_config(args.set)
-    variants = scaling.sweep_variants(
-      args.experts, args.table_experts, args.capacity_factors, args.top_k, args.capacity_factor
-    )
+    if args.study:
+      variants = scaling.study_variants(base.model.d_ff, args.bias_update_rate)
+    else:
+      variants = scaling.sweep_variants(
+        args.experts, args.table_experts, args.capacity_factors, args.top_k, args.capacity_factor
+      )
     if len(args.seeds) < 1 or args.steps < 1 or not 1 <= args.eval_every <= args.steps:
       raise ValueError("need --seeds, --steps >= 1 and 1 <= --eval_every <= --steps.")
     output = pathlib.Path(args.output or pathlib.Path(args.workdir) / "results.json")

@@ -63,14 +63,20 @@ class Variant:
     num_experts: E; 0 is the dense model (the sparse MLPs stay dense, as wide as an expert).
     top_k: experts per token.
     capacity_factor: the training capacity factor (evaluation uses the config's, 2.0).
+    label: the run's name (default: from E, k and the capacity factor).
+    extra: further overrides (routers, shared or narrower experts, balancing).
   """
 
   num_experts: int
   top_k: int = 1
   capacity_factor: float = 1.25
+  label: str = ""
+  extra: tuple[str, ...] = ()
 
   @property
   def name(self) -> str:
+    if self.label:
+      return self.label
     if not self.num_experts:
       return "dense"
     return f"switch-e{self.num_experts}-top{self.top_k}-cf{self.capacity_factor:g}"
@@ -82,6 +88,7 @@ class Variant:
       f"model.moe.num_experts={self.num_experts}",
       f"model.moe.num_selected_experts={self.top_k}",
       f"model.moe.train_capacity_factor={self.capacity_factor}",
+      *self.extra,
     ]
 
 
@@ -97,6 +104,45 @@ def sweep_variants(
   out = [Variant(0)] + [Variant(e, 1, capacity_factor) for e in experts]
   out += [Variant(table_experts, k, cf) for k in top_ks for cf in capacity_factors]
   return list(dict.fromkeys(out))
+
+
+# Beyond Switch (issue 31): the routing of DeepSeekMoE / DeepSeek-V3 next to Switch's, at the
+# FLOPs per token and the parameters of Switch with 8 experts as wide as the dense MLP (d_ff):
+# top-2 over 16 experts of d_ff / 2, and DeepSeekMoE's fine-grained split (32 experts of
+# d_ff / 4, top-3) with one shared expert of d_ff / 4, so every token passes through d_ff
+# hidden units (the shared expert adds d_ff / 4 x 2 x d_model parameters per layer).
+def study_variants(d_ff: int = 256, rate: float = 1e-3) -> list[Variant]:
+  """The study's variants: dense; Switch top-1 at cf 1.25 with the auxiliary loss, without it
+  but balanced by a choice bias updated at `rate` (DeepSeek-V3), and dropless; top-2 over
+  narrower experts; shared + fine-grained experts with the auxiliary loss, and the same with
+  DeepSeek-V3's sigmoid scores, top-k normalisation and bias instead."""
+  fine, half = d_ff // 4, d_ff // 2
+  aux_free = ("train.aux_loss_factor=0.0", f"model.moe.router_bias_update_rate={rate:g}")
+  shared_fine = (
+    f"model.expert_d_ff={fine}",
+    "model.moe.num_shared_experts=1",
+    f"model.moe.shared_expert_d_ff={fine}",
+    "model.moe.capacity_per_choice=true",
+  )
+  return [
+    Variant(0),
+    Variant(8, 1, 1.25, "switch-top1"),
+    Variant(8, 1, 1.25, "switch-top1-auxfree", aux_free),
+    Variant(8, 1, 1.25, "switch-top1-dropless", ("model.moe.router_type=tokens_choose_dropless",)),
+    Variant(
+      16, 2, 1.25, "top2-e16", (f"model.expert_d_ff={half}", "model.moe.capacity_per_choice=true")
+    ),
+    Variant(32, 3, 1.25, "shared-fine-e32-top3", shared_fine),
+    Variant(
+      32,
+      3,
+      1.25,
+      "shared-fine-e32-top3-auxfree-sigmoid",
+      shared_fine
+      + aux_free
+      + ("model.moe.router_score=sigmoid", "model.moe.normalize_top_k=true"),
+    ),
+  ]
 
 
 def run_config(
@@ -127,7 +173,9 @@ def run_config(
 def read_run(workdir) -> dict:
   """What one run logged: eval points [step, loss, cross-entropy, accuracy] and training
   points [step, loss, seconds per step, fraction of tokens dropped, router confidence (the
-  mean combine weight of the routed tokens; 0 for a dense model)], from metrics.jsonl."""
+  mean combine weight of the routed tokens; 0 for a dense model), load imbalance (max / mean
+  tokens per expert; 1 for a dense model), fraction of token choices dropped (or capped)],
+  from metrics.jsonl."""
   lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
   records = [json.loads(line) for line in lines if line.strip()]
   evals = {
@@ -142,6 +190,8 @@ def read_run(workdir) -> dict:
       r["seconds_per_step"],
       r.get("fraction_tokens_left_behind", 0.0),
       r.get("router_confidence", 0.0),
+      r.get("load_imbalance", 1.0),
+      r.get("fraction_choices_dropped", 0.0),
     ]
     for r in records
     if "seconds_per_step" in r
@@ -233,8 +283,10 @@ class Row:
   """One variant over its seeds: mean and sample standard deviation (ddof 1) of the final eval
   loss and the seeds' values, the final eval accuracy, the median step time, the fraction of
   tokens dropped in training (mean over the run), the router confidence at the last logged
-  step, and the steps and seconds of training to first reach the quality threshold (mean over
-  seeds; None when a seed never reaches it)."""
+  step, the load imbalance (max / mean tokens per expert, mean over the run) and the fraction
+  of token choices dropped (mean over the run; runs logged before these were metrics give 1
+  and 0), and the steps and seconds of training to first reach the quality threshold (mean
+  over seeds; None when a seed never reaches it)."""
 
   name: str
   num_experts: int
@@ -250,6 +302,8 @@ class Row:
   seconds_per_step: float
   dropped: float
   router_confidence: float
+  load_imbalance: float
+  choices_dropped: float
   steps_to_threshold: float | None
   seconds_to_threshold: float | None
 
@@ -266,6 +320,14 @@ def _crossing(points: list[tuple[float, float]], threshold: float) -> float | No
 
 def _mean_or_none(values) -> float | None:
   return None if any(v is None for v in values) else float(np.mean(values))
+
+
+def _run_mean(runs: list[dict], index: int, default: float) -> float:
+  """The mean over runs of each run's mean of training-point column `index` (`default` for
+  points logged before that column existed)."""
+  return float(
+    np.mean([np.mean([p[index] if len(p) > index else default for p in r["train"]]) for r in runs])
+  )
 
 
 def quality_threshold(results: dict) -> float:
@@ -305,8 +367,10 @@ def summarize(results: dict, threshold: float | None = None) -> list[Row]:
         final_losses=finals,
         final_accuracy=float(np.mean([r["eval"][-1][3] for r in runs])),
         seconds_per_step=float(np.median([r["seconds_per_step"] for r in runs])),
-        dropped=float(np.mean([np.mean([p[3] for p in r["train"]]) for r in runs])),
+        dropped=max(0.0, float(np.mean([np.mean([p[3] for p in r["train"]]) for r in runs]))),
         router_confidence=float(np.mean([r["train"][-1][4] for r in runs])),
+        load_imbalance=_run_mean(runs, 5, 1.0),
+        choices_dropped=max(0.0, _run_mean(runs, 6, 0.0)),
         steps_to_threshold=_mean_or_none(steps_to),
         seconds_to_threshold=_mean_or_none(seconds_to),
       )
@@ -336,51 +400,55 @@ def split_rows(rows: list[Row]) -> tuple[list[Row], int | None, list[Row]]:
 
 
 def format_tables(results: dict) -> str:
-  """The sweep's two tables (Markdown): quality by number of experts, and capacity factor and
-  top-k at the table's E (with the dense model in both)."""
+  """The sweep's tables (Markdown): quality by number of experts, and capacity factor and top-k
+  at the table's E (with the dense model in both); a study of named variants
+  (`study_variants`) gets one table of them all instead."""
   rows = summarize(results)
-  expert_rows, table_e, table_rows = split_rows(rows)
-  default_cf = expert_rows[-1].capacity_factor if expert_rows else 1.25
   header = (
     f"{results['steps']} steps of {results['tokens_per_step']:,} tokens; eval loss after "
     f"the last step, mean ± std over seeds {results['seeds']} (then each seed's); 'to q' = "
     f"steps and seconds of training to first reach eval loss q = {quality_threshold(results):.4f}"
     ", the worst final loss of the sweep (mean over seeds); ms/step: median, on a shared "
-    "machine."
+    "machine; dropped: tokens left behind, and token choices dropped or capped; imbalance: "
+    "max / mean tokens per expert (means over the run)."
   )
-
-  def table(title, selected, first):
-    lines = [
-      title,
-      "",
-      f"| {first} | parameters | GFLOPs/step | eval loss | seeds | accuracy | ms/step "
-      "| dropped | router conf. | steps to q | s to q |",
-      "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in selected:
-      label = (
-        "dense"
-        if not r.num_experts
-        else (
-          f"E={r.num_experts}" if first == "model" else f"top-{r.top_k}, cf {r.capacity_factor:g}"
-        )
-      )
-      values = " / ".join(f"{v:.3f}" for v in r.final_losses)
-      lines.append(
-        f"| {label} | {r.parameters:,} | {r.gflops_per_step:.3f} | "
-        f"{r.final_loss:.4f} ± {r.final_loss_std:.4f} | {values} | {r.final_accuracy:.3f} | "
-        f"{r.seconds_per_step * 1e3:.0f} | {r.dropped:.3f} | {r.router_confidence:.3f} | "
-        f"{_cell(r.steps_to_threshold, '.0f')} | {_cell(r.seconds_to_threshold, '.1f')} |"
-      )
-    return "\n".join(lines)
-
+  if any(run.get("label") for run in results["runs"]):
+    return "\n\n".join([header, _table("Variants:", rows, "variant")])
+  expert_rows, table_e, table_rows = split_rows(rows)
+  default_cf = expert_rows[-1].capacity_factor if expert_rows else 1.25
   return "\n\n".join(
     [
       header,
-      table(f"Experts (top-1, capacity factor {default_cf:g}):", expert_rows, "model"),
-      table(f"Capacity factor and top-k (E={table_e}):", table_rows, "routing"),
+      _table(f"Experts (top-1, capacity factor {default_cf:g}):", expert_rows, "model"),
+      _table(f"Capacity factor and top-k (E={table_e}):", table_rows, "routing"),
     ]
   )
+
+
+def _label(r: Row, first: str) -> str:
+  if first == "variant" or not r.num_experts:
+    return r.name
+  return f"E={r.num_experts}" if first == "model" else f"top-{r.top_k}, cf {r.capacity_factor:g}"
+
+
+def _table(title: str, selected: list[Row], first: str) -> str:
+  lines = [
+    title,
+    "",
+    f"| {first} | parameters | GFLOPs/step | eval loss | seeds | accuracy | ms/step "
+    "| dropped tokens | dropped choices | imbalance | router conf. | steps to q | s to q |",
+    "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+  ]
+  for r in selected:
+    values = " / ".join(f"{v:.3f}" for v in r.final_losses)
+    lines.append(
+      f"| {_label(r, first)} | {r.parameters:,} | {r.gflops_per_step:.3f} | "
+      f"{r.final_loss:.4f} ± {r.final_loss_std:.4f} | {values} | {r.final_accuracy:.3f} | "
+      f"{r.seconds_per_step * 1e3:.0f} | {r.dropped:.3f} | {r.choices_dropped:.3f} | "
+      f"{r.load_imbalance:.2f} | {r.router_confidence:.3f} | "
+      f"{_cell(r.steps_to_threshold, '.0f')} | {_cell(r.seconds_to_threshold, '.1f')} |"
+    )
+  return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,9 +65,11 @@ def test_a_mesh_the_fixed_group_count_cannot_split_is_refused():
 
 @pytest.mark.slow
 def test_base8_on_a_32_device_pod(tmp_path):
-  """base8's batch of 256 on 1 x 8 (4 microbatches of 8 sequences per device) and on 4 x 8
-  emulated devices (one): one all-to-all pair per sparse layer forward and backward, no
-  token-sized all-gather, and no more temporary memory per device on 32 devices than on 8."""
+  """base8's widths and batch of 256 (2 + 2 of its 12 + 12 layers, so one sparse layer per
+  stack: the compile is what takes time) on 1 x 8 (4 microbatches of 8 sequences per device)
+  and on 4 x 8 emulated devices (one): one all-to-all pair per sparse layer forward and
+  backward, no token-sized all-gather, and no more temporary memory per device on 32 devices
+  than on 8."""
   out = tmp_path / "pod.json"
   subprocess.run(
     [
@@ -80,6 +82,14 @@ def test_base8_on_a_32_device_pod(tmp_path):
       "4,8,1",
       "--batch",
       "256",
+      "--set",
+      "model.num_layers=2",
+      "--set",
+      "model.num_decoder_layers=2",
+      "--set",
+      "model.num_sparse_encoder_layers=1",
+      "--set",
+      "model.num_sparse_decoder_layers=1",
       "--json",
       str(out),
     ],
@@ -89,7 +99,7 @@ def test_base8_on_a_32_device_pod(tmp_path):
   )
   small, pod_run = json.loads(out.read_text())
   assert (small["num_microbatches"], pod_run["num_microbatches"]) == (4, 1)
-  sparse_layers = 6 + 6
+  sparse_layers = 1 + 1
   for report in (small, pod_run):
     assert report["collectives"]["all-to-all"] == 2 * 2 * sparse_layers
     assert report["token_sized_all_gathers"] == [] and report["replications"] == 0
