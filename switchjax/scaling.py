@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from switchjax import routing_history
 from switchjax.config import Config, apply_overrides, estimate_parameters, load_config
 from switchjax.training import train, train_flops_per_example
 
@@ -138,9 +139,7 @@ def study_variants(d_ff: int = 256, rate: float = 1e-3) -> list[Variant]:
       3,
       1.25,
       "shared-fine-e32-top3-auxfree-sigmoid",
-      shared_fine
-      + aux_free
-      + ("model.moe.router_score=sigmoid", "model.moe.normalize_top_k=true"),
+      shared_fine + aux_free + ("model.moe.router_score=sigmoid", "model.moe.normalize_top_k=true"),
     ),
   ]
 
@@ -175,7 +174,7 @@ def read_run(workdir) -> dict:
   points [step, loss, seconds per step, fraction of tokens dropped, router confidence (the
   mean combine weight of the routed tokens; 0 for a dense model), load imbalance (max / mean
   tokens per expert; 1 for a dense model), fraction of token choices dropped (or capped)],
-  from metrics.jsonl."""
+  and each sparse layer's routing metrics (routing_history.read_history), from metrics.jsonl."""
   lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
   records = [json.loads(line) for line in lines if line.strip()]
   evals = {
@@ -196,7 +195,11 @@ def read_run(workdir) -> dict:
     for r in records
     if "seconds_per_step" in r
   }
-  return {"eval": [evals[s] for s in sorted(evals)], "train": [trains[s] for s in sorted(trains)]}
+  return {
+    "eval": [evals[s] for s in sorted(evals)],
+    "train": [trains[s] for s in sorted(trains)],
+    "layers": routing_history.read_history(records),
+  }
 
 
 def training_seconds(train_points: list) -> tuple[float, list[tuple[int, float]]]:

@@ -70,6 +70,56 @@ def test_switch_models_have_the_dense_flops_per_token_and_more_parameters():
   assert train_flops_per_example(top2) > 1.1 * flops
 
 
+def test_study_variants_have_switch_flops_and_parameters():
+  """The beyond-Switch study: every routed variant at Switch top-1's FLOPs per token (the
+  expert widths x k, plus the shared expert, add up to d_ff) and its routed parameters; the
+  auxiliary-loss-free variants turn the loss off and the bias update on, and nothing else."""
+  base = scaling.base_config()
+  variants = scaling.study_variants(base.model.d_ff, rate=0.002)
+  configs = {
+    v.name: scaling.run_config(base, v, seed=0, steps=100, eval_every=50, eval_steps=2)
+    for v in variants
+  }
+  assert list(configs) == [
+    "dense",
+    "switch-top1",
+    "switch-top1-auxfree",
+    "switch-top1-dropless",
+    "top2-e16",
+    "shared-fine-e32-top3",
+    "shared-fine-e32-top3-auxfree-sigmoid",
+  ]
+  d, d_ff = base.model.d_model, base.model.d_ff
+  switch = configs["switch-top1"]
+  flops = train_flops_per_example(switch)
+  for name, config in configs.items():
+    m, moe = config.model, config.model.moe
+    if name == "dense":
+      continue
+    active = moe.num_selected_experts * m.expert_mlp_dim + moe.num_shared_experts * (
+      moe.shared_expert_d_ff or 0
+    )
+    assert active == d_ff, name
+    assert moe.num_experts * m.expert_mlp_dim == 8 * d_ff, name  # Switch E=8's routed width
+    # Only the wider routers differ: (E - 8) x d MACs per token of the one sparse layer per
+    # stack, x 2 FLOPs, x 3 for the backward pass.
+    tokens = config.data.inputs_length + config.data.targets_length
+    assert train_flops_per_example(config) - flops == (moe.num_experts - 8) * d * 2 * 3 * tokens
+    assert moe.capacity_per_choice == (moe.num_selected_experts > 1), name
+    auxfree = "auxfree" in name
+    assert config.train.aux_loss_factor == (0.0 if auxfree else 0.01), name
+    assert moe.router_bias_update_rate == (0.002 if auxfree else 0.0), name
+  sigmoid = configs["shared-fine-e32-top3-auxfree-sigmoid"].model.moe
+  assert (sigmoid.router_score, sigmoid.normalize_top_k) == ("sigmoid", True)
+  assert configs["switch-top1-dropless"].model.moe.router_type == "tokens_choose_dropless"
+  fine = configs["shared-fine-e32-top3"].model
+  extra = estimate_parameters(fine) - estimate_parameters(switch.model)
+  # Per sparse layer: the shared expert's input and output matrices, and the wider router.
+  matrices = len(fine.expert_acts) + 1
+  shared = 2 * (matrices * d * (d_ff // 4) + (32 - 8) * d)
+  assert extra == shared
+
+
 def _run(name, seed, eval_losses, seconds, num_experts=2, top_k=1, cf=1.25):
   """A hand-made run: eval every 10 steps, training logged every 5 steps."""
   steps = [10 * (i + 1) for i in range(len(eval_losses))]
@@ -174,6 +224,11 @@ def test_script_runs_every_variant_and_seed_and_prints_the_tables(shrunken_sweep
   a, b = runs["switch-e2-top1-cf1.25", 0], runs["switch-e2-top1-cf1.25", 1]
   assert a["eval"] != b["eval"]  # the seeds differ
   assert a["parameters"] > runs["dense", 0]["parameters"]
+  assert runs["dense", 0]["layers"] == {} and [p[5] for p in runs["dense", 0]["train"]] == [1] * 4
+  for layer in a["layers"].values():  # each sparse layer's metrics at every logged step
+    assert [step for step, _ in layer["load_imbalance"]] == [1, 2, 3, 4]
+    assert all(1 <= value <= 2 for _, value in layer["load_imbalance"])  # E = 2
+  assert len(a["layers"]) == 2  # the tiny preset's sparse layers
   assert "| E=2 |" in stdout and "| top-2, cf 1.25 |" in stdout and "Wrote " in stdout
 
 
