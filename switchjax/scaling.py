@@ -494,3 +494,36 @@ def plot_eval_curves(
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   return ax.figure
+
+
+# The training points' columns (read_run) that plot_train_curves draws, with axis labels.
+TRAIN_COLUMNS = {
+  "loss": (1, "training loss"),
+  "dropped_tokens": (3, "tokens dropped"),
+  "router_confidence": (4, "router confidence"),
+  "load_imbalance": (5, "load imbalance (max / mean tokens per expert)"),
+  "dropped_choices": (6, "token choices dropped or capped"),
+}
+
+
+def plot_train_curves(results: dict, column: str, names: Sequence[str] | None = None, ax=None):
+  """A training metric (a key of TRAIN_COLUMNS) against steps: each variant's mean over seeds
+  (all variants, or `names`), the dense model left out of routing metrics."""
+  import matplotlib.pyplot as plt
+
+  index, ylabel = TRAIN_COLUMNS[column]
+  if ax is None:
+    _, ax = plt.subplots(figsize=(6, 4))
+  by_name: dict[str, list[dict]] = {}
+  for run in results["runs"]:
+    if (names is None or run["name"] in names) and (run["num_experts"] or column == "loss"):
+      by_name.setdefault(run["name"], []).append(run)
+  for name, runs in by_name.items():
+    steps = [p[0] for p in runs[0]["train"]]
+    values = np.mean([[p[index] for p in r["train"]] for r in runs], axis=0)
+    ax.plot(steps, values, label=name)
+  ax.set_xlabel("training steps")
+  ax.set_ylabel(ylabel)
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  return ax.figure

@@ -10,6 +10,7 @@ its outputs.
 """
 
 import io
+import json
 import math
 import os
 import pathlib
@@ -334,6 +335,14 @@ def test_notebook_runs_on_the_tiny_preset(tmp_path, monkeypatch):
   monkeypatch.setenv("SWITCHJAX_NOTEBOOK_TINY", "1")
   monkeypatch.setenv("SWITCHJAX_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
   monkeypatch.chdir(tmp_path)
+  (tmp_path / "run").mkdir()
+  logged = {"load_imbalance": 1.5, "fraction_choices_dropped": 0.25, "choice_bias_abs_mean": 0.5}
+  records = [  # what training logs per sparse layer (random parameters here: no training)
+    {"step": step, **{f"layers/{layer}/{k}": v / step for k, v in logged.items()}}
+    for step in (1, 2)
+    for layer in ("encoder/layers_1/mlp", "decoder/layers_1/mlp")
+  ]
+  (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
   nb, ns = run_notebook(NOTEBOOK)
   assert ns["config"].name == "tiny"
   assert list(ns["report"]) == ["encoder/layers_1/mlp", "decoder/layers_1/mlp"]
@@ -342,6 +351,11 @@ def test_notebook_runs_on_the_tiny_preset(tmp_path, monkeypatch):
   code = [c for c in nb.cells if c.cell_type == "code"]
   assert all(c.outputs for c in code[1:]), "every cell after the imports shows something"
   assert any("image/png" in o.get("data", {}) for c in code for o in c.outputs)
+  assert list(ns["history"]) == ["encoder/layers_1/mlp", "decoder/layers_1/mlp"]
+  assert ns["history"]["decoder/layers_1/mlp"]["load_imbalance"] == [(1, 1.5), (2, 0.75)]
+  (during_training,) = [c for c in code if "routing_history" in c.source]
+  assert sum("image/png" in o.get("data", {}) for o in during_training.outputs) == 1
+  assert "imbalance 1.50 at step 1 -> 0.75 at step 2" in during_training.outputs[0].text
 
 
 def test_stored_notebook_is_executed_and_small():
