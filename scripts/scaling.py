@@ -27,6 +27,16 @@ def numbers(kind):
   return lambda text: [kind(x) for x in text.split(",") if x.strip()]
 
 
+def select(variants, names):
+  """The variants named (in the sweep's order); ValueError naming the known ones otherwise."""
+  known = [v.name for v in variants]
+  if unknown := [n for n in names if n not in known]:
+    raise ValueError(
+      f"--only={','.join(unknown)}: no such variant; choose from {', '.join(known)}."
+    )
+  return [v for v in variants if v.name in names]
+
+
 def main(argv=None) -> int:
   from switchjax import huge_pages
 
@@ -53,6 +63,9 @@ def main(argv=None) -> int:
     help="run the beyond-Switch study's variants (scaling.study_variants) instead of the sweep",
   )
   parser.add_argument(
+    "--only", default="", metavar="NAME[,NAME]", help="run only these variants (by name)"
+  )
+  parser.add_argument(
     "--bias_update_rate", type=float, default=1e-3, help="of the study's auxiliary-loss-free runs"
   )
   args = parser.parse_args(argv)
@@ -72,6 +85,8 @@ def main(argv=None) -> int:
       variants = scaling.sweep_variants(
         args.experts, args.table_experts, args.capacity_factors, args.top_k, args.capacity_factor
       )
+    if args.only:
+      variants = select(variants, args.only.split(","))
     if len(args.seeds) < 1 or args.steps < 1 or not 1 <= args.eval_every <= args.steps:
       raise ValueError("need --seeds, --steps >= 1 and 1 <= --eval_every <= --steps.")
     output = pathlib.Path(args.output or pathlib.Path(args.workdir) / "results.json")

@@ -233,6 +233,32 @@ def test_script_runs_every_variant_and_seed_and_prints_the_tables(shrunken_sweep
 
 
 @pytest.mark.slow
+def test_study_script_trains_the_chosen_variant(tmp_path, capsys):
+  """--study --only: one study variant (shared + fine-grained experts, sigmoid scores and the
+  choice bias) trained on the tiny preset, its table row printed; an unknown name is refused
+  before anything trains."""
+  sys.path.insert(0, str(ROOT / "scripts"))
+  try:
+    import scaling as script
+  finally:
+    sys.path.pop(0)
+  name = "shared-fine-e32-top3-auxfree-sigmoid"
+  common = ["--study", "--config=tiny", "--steps=2", "--eval_every=2", "--eval_steps=1"]
+  common += ["--seeds=0", "--set=model.d_ff=64"]  # d_ff / 4 = 16 wide experts
+  assert script.main([*common, f"--workdir={tmp_path / 'a'}", "--only=top3"]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("error: --only=top3: no such variant; choose from dense, switch-top1,")
+  assert not (tmp_path / "a").exists()
+  assert script.main([*common, f"--workdir={tmp_path / 'b'}", f"--only={name}"]) == 0
+  (run,) = json.loads((tmp_path / "b" / "results.json").read_text())["runs"]
+  assert run["name"] == name and run["label"] == name and run["top_k"] == 3
+  assert run["extra"][-2:] == ["model.moe.router_score=sigmoid", "model.moe.normalize_top_k=true"]
+  for layer in run["layers"].values():  # the bias each step routed with: 0, then one update
+    assert [v for _, v in layer["choice_bias_abs_mean"]] == pytest.approx([0.0, 0.001])
+  assert f"| {name} |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_notebook_plots_the_sweep(shrunken_sweep, monkeypatch):
   path, _ = shrunken_sweep
   monkeypatch.setenv("SWITCHJAX_SCALING_RESULTS", str(path))
