@@ -138,9 +138,7 @@ def study_variants(d_ff: int = 256, rate: float = 1e-3) -> list[Variant]:
       3,
       1.25,
       "shared-fine-e32-top3-auxfree-sigmoid",
-      shared_fine
-      + aux_free
-      + ("model.moe.router_score=sigmoid", "model.moe.normalize_top_k=true"),
+      shared_fine + aux_free + ("model.moe.router_score=sigmoid", "model.moe.normalize_top_k=true"),
     ),
   ]
 
