@@ -5,7 +5,9 @@
 Writes a synthetic corpus of --mb MB (sentences of CPython's documentation topics, shuffled
 into new documents; JSON Lines, text and Parquet files), trains its tokenizer once (not timed),
 then measures, each in a fresh process:
-  - today's in-process tokenization (`tokenize_corpus`: one process, SentencePiece threads);
+  - tokenization in one process (`tokenize_corpus(..., num_workers=1)`: SentencePiece threads;
+    a run without a prepared corpus uses a worker process per core, see
+    benchmarks/local_tokenization_speed.py);
   - scripts/prepare_data.py with --num_workers 1 and 2, Beam and plain worker processes;
   - a run's start-up from the prepared corpus (make_pretraining_data and the first batch):
     seconds and peak RSS, for the whole corpus and for a fifth of it.
@@ -29,8 +31,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SETTINGS = ["data.spm_vocab_size=4000", "data.inputs_length=512", "data.targets_length=114"]
 
 
-def write_corpus(directory: pathlib.Path, megabytes: float, seed: int = 0) -> list[str]:
-  """Files of about `megabytes` MB in three formats; returns their paths."""
+def write_corpus(
+  directory: pathlib.Path, megabytes: float, seed: int = 0, kinds=("jsonl", "txt", "parquet")
+) -> list[str]:
+  """Six files of about `megabytes` MB in all, their formats `kinds` in turn; their paths."""
   import pydoc_data.topics
 
   text = " ".join(pydoc_data.topics.topics.values())
@@ -44,7 +48,7 @@ def write_corpus(directory: pathlib.Path, megabytes: float, seed: int = 0) -> li
       doc = " ".join(sentences[j] for j in rng.integers(0, len(sentences), rng.integers(3, 30)))
       docs.append(doc)
       size += len(doc) + 20
-    kind = ("jsonl", "txt", "parquet")[i % 3]
+    kind = kinds[i % len(kinds)]
     path = directory / f"part{i}.{kind}"
     if kind == "jsonl":
       path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
@@ -72,12 +76,12 @@ def in_process(files, cache) -> dict:
   code = f"""
 import json, time, resource
 from switchjax.config import load_config
-from switchjax.data import corpus as c
+from switchjax.data import corpus as c, tokens as t
 cfg = load_config("small", {overrides(files, cache)!r}).data
 corpus = c.open_corpus(cfg)
 tok = c.get_tokenizer(cfg, corpus)
 start = time.perf_counter()
-tokens = c.tokenize_corpus(corpus, tok, cfg.cache_dir)
+tokens = t.tokenize_corpus(corpus, tok, cfg.cache_dir, num_workers=1)
 print(json.dumps({{"seconds": time.perf_counter() - start, "tokens": len(tokens)}}))
 """
   return python(code)
@@ -139,7 +143,7 @@ def main() -> None:
     token_file.unlink()
   cpu = _children_cpu()
   today = in_process(files, cache)["seconds"]
-  rows = [("in-process tokenize_corpus (today)", today, today, _children_cpu() - cpu)]
+  rows = [("tokenize_corpus, one process", today, today, _children_cpu() - cpu)]
   for engine in ("beam", "processes"):
     for workers in (1, 2):
       output = root / f"out_{engine}_{workers}"

@@ -27,6 +27,7 @@ from switchjax.data import (
 )
 from switchjax.data import corpus as corpus_lib
 from switchjax.data import tokenizer as tokenizer_lib
+from switchjax.data import tokens as tokens_lib
 
 INPUTS, TARGETS, RAW = 64, 14, 70  # random_spans_helper(64) == (70, 14): 3 spans per chunk.
 
@@ -275,7 +276,7 @@ def test_tokenizer_trained_at_first_use_and_cached(ws, tmp_path, monkeypatch):
     raise AssertionError("the cache was not used")
 
   monkeypatch.setattr(corpus_lib, "train_tokenizer", fail)
-  monkeypatch.setattr(corpus_lib, "_write_tokens", fail)
+  monkeypatch.setattr(tokens_lib, "_write_tokens", fail)
   again = make_pretraining_data(cfg, 4)
   assert again.tokenizer.spm_path == str(model)
   _assert_batches_equal([first], [next(again.train)])
@@ -526,7 +527,7 @@ def test_one_long_line_trains_a_tokenizer_and_tokenizes(tmp_path):
   )
   corpus = open_corpus(cfg)
   tokenizer = corpus_lib.get_tokenizer(cfg, corpus)
-  tokens = corpus_lib.tokenize_corpus(corpus, tokenizer, tmp_path)
+  tokens = tokens_lib.tokenize_corpus(corpus, tokenizer, tmp_path)
   assert len(tokens) > 500_000
   assert tokenizer.decode(tokens[:2000].tolist()).split()[:50] == text.split()[:50]
 

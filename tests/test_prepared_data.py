@@ -16,6 +16,7 @@ from switchjax.config import DataConfig
 from switchjax.data import corpus as corpus_lib
 from switchjax.data import make_pretraining_data, open_corpus, read_documents, train_tokenizer
 from switchjax.data import prepared as prepared_lib
+from switchjax.data import tokens as tokens_lib
 from switchjax.data.corpus import Block
 from switchjax.data.tokenizer import Tokenizer
 
@@ -68,7 +69,7 @@ def _files(directory):
 def _in_process_tokens(cfg):
   corpus = open_corpus(cfg)
   tokenizer = corpus_lib.get_tokenizer(cfg, corpus)
-  return corpus_lib.tokenize_corpus(corpus, tokenizer, cfg.cache_dir)
+  return tokens_lib.tokenize_corpus(corpus, tokenizer, cfg.cache_dir)
 
 
 # ------------------------------------------------------------------------------------------
@@ -165,20 +166,20 @@ def test_rerun_after_removing_a_part_gives_the_same_bytes(ws, prepared, tmp_path
 
 def test_a_failed_worker_leaves_no_partial_part(ws, prepared, tmp_path, monkeypatch):
   out = tmp_path / "out"
-  real = prepared_lib._encode_part
+  real = prepared_lib.encode_part
 
   def failing(spec, *args):
     if spec.index == 3:
       raise RuntimeError("worker killed")
     return real(spec, *args)
 
-  monkeypatch.setattr(prepared_lib, "_encode_part", failing)
+  monkeypatch.setattr(prepared_lib, "encode_part", failing)
   with pytest.raises(RuntimeError, match="worker killed"):
     prepared_lib.prepare(_cfg(ws), out, block_bytes=BLOCK)
   assert not list(out.glob("part-00003*")) and not list(out.glob(".*"))
   with pytest.raises(ValueError, match="still being prepared.*rerun it with the same settings"):
     make_pretraining_data(_cfg(ws, prepared=str(out)), 8)
-  monkeypatch.setattr(prepared_lib, "_encode_part", real)
+  monkeypatch.setattr(prepared_lib, "encode_part", real)
   prepared_lib.prepare(_cfg(ws), out, block_bytes=BLOCK)
   assert _files(out) == _files(prepared)
 

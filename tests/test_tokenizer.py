@@ -12,7 +12,7 @@ import transformers
 from match import words
 
 from switchjax.data import EOS_ID, PAD_ID, UNK_ID, Tokenizer, span_corruption, train_tokenizer
-from switchjax.data.corpus import token_dtype
+from switchjax.data.tokens import token_dtype
 
 TEXTS = [
   "Hello world, this is a test.",

@@ -1,4 +1,4 @@
-"""Corpora: the embedded default corpus, user files, and their tokenized, cached form.
+"""Corpora: the embedded default corpus, user files, and the tokenizer trained on them.
 
 A corpus is a deterministic sequence of documents (strings):
 
@@ -7,25 +7,29 @@ A corpus is a deterministic sequence of documents (strings):
   `pydoc_data.topics` (language reference pages), then the docstrings of 200+ characters of
   the standard library's modules, classes and functions, read from its source files with `ast`
   (nothing is imported). About 1.7 MB of English text (400k tokens at 8000 pieces) on
-  Python 3.11.
+  Python 3.11. Parsing the standard library takes seconds, so it is cut into DEFAULT_PARTS
+  parts (ranges of its files) that local worker processes parse (workers.py); the documents
+  are the same, in the same order, for any number of workers.
 - user corpora (data.paths: files or globs, in the given order, each glob sorted):
   `.txt`: one document per paragraph (lines up to a blank line), which streams large files;
   `.jsonl` / `.json`: JSON Lines, one object per line, the text in data.text_field;
   `.parquet`: the string column data.text_field. `.gz` versions of .txt/.jsonl/.json work too.
+  A large file is read in Blocks (byte or row-group ranges) by several workers.
 
-Tokenizing (`tokenize_corpus`) concatenates the token ids of all documents without separators,
-as T5's `reduce_concat_tokens` does (no eos between documents), into one flat array saved as a
-memory-mapped .npy in the cache, so a large corpus is tokenized once and not per run.
-`TokenChunks` cuts it into chunks of the raw span-corruption length (568 for 512/114).
+Tokenizing a corpus is tokens.py's (`tokenize_corpus`), in the parts of parts.py.
+`TokenChunks` cuts the token array into chunks of the raw span-corruption length (568 for
+512/114).
 """
 
 from __future__ import annotations
 
 import ast
+import bisect
 import dataclasses
 import functools
 import glob
 import gzip
+import itertools
 import json
 import logging
 import os
@@ -38,12 +42,11 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from switchjax.data import cache
+from switchjax.data import cache, workers
 from switchjax.data.tokenizer import (
   EmptyTextError,
   Tokenizer,
   VocabularyTooLargeError,
-  call_interruptibly,
   train_tokenizer,
 )
 
@@ -51,7 +54,7 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 TOKENIZER_TRAINING_SENTENCES = 300_000  # Lines of the corpus the tokenizer is trained on.
-ENCODE_BATCH_DOCS = 512
+DEFAULT_PARTS = 8  # The embedded corpus is parsed (and tokenized) in this many parts.
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,19 +90,45 @@ def _docstrings(path: pathlib.Path) -> list[str]:
   return docs
 
 
+def default_parts() -> list[tuple[int, int]]:
+  """The embedded corpus's parts: ranges [start, end) of its sources (source 0: the
+  documentation topics; source i >= 1: the standard-library file i - 1), contiguous and of
+  about equal bytes of Python to parse. Fixed by the installation (its fingerprint)."""
+  sizes = [0] + [path.stat().st_size for path in _stdlib_files()]  # the topics parse at once
+  ends = list(itertools.accumulate(sizes))  # ends[i]: bytes of sources 0..i
+  targets = [ends[-1] * k / DEFAULT_PARTS for k in range(1, DEFAULT_PARTS)]
+  cuts = {bisect.bisect_left(ends, target) + 1 for target in targets}  # after the source
+  bounds = [0, *sorted(c for c in cuts if 0 < c < len(sizes)), len(sizes)]
+  return list(zip(bounds[:-1], bounds[1:]))
+
+
+def default_part_documents(start: int, end: int) -> list[str]:
+  """The documents of sources [start, end) of the embedded corpus (see default_parts)."""
+  import pydoc_data.topics
+
+  docs = []
+  if start == 0:
+    topics = pydoc_data.topics.topics
+    docs += [topics[name] for name in sorted(topics)]
+  for path in _stdlib_files()[max(start, 1) - 1 : end - 1]:
+    docs += _docstrings(path)
+  return docs
+
+
+def _default_part(bounds: tuple[int, int]) -> list[str]:
+  return default_part_documents(*bounds)
+
+
 @functools.lru_cache(maxsize=1)
 def default_documents() -> tuple[str, ...]:
   """The embedded corpus's documents: CPython's documentation topics, then stdlib docstrings.
 
-  Kept in memory (2 MB) for the process: parsing the standard library takes a few seconds.
+  Its parts are parsed by local worker processes (one per usable core), in order. Kept in
+  memory (2 MB) for the process: parsing the standard library takes seconds of CPU.
   """
-  import pydoc_data.topics
-
-  topics = pydoc_data.topics.topics
-  docs = [topics[name] for name in sorted(topics)]
-  for path in _stdlib_files():
-    docs += _docstrings(path)
-  return tuple(docs)
+  parts = default_parts()
+  docs = workers.ordered_map(_default_part, parts, workers.num_workers(len(parts)))
+  return tuple(itertools.chain.from_iterable(docs))
 
 
 class DefaultCorpus:
@@ -387,7 +416,7 @@ def open_corpus(data_cfg) -> DefaultCorpus | FileCorpus:
   return FileCorpus(tuple(resolve_paths(patterns)), data_cfg.text_field, patterns)
 
 
-def _empty_corpus_error(corpus) -> ValueError:
+def empty_corpus_error(corpus) -> ValueError:
   hint = " (is data.text_field right?)" if isinstance(corpus, FileCorpus) else ""
   return ValueError(
     f"the corpus is empty: {corpus.description} holds no text{hint}; add "
@@ -452,57 +481,12 @@ def get_tokenizer(data_cfg, corpus=None) -> Tokenizer:
           corpus.documents(), e.limit, path, max_sentences=TOKENIZER_TRAINING_SENTENCES
         )
     except EmptyTextError:
-      raise _empty_corpus_error(corpus) from None
+      raise empty_corpus_error(corpus) from None
   return Tokenizer(path, extra_ids=extra_ids)
 
 
 # --------------------------------------------------------------------------------------------
-# Tokenized corpus.
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-  """uint16 when every id fits (vocab_size < 65536), else int32."""
-  return np.dtype(np.uint16 if vocab_size < 2**16 else np.int32)
-
-
-def tokenize_corpus(corpus, tokenizer: Tokenizer, cache_root: str | os.PathLike) -> np.ndarray:
-  """All documents' ids concatenated without separators: a read-only memmap [num_tokens].
-
-  Cached as tokens-KEY.npy under `cache_root`/tokens, KEY from the corpus fingerprint and the
-  tokenizer's hash.
-  """
-  key = cache.fingerprint("tokens-v1", corpus.fingerprint(), tokenizer.fingerprint)
-  path = pathlib.Path(cache_root) / "tokens" / f"tokens-{key}.npy"
-  if not path.exists():
-    log.info("Tokenizing %s (first use; cached at %s).", corpus.description, path)
-    _write_tokens(corpus, tokenizer, path)
-  return np.load(path, mmap_mode="r")
-
-
-def _write_tokens(corpus, tokenizer: Tokenizer, path: pathlib.Path) -> None:
-  """Streams the ids to a raw temporary file, then copies them into the .npy (atomically)."""
-  dtype = token_dtype(tokenizer.vocab_size)
-  raw_path = cache.temporary_path(path.with_suffix(".raw"))
-  try:
-    num_tokens = 0
-    with open(raw_path, "wb") as raw:
-      for docs in in_batches(corpus.documents(), ENCODE_BATCH_DOCS):
-        encoded = call_interruptibly(tokenizer.encode_batch, docs)  # signals stay prompt
-        ids = [i for doc_ids in encoded for i in doc_ids]
-        raw.write(np.asarray(ids, dtype=dtype).tobytes())
-        num_tokens += len(ids)
-    if num_tokens == 0:
-      raise _empty_corpus_error(corpus)
-    source = np.memmap(raw_path, dtype=dtype, mode="r", shape=(num_tokens,))
-    with cache.atomic_path(path) as tmp:
-      target = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(num_tokens,))
-      step = 1 << 24
-      for start in range(0, num_tokens, step):
-        target[start : start + step] = source[start : start + step]
-      target.flush()
-      del target, source
-  finally:
-    raw_path.unlink(missing_ok=True)
+# Batches of documents, chunks of tokens.
 
 
 def in_batches(items, size):

@@ -40,7 +40,7 @@ import numpy as np
 
 from switchjax.data import cache
 from switchjax.data import prepared as prepared_lib
-from switchjax.data.corpus import TokenChunks, get_tokenizer, open_corpus, tokenize_corpus
+from switchjax.data.corpus import TokenChunks, get_tokenizer, open_corpus
 from switchjax.data.prefetch import Prefetcher
 from switchjax.data.span_corruption import (
   check_sentinels,
@@ -49,6 +49,7 @@ from switchjax.data.span_corruption import (
   span_corruption,
 )
 from switchjax.data.tokenizer import PAD_ID, Tokenizer
+from switchjax.data.tokens import tokenize_corpus
 
 log = logging.getLogger(__name__)
 

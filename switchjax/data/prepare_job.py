@@ -15,11 +15,10 @@ directory (a shared file system, or gs:// output through etils.epath).
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 from collections.abc import Callable, Sequence
 
-from switchjax.data import prepared
+from switchjax.data import prepared, workers
+from switchjax.data.parts import DEFAULT_BLOCK_BYTES
 
 ENGINES = ("beam", "processes")
 
@@ -56,14 +55,11 @@ def beam_map(num_workers: int, pipeline_args: Sequence[str] = ()) -> Callable:
 
 
 def process_map(num_workers: int) -> Callable:
-  """map_parts for `prepared.prepare`: a pool of local worker processes (no Beam needed)."""
+  """map_parts for `prepared.prepare`: local worker processes (no Beam needed), spawned (no
+  forked JAX or SentencePiece threads), as a run's local tokenization uses (workers.py)."""
 
   def run(task, specs):
-    if num_workers <= 1 or len(specs) <= 1:
-      return [task(s) for s in specs]
-    context = multiprocessing.get_context("spawn")  # no forked jax or SentencePiece threads
-    with context.Pool(num_workers) as pool:
-      return pool.map(task, specs, chunksize=1)
+    return list(workers.ordered_map(task, list(specs), num_workers))
 
   return run
 
@@ -74,17 +70,17 @@ def prepare_corpus(
   *,
   num_workers: int = 1,
   engine: str = "beam",
-  block_bytes: int = prepared.DEFAULT_BLOCK_BYTES,
+  block_bytes: int = DEFAULT_BLOCK_BYTES,
   pipeline_args: Sequence[str] = (),
 ) -> dict:
   """Prepares the corpus of a DataConfig into `output` with `num_workers` workers; returns the
-  manifest. SentencePiece threads per worker: the cores shared out among the workers."""
+  manifest. SentencePiece threads per worker: the usable cores shared out among the workers."""
   if engine not in ENGINES:
     raise ValueError(f"--engine={engine!r}: choose one of {', '.join(ENGINES)}.")
   if num_workers < 1:
     raise ValueError(f"--num_workers={num_workers} must be >= 1.")
   mapper = beam_map(num_workers, pipeline_args) if engine == "beam" else process_map(num_workers)
-  threads = max(1, (os.cpu_count() or 1) // num_workers)
+  threads = workers.threads_per_worker(num_workers)
   return prepared.prepare(
     data_cfg, output, block_bytes=block_bytes, map_parts=mapper, num_threads=threads
   )

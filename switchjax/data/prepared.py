@@ -5,8 +5,9 @@ that etils.epath opens) holding
 
   spiece.model            the tokenizer's SentencePiece model (the sentinels: extra_ids)
   preparation.json        what is being prepared: corpus, tokenizer, the parts (written first)
-  part-NNNNN.tokens       the token ids of one input file, or of one Block of a large file,
-                          raw little-endian `dtype` values (uint16 when the vocabulary fits)
+  part-NNNNN.tokens       the token ids of one part (parts.py: an input file, a Block of a
+                          large file, a range of the embedded corpus's sources), raw
+                          little-endian `dtype` values (uint16 when the vocabulary fits)
   part-NNNNN.ends         int64 [num_documents]: the end of each document in the part's tokens
   part-NNNNN.json         the part's record (token and document counts, sha256), written after
                           its .tokens and .ends: a part with a record is finished
@@ -15,9 +16,9 @@ that etils.epath opens) holding
 
 Every file is written under a temporary name and renamed, so a killed preparation leaves whole
 files only, and a rerun reuses the finished parts. The parts concatenated are exactly the token
-stream `corpus.tokenize_corpus` makes in one process (documents concatenated without
-separators), so a run reading a prepared corpus gets the same chunks, batches and noise as one
-that tokenizes the corpus itself.
+array `tokens.tokenize_corpus` caches for a run without a prepared corpus (the same parts,
+encoded alike, documents concatenated without separators), so a run reading a prepared corpus
+gets the same chunks, batches and noise as one that tokenizes the corpus itself.
 
 A run (data.prepared=DIR) reads manifest.json and spiece.model at start-up and then only the
 byte ranges of the chunks of its own rows (np.memmap for local directories, seek and read
@@ -29,30 +30,27 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import itertools
 import json
 import logging
 import os
 import pathlib
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from switchjax.data import cache
-from switchjax.data.corpus import (
-  ENCODE_BATCH_DOCS,
-  Block,
-  DefaultCorpus,
-  default_documents,
-  get_tokenizer,
-  in_batches,
-  open_corpus,
-  read_documents,
-  token_dtype,
+from switchjax.data.corpus import get_tokenizer, open_corpus
+from switchjax.data.parts import (
+  DEFAULT_BLOCK_BYTES,
+  PartSpec,
+  encode_part,
+  load_tokenizer,
+  plan_parts,
 )
-from switchjax.data.tokenizer import Tokenizer, call_interruptibly
+from switchjax.data.tokenizer import Tokenizer
+from switchjax.data.tokens import token_dtype
 from switchjax.errors import one_line
 
 log = logging.getLogger(__name__)
@@ -60,7 +58,6 @@ log = logging.getLogger(__name__)
 FORMAT = "switchjax-prepared-corpus"
 VERSION = 1
 MANIFEST, PREPARATION, SPIECE = "manifest.json", "preparation.json", "spiece.model"
-DEFAULT_BLOCK_BYTES = 64 << 20  # A part per 64 MB of a large text file.
 _OPEN_PARTS = 64  # Part files a reader keeps open.
 
 
@@ -104,59 +101,6 @@ def _write_json(path, value: Any) -> None:
 
 def _read_json(path) -> dict:
   return json.loads(path.read_text())
-
-
-# --------------------------------------------------------------------------------------------
-# Planning: the parts of a corpus.
-
-
-@dataclasses.dataclass(frozen=True)
-class PartSpec:
-  """Part `index`: the documents of `source` (a file, or 'default' for the embedded corpus),
-  or of one Block of it."""
-
-  index: int
-  source: str
-  block: tuple[int, int] | None = None
-
-  @property
-  def name(self) -> str:
-    return f"part-{self.index:05d}"
-
-  def documents(self, text_field: str) -> Iterable[str]:
-    if self.source == "default":
-      return default_documents()
-    block = Block(*self.block) if self.block else None
-    return read_documents(self.source, text_field, block)
-
-  def to_json(self) -> dict:
-    return {"index": self.index, "source": self.source, "block": list(self.block or []) or None}
-
-
-def _file_blocks(path: pathlib.Path, block_bytes: int) -> list[tuple[int, int] | None]:
-  """The Blocks of one file: byte ranges of text files, row-group ranges of Parquet files;
-  [None] (the whole file) for gzipped and small files."""
-  size = path.stat().st_size
-  if path.suffix.lower() == ".gz" or size <= block_bytes:
-    return [None]
-  if path.suffix.lower() == ".parquet":
-    import pyarrow.parquet as pq
-
-    groups = pq.ParquetFile(path).metadata.num_row_groups
-    per_block = max(1, groups * block_bytes // size)
-    return [(s, min(s + per_block, groups)) for s in range(0, groups, per_block)]
-  return [(s, min(s + block_bytes, size)) for s in range(0, size, block_bytes)]
-
-
-def plan_parts(corpus, block_bytes: int = DEFAULT_BLOCK_BYTES) -> list[PartSpec]:
-  """The parts of a corpus in stream order: a part per file, or per Block of a large file."""
-  if isinstance(corpus, DefaultCorpus):
-    return [PartSpec(0, "default")]
-  specs = []
-  for path in corpus.files:
-    for block in _file_blocks(pathlib.Path(path), block_bytes):
-      specs.append(PartSpec(len(specs), str(pathlib.Path(path).resolve()), block))
-  return specs
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,7 +213,7 @@ def write_part(
   out = as_path(output)
   dtype = np.dtype(dtype)
   if not part_is_finished(out, spec, dtype):
-    tokens, ends = _encode_part(spec, tokenizer, text_field, dtype, num_threads)
+    tokens, ends = encode_part(spec, tokenizer, text_field, dtype, num_threads)
     record = {
       "part": spec.to_json(),
       "num_tokens": len(tokens) // dtype.itemsize,
@@ -280,19 +224,6 @@ def write_part(
     _write_atomic(out / f"{spec.name}.ends", np.asarray(ends, np.int64).tobytes())
     _write_json(out / f"{spec.name}.json", record)
   return _read_json(out / f"{spec.name}.json")
-
-
-def _encode_part(spec, tokenizer, text_field, dtype, num_threads) -> tuple[bytes, list[int]]:
-  """(token bytes, document ends) of a part: documents encoded in batches, no separators."""
-  pieces, ends, count = [], [], 0
-  for docs in in_batches(spec.documents(text_field), ENCODE_BATCH_DOCS):
-    encoded = call_interruptibly(tokenizer.encode_batch, docs, num_threads=num_threads)
-    for ids in encoded:
-      count += len(ids)
-      ends.append(count)
-    total = sum(map(len, encoded))
-    pieces.append(np.fromiter(itertools.chain.from_iterable(encoded), dtype, total).tobytes())
-  return b"".join(pieces), ends
 
 
 def finish(output, preparation: Preparation) -> dict:
@@ -359,13 +290,9 @@ def prepare(
 
 def _write_spec(output, spm_path, extra_ids, text_field, dtype, num_threads, spec) -> int:
   """write_part with a tokenizer loaded once per process: picklable for worker processes."""
-  record = write_part(output, spec, _tokenizer(spm_path, extra_ids), text_field, dtype, num_threads)
+  tokenizer = load_tokenizer(spm_path, extra_ids)
+  record = write_part(output, spec, tokenizer, text_field, dtype, num_threads)
   return record["num_tokens"]
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer(spm_path: str, extra_ids: int) -> Tokenizer:
-  return Tokenizer(spm_path, extra_ids=extra_ids)
 
 
 # --------------------------------------------------------------------------------------------
