@@ -28,7 +28,7 @@ from switchjax.pod import format_table
 SHAPE = (8, 512, 768, 3072, 1.25)
 SWEEP = {None: [(8, True), (32, True), (128, True)], 32: [(8, False), (128, False)]}
 SHAPE_QUICK = (2, 64, 32, 128, 1.25)
-SWEEP_QUICK = {None: [(4, True), (8, True)], 4: [(4, False)]}
+SWEEP_QUICK = {None: [(4, True), (8, True)]}
 # name -> (moe.router_type, moe.dispatch): the top-1 router through each dispatch, then the
 # scatter router (buffers combined by scatter) and the dropless router (sorted, no capacity).
 VARIANTS = {

@@ -3,8 +3,8 @@
 - 8 emulated CPU devices for the mesh tests;
 - fast compilation: XLA's CPU backend at optimisation level 0 (the tiny test models compile in
   half the time and run fast enough) and one persistent compilation cache for the session and
-  its subprocesses, so the many runs of the same tiny configuration compile once. Speed is
-  measured by scripts/benchmark.py, never by tests.
+  its subprocesses, so the many runs of the same tiny configuration compile once; one data
+  cache likewise. Speed is measured by scripts/benchmark.py, never by tests.
 """
 
 import atexit
@@ -26,25 +26,18 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+# Trained tokenizers and tokenized corpora go to one temporary cache for the session, its
+# workers and subprocesses (the default corpus's tokenizers are trained once), never to
+# ~/.cache. Its writes are atomic renames, so workers may fill it at the same time.
+if "SWITCHJAX_TEST_DATA_CACHE" not in os.environ:  # the session's first process makes it
+  _data_cache = tempfile.mkdtemp(prefix="switchjax-test-data-cache-")
+  atexit.register(shutil.rmtree, _data_cache, ignore_errors=True)
+  os.environ["SWITCHJAX_TEST_DATA_CACHE"] = _data_cache
+os.environ["SWITCHJAX_CACHE"] = os.environ["SWITCHJAX_TEST_DATA_CACHE"]
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 
 jax.config.update("jax_default_matmul_precision", "highest")
-
-import pytest  # noqa: E402
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _switchjax_cache(tmp_path_factory):
-  """Trained tokenizers and tokenized corpora go to one temporary cache per test session
-  (inherited by subprocesses), never to ~/.cache."""
-  previous = os.environ.get("SWITCHJAX_CACHE")
-  os.environ["SWITCHJAX_CACHE"] = str(tmp_path_factory.mktemp("switchjax_cache"))
-  yield
-  if previous is None:
-    os.environ.pop("SWITCHJAX_CACHE", None)
-  else:
-    os.environ["SWITCHJAX_CACHE"] = previous
 
 
 def pytest_configure(config):

@@ -307,10 +307,9 @@ def test_interrupted_tokenization_leaves_no_cache_entry(ws, tmp_path, monkeypatc
 
 
 @pytest.mark.slow
-def test_default_corpus(tmp_path):
-  cfg = DataConfig(
-    spm_vocab_size=500, cache_dir=str(tmp_path), inputs_length=INPUTS, targets_length=TARGETS
-  )
+def test_default_corpus():
+  # The session's cache: the tiny preset's runs train the same tokenizer.
+  cfg = DataConfig(spm_vocab_size=500, inputs_length=INPUTS, targets_length=TARGETS)
   data = make_pretraining_data(cfg, 4)
   assert data.tokenizer.vocab_size == 600 and data.num_train_chunks > 1000
   batch = next(data.train)

@@ -264,9 +264,21 @@ finetune(config, sys.argv[2], progress=False, log=lambda _: None)
 """
 
 
+@pytest.fixture(scope="module")
+def two_steps_with_a_best(trained, tmp_path_factory):
+  """A fine-tuning run of 2 steps that keeps the best by loss (each kill test copies it)."""
+  workdir = tmp_path_factory.mktemp("best") / "run"
+  finetune(
+    finetuned(trained, 2, "finetune.keep_best=loss", "train.learning_rate=0.01"), workdir, **QUIET
+  )
+  return workdir
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_at", [3, 103, 104])  # before / after the link swap of a 2nd best
-def test_sigkill_while_swapping_best_leaves_a_whole_best(trained, tmp_path, kill_at):
+def test_sigkill_while_swapping_best_leaves_a_whole_best(
+  trained, two_steps_with_a_best, tmp_path, kill_at
+):
   workdir = tmp_path / "run"
   overrides = [
     *FINETUNE,
@@ -274,9 +286,7 @@ def test_sigkill_while_swapping_best_leaves_a_whole_best(trained, tmp_path, kill
     "finetune.keep_best=loss",
     "train.learning_rate=0.01",
   ]
-  finetune(
-    finetuned(trained, 2, "finetune.keep_best=loss", "train.learning_rate=0.01"), workdir, **QUIET
-  )
+  shutil.copytree(two_steps_with_a_best, workdir, symlinks=True)
   first = assert_best_agrees(workdir)
   out = subprocess.run(
     [sys.executable, "-c", KILLER, str(trained), str(workdir), str(kill_at), *overrides],

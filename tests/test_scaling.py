@@ -254,7 +254,8 @@ def test_study_script_trains_the_chosen_variant(tmp_path, capsys):
   assert run["name"] == name and run["label"] == name and run["top_k"] == 3
   assert run["extra"][-2:] == ["model.moe.router_score=sigmoid", "model.moe.normalize_top_k=true"]
   for layer in run["layers"].values():  # the bias each step routed with: 0, then one update
-    assert [v for _, v in layer["choice_bias_abs_mean"]] == pytest.approx([0.0, 0.001])
+    (_, before), (_, after) = layer["choice_bias_abs_mean"]  # of +-0.001 (0 at the mean load)
+    assert before == 0.0 and 0.0009 < after <= 0.001 + 1e-9
   assert f"| {name} |" in capsys.readouterr().out
 
 

@@ -277,34 +277,70 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 # Bad input gets one clear line, no traceback.
 
 
-@pytest.mark.parametrize(
-  "args,message",
-  [
-    (
-      ["--set", "train.batchsize=4"],
-      "Unknown config field 'train.batchsize'. Nearest valid names: train.batch_size",
-    ),
-    (["--set", "train.batch_size=four"], "--set train.batch_size=four: expected int."),
-    (["--config=base9"], "Unknown config 'base9'. Did you mean base8"),
-    (["--set", "data.paths=/nonexistent/corpus/*.jsonl"], "no files match data.paths"),
-    (["--set", "mesh.expert=3"], "mesh.data=-1, mesh.expert=3, mesh.model=1 do not fit 8 devices"),
-    (
-      ["--set", "mesh.data=1", "--set", "mesh.expert=8"],
-      "mesh.expert=8 does not divide moe.num_experts=4",
-    ),
-    (["--set", "data.extra_ids=0"], "tokenizer has no sentinel ids"),
-    (
-      ["--num_processes=2"],
-      "error: Multi-host runs need all of --coordinator_address, --num_processes and "
-      "--process_id (or none of them, to read the cluster environment).",
-    ),
-  ],
-)
-def test_bad_flags_and_data_give_clear_errors(tmp_path, args, message):
-  result = script(["--config=tiny", f"--workdir={tmp_path}", *args], timeout=300)
-  assert result.returncode == 1
-  assert message in result.stderr, result.stderr
-  assert "Traceback" not in result.stderr
+BAD_INPUTS = [
+  (
+    ["--set", "train.batchsize=4"],
+    "Unknown config field 'train.batchsize'. Nearest valid names: train.batch_size",
+  ),
+  (["--set", "train.batch_size=four"], "--set train.batch_size=four: expected int."),
+  (["--config=base9"], "Unknown config 'base9'. Did you mean base8"),
+  (["--set", "data.paths=/nonexistent/corpus/*.jsonl"], "no files match data.paths"),
+  (["--set", "mesh.expert=3"], "mesh.data=-1, mesh.expert=3, mesh.model=1 do not fit 8 devices"),
+  (
+    ["--set", "mesh.data=1", "--set", "mesh.expert=8"],
+    "mesh.expert=8 does not divide moe.num_experts=4",
+  ),
+  (["--set", "data.extra_ids=0"], "tokenizer has no sentinel ids"),
+  (
+    ["--num_processes=2"],
+    "error: Multi-host runs need all of --coordinator_address, --num_processes and "
+    "--process_id (or none of them, to read the cluster environment).",
+  ),
+]
+# Every bad input through the script's main() in one child process (a Python and JAX start-up
+# each would cost more than the checks): (exit status, stderr) per input, a traceback if main()
+# raised.
+MAINS = """
+import contextlib, io, json, sys, traceback
+sys.path.insert(0, sys.argv[1])
+import pretrain
+results = []
+for argv in json.loads(sys.argv[2]):
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):
+    try:
+      status = pretrain.main(["--no_progress", *argv])
+    except BaseException:
+      traceback.print_exc()
+      status = None
+  results.append([status, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("bad_inputs")
+  argvs = [
+    ["--config=tiny", f"--workdir={workdir / str(i)}", *a] for i, (a, _) in enumerate(BAD_INPUTS)
+  ]
+  out = subprocess.run(
+    [sys.executable, "-c", MAINS, str(ROOT / "scripts"), json.dumps(argvs)],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=600,
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)), ids=[m for _, m in BAD_INPUTS])
+def test_bad_flags_and_data_give_clear_errors(bad_input_results, case):
+  status, stderr = bad_input_results[case]
+  assert status == 1, stderr
+  assert BAD_INPUTS[case][1] in stderr, stderr
+  assert "Traceback" not in stderr
 
 
 def test_empty_corpus_is_an_error(tmp_path):
