@@ -27,6 +27,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "expert_scaling.ipynb"
 STORED = ROOT / "notebooks" / "expert_scaling.json"
 STORED_LONG = ROOT / "notebooks" / "expert_scaling_long.json"
+STUDY_NOTEBOOK = ROOT / "notebooks" / "beyond_switch.ipynb"
+STUDY = ROOT / "notebooks" / "beyond_switch.json"
 
 
 def test_sweep_variants_are_the_experts_then_the_capacity_table():
@@ -289,6 +291,33 @@ def test_stored_notebook_and_results_are_the_full_sweep():
   }
   assert all(r.seeds >= 2 for r in rows)
   assert all(len(r["eval"]) == results["steps"] // results["eval_every"] for r in results["runs"])
+
+
+def test_stored_study_is_every_variant_for_two_seeds_on_unseen_text():
+  results = json.loads(STUDY.read_text())
+  rows = scaling.summarize(results)
+  assert [r.name for r in rows] == [v.name for v in scaling.study_variants()]
+  assert all(r.seeds == 2 for r in rows) and results["steps"] == 8000
+  assert all(len(r["eval"]) == results["steps"] // results["eval_every"] for r in results["runs"])
+  dense = rows[0].gflops_per_step
+  assert all(1.0 <= r.gflops_per_step / dense < 1.02 for r in rows)  # routers' FLOPs only
+  # The kernel documentation holds 137,431 training chunks of 70 tokens (64 + 14 after span
+  # corruption): 8,000 steps of 16 read 128,000 of them, each once.
+  assert results["steps"] * results["batch_size"] <= 137_431
+  nb = nbformat.read(STUDY_NOTEBOOK, as_version=4)
+  nbformat.validate(nb)
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
+  assert all(c.outputs for c in code[1:]) and STUDY_NOTEBOOK.stat().st_size < 1_500_000
+
+
+def test_study_notebook_plots_the_stored_study(monkeypatch):
+  monkeypatch.chdir(STUDY_NOTEBOOK.parent)
+  nb, ns = run_notebook(STUDY_NOTEBOOK)
+  assert [r.name for r in ns["rows"]] == [v.name for v in scaling.study_variants()]
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  pngs = sum("image/png" in o.get("data", {}) for c in code for o in c.outputs)
+  assert pngs == 3 and "| switch-top1-auxfree |" in code[1].outputs[0].text
 
 
 if __name__ == "__main__":  # re-execute the notebook on the stored results and store its outputs
