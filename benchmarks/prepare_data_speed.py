@@ -106,24 +106,27 @@ def _children_cpu() -> float:
 
 def startup(output, cache) -> dict:
   code = f"""
-import json, time, resource
+import json, time
 start = time.perf_counter()
 from switchjax.config import load_config
 from switchjax.data import make_pretraining_data
 cfg = load_config("small", {[*SETTINGS, f"data.prepared={output}", f"data.cache_dir={cache}"]!r})
 data = make_pretraining_data(cfg.data, 256)
 batch = next(data.train)
-print(json.dumps({{"seconds": time.perf_counter() - start,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+# VmHWM, the peak RSS of this address space: ru_maxrss would also count the benchmark's
+# own RSS, which a forked child starts from and keeps across exec.
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({{"seconds": time.perf_counter() - start, "rss_mb": int(hwm.split()[1]) / 1024}}))
 """
   return python(code)
 
 
 def baseline_rss() -> float:
   code = """
-import json, resource
+import json
 import switchjax.config, switchjax.data, grain
-print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({"rss_mb": int(hwm.split()[1]) / 1024}))
 """
   return python(code)["rss_mb"]
 
