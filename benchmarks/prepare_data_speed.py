@@ -10,7 +10,8 @@ then measures, each in a fresh process:
     benchmarks/local_tokenization_speed.py);
   - scripts/prepare_data.py with --num_workers 1 and 2, Beam and plain worker processes;
   - a run's start-up from the prepared corpus (make_pretraining_data and the first batch):
-    seconds and peak RSS, for the whole corpus and for a fifth of it.
+    seconds and peak RSS, for the whole corpus and for a smaller one (--small_mb, a fifth).
+--threads_per_worker=1 shows how the rate grows with workers alone; --engines picks them.
 Prints a Markdown table (the one in docs/pod_data.md).
 """
 
@@ -87,11 +88,11 @@ print(json.dumps({{"seconds": time.perf_counter() - start, "tokens": len(tokens)
   return python(code)
 
 
-def prepare(files, cache, output, workers, engine) -> float:
+def prepare(files, cache, output, workers, engine, threads=None) -> float:
   args = [f"--set={o}" for o in overrides(files, cache)]
   command = [sys.executable, "scripts/prepare_data.py", "--config=small", *args]
   command += [f"--output={output}", f"--num_workers={workers}", f"--engine={engine}"]
-  command += ["--block_mb=8"]
+  command += ["--block_mb=8"] + ([f"--threads_per_worker={threads}"] if threads else [])
   start, cpu = time.perf_counter(), _children_cpu()
   out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=True).stdout
   wall, cpu = time.perf_counter() - start, _children_cpu() - cpu
@@ -135,11 +136,17 @@ def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--mb", type=float, default=50)
   parser.add_argument("--dir", default="/tmp/prep_bench")
+  parser.add_argument("--small_mb", type=float, default=None, help="the start-up's smaller corpus")
+  parser.add_argument("--engines", default="beam,processes", help="comma-separated")
+  parser.add_argument(
+    "--threads_per_worker", type=int, default=None, help="(default: the cores / the workers)"
+  )
   args = parser.parse_args()
   root = pathlib.Path(args.dir)
   cache = root / "cache"
+  small_mb = args.small_mb or args.mb / 5
   files = write_corpus(root / "corpus", args.mb)
-  small = write_corpus(root / "corpus_small", args.mb / 5, seed=1)
+  small = write_corpus(root / "corpus_small", small_mb, seed=1)
   megabytes = sum(pathlib.Path(f).stat().st_size for f in files) / 1e6
   spm = in_process(files, cache)  # trains the tokenizer and tokenizes once: warm caches
   for token_file in (cache / "tokens").glob("*.npy"):
@@ -147,12 +154,16 @@ def main() -> None:
   cpu = _children_cpu()
   today = in_process(files, cache)["seconds"]
   rows = [("tokenize_corpus, one process", today, today, _children_cpu() - cpu)]
-  for engine in ("beam", "processes"):
+  threads = args.threads_per_worker
+  flag = f" --threads_per_worker={threads}" if threads else ""
+  for engine in args.engines.split(","):
     for workers in (1, 2):
       output = root / f"out_{engine}_{workers}"
       subprocess.run(["rm", "-rf", str(output)], check=True)
-      wall, job, cpu = prepare(files, cache, output, workers, engine)
-      rows.append((f"prepare_data.py --engine={engine} --num_workers={workers}", wall, job, cpu))
+      wall, job, cpu = prepare(files, cache, output, workers, engine, threads)
+      rows.append(
+        (f"prepare_data.py --engine={engine} --num_workers={workers}{flag}", wall, job, cpu)
+      )
   print(f"{megabytes:.1f} MB of text, {spm['tokens']:,} tokens\n")
   print(
     "| what | wall s (with imports) | s of the job | MB/s of text (job) | CPU s (all processes) |"
@@ -163,7 +174,8 @@ def main() -> None:
   prepare([*small], cache, root / "out_small", 2, "processes")
   print(f"\nbaseline RSS (imports only): {baseline_rss():.0f} MB\n")
   print("| prepared corpus | start-up + first batch of 256 (s) | peak RSS (MB) |\n|---|---|---|")
-  for name, output in ((f"{args.mb / 5:.0f} MB", "out_small"), (f"{args.mb:.0f} MB", "out_beam_2")):
+  largest = f"out_{args.engines.split(',')[-1]}_2"
+  for name, output in ((f"{small_mb:.0f} MB", "out_small"), (f"{args.mb:.0f} MB", largest)):
     result = startup(root / output, cache)
     print(f"| {name} | {result['seconds']:.2f} | {result['rss_mb']:.0f} |")
 

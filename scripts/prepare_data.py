@@ -36,6 +36,12 @@ def main(argv=None) -> int:
   parser.add_argument("--num_workers", type=int, default=1, help="local worker processes")
   parser.add_argument("--engine", default="beam", choices=("beam", "processes"))
   parser.add_argument("--block_mb", type=float, default=64.0, help="text per part of large files")
+  parser.add_argument(
+    "--threads_per_worker",
+    type=int,
+    default=None,
+    help="SentencePiece threads per worker (default: the local cores / --num_workers)",
+  )
   args, pipeline_args = parser.parse_known_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   for name in ("apache_beam", "root"):
@@ -61,6 +67,7 @@ def _prepare(args, pipeline_args) -> int:
     engine=args.engine,
     block_bytes=max(1, int(args.block_mb * (1 << 20))),
     pipeline_args=pipeline_args,
+    threads_per_worker=args.threads_per_worker,
   )
   seconds = time.perf_counter() - start
   megabytes = _input_bytes(data_cfg) / 1e6

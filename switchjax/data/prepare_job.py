@@ -72,15 +72,22 @@ def prepare_corpus(
   engine: str = "beam",
   block_bytes: int = DEFAULT_BLOCK_BYTES,
   pipeline_args: Sequence[str] = (),
+  threads_per_worker: int | None = None,
 ) -> dict:
   """Prepares the corpus of a DataConfig into `output` with `num_workers` workers; returns the
-  manifest. SentencePiece threads per worker: the usable cores shared out among the workers."""
+  manifest. SentencePiece threads per worker: `threads_per_worker`, by default the usable cores
+  shared out among the workers. The bytes written depend on neither."""
   if engine not in ENGINES:
     raise ValueError(f"--engine={engine!r}: choose one of {', '.join(ENGINES)}.")
   if num_workers < 1:
     raise ValueError(f"--num_workers={num_workers} must be >= 1.")
+  if threads_per_worker is not None and threads_per_worker < 1:
+    raise ValueError(
+      f"--threads_per_worker={threads_per_worker} must be >= 1 (or left out: the cores shared "
+      "out among the workers)."
+    )
   mapper = beam_map(num_workers, pipeline_args) if engine == "beam" else process_map(num_workers)
-  threads = workers.threads_per_worker(num_workers)
+  threads = threads_per_worker or workers.threads_per_worker(num_workers)
   return prepared.prepare(
     data_cfg, output, block_bytes=block_bytes, map_parts=mapper, num_threads=threads
   )
