@@ -8,6 +8,7 @@ parts.py            a corpus in parts (a file, a 64 MB block of one) and their e
 tokens.py           tokenize_corpus: the parts encoded on the local cores, cached as one .npy
 workers.py          the local worker processes (an ordered map, spawned)
 cache.py            the cache directory and atomic writes
+paths.py            local paths (pathlib) and URLs (etils.epath): globs, reads, errors
 prepared.py         prepared corpora: parts + manifest on shared storage, read by row
 pipeline.py         make_pretraining_data: global, host-sharded, resumable batches
 

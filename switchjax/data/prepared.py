@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from switchjax.data import cache
+from switchjax.data import cache, paths
 from switchjax.data.corpus import get_tokenizer, open_corpus
 from switchjax.data.parts import (
   DEFAULT_BLOCK_BYTES,
@@ -49,6 +49,7 @@ from switchjax.data.parts import (
   load_tokenizer,
   plan_parts,
 )
+from switchjax.data.paths import is_url  # re-exported; URL tests patch it here
 from switchjax.data.tokenizer import Tokenizer
 from switchjax.data.tokens import token_dtype
 from switchjax.errors import one_line
@@ -65,17 +66,10 @@ _OPEN_PARTS = 64  # Part files a reader keeps open.
 # Paths: local directories as pathlib, URLs through etils.epath.
 
 
-def is_url(location: str) -> bool:
-  return "://" in str(location)
-
-
 def as_path(location: str | os.PathLike):
-  """A path object for `location`: pathlib for local paths, etils.epath for URLs (gs://...)."""
-  if is_url(str(location)):
-    from etils import epath
-
-    return epath.Path(str(location))
-  return pathlib.Path(location).expanduser()
+  """A path object for `location`: pathlib for local paths, etils.epath for URLs (gs://...);
+  a URL is what this module's `is_url` says (tests patch it to run the URL code locally)."""
+  return paths.as_path(location, url=is_url(str(location)))
 
 
 def _write_atomic(path, data: bytes) -> None:
@@ -87,12 +81,6 @@ def _write_atomic(path, data: bytes) -> None:
   finally:
     if tmp.exists():
       tmp.unlink()
-
-
-def _size(path) -> int:
-  """Bytes of a file: os.stat_result.st_size, or etils.epath's StatResult.length."""
-  stat = path.stat()
-  return stat.st_size if hasattr(stat, "st_size") else stat.length
 
 
 def _write_json(path, value: Any) -> None:
@@ -202,7 +190,7 @@ def part_is_finished(output, spec: PartSpec, dtype: np.dtype) -> bool:
   return (
     record.get("part") == spec.to_json()
     and tokens.exists()
-    and _size(tokens) == record["num_tokens"] * np.dtype(dtype).itemsize
+    and paths.file_size(tokens) == record["num_tokens"] * np.dtype(dtype).itemsize
   )
 
 
@@ -355,7 +343,7 @@ class PartedTokens:
   def _open_part(self, part: int):
     path = as_path(self.location) / f"{self.names[part]}.tokens"
     expected = int(self.counts[part]) * self.dtype.itemsize
-    size = _size(path) if path.exists() else None
+    size = paths.file_size(path) if path.exists() else None
     if size != expected:
       state = "is missing" if size is None else f"has {size} bytes, not {expected} (truncated)"
       raise ValueError(
@@ -461,8 +449,9 @@ def check_settings(prepared: PreparedCorpus, data_cfg) -> None:
 
 
 def _check_same_files(prepared: PreparedCorpus, data_cfg) -> None:
-  """Where the run sees data.paths itself (one machine, a shared mount), they must still be
-  the files the corpus was prepared from; on hosts without them the manifest is trusted."""
+  """Where the run sees data.paths itself (one machine, a shared mount, URLs), they must still
+  be the files the corpus was prepared from (URLs: read again to hash them); on hosts without
+  them (or without the file-system package of their URLs) the manifest is trusted."""
   try:
     fingerprint = open_corpus(data_cfg).fingerprint()
   except (ValueError, OSError):
