@@ -8,12 +8,14 @@
 The corpus of --config's data settings (data.paths, data.text_field; the embedded default
 corpus if data.paths is empty) is tokenized with data.spm_path, or with the tokenizer trained on
 it as a run would train it, into --output: one part per input file or per --block_mb of a large
-file, and a manifest written last (switchjax/data/prepared.py). An Apache Beam pipeline (pip
-install -e ".[data]") on the DirectRunner with --num_workers local processes; other Beam runners
-take Beam's own options after the flags (e.g. --runner=DataflowRunner --project=...);
---engine=processes uses a multiprocessing pool instead of Beam. A rerun with the same settings
-reuses the finished parts and writes the same bytes. Expected errors (an --output that is not
-empty or holds another preparation, unreadable input) print one line and exit with status 1.
+file, and a manifest written last (switchjax/data/prepared.py). data.paths and --output may be
+URLs (gs://bucket/dir/*.jsonl.gz, through etils.epath: pip install gcsfs for gs://). An Apache
+Beam pipeline (pip install -e ".[data]") on the DirectRunner with --num_workers local
+processes; other Beam runners take Beam's own options after the flags (e.g.
+--runner=DataflowRunner --project=...); --engine=processes uses a multiprocessing pool instead
+of Beam. A rerun with the same settings reuses the finished parts and writes the same bytes.
+Expected errors (an --output that is not empty or holds another preparation, unreadable input)
+print one line and exit with status 1.
 """
 
 import argparse
@@ -83,12 +85,10 @@ def _prepare(args, pipeline_args) -> int:
 
 
 def _input_bytes(data_cfg) -> int:
-  """Bytes of the input files (0 for the embedded default corpus)."""
-  import os
+  """Bytes of the input files, local or URLs (0 for the embedded default corpus)."""
+  from switchjax.data import open_corpus, paths
 
-  from switchjax.data import open_corpus
-
-  return sum(os.path.getsize(f) for f in getattr(open_corpus(data_cfg), "files", ()))
+  return sum(paths.file_size(f) for f in getattr(open_corpus(data_cfg), "files", ()))
 
 
 if __name__ == "__main__":

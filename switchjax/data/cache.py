@@ -17,6 +17,8 @@ import pathlib
 from collections.abc import Iterator
 from typing import Any
 
+from switchjax.data import paths
+
 ENV_VAR = "SWITCHJAX_CACHE"
 
 
@@ -32,17 +34,33 @@ def fingerprint(*parts: Any) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def file_stats(paths) -> list[tuple[str, int, str]]:
-  """(absolute path, size, sha256 of the content) of each file. A path, a size and a clock are
-  not enough (a rewrite that keeps them, as `cp -p` and `rsync -t` do, or a coarse file-system
-  clock, would reuse stale tokens), so the content is hashed; the digest is remembered under
-  the file's inode, size, mtime and ctime (which no copy tool can set back), so an unchanged
-  file is read once."""
+def file_stats(files) -> list[tuple[str, int, str]]:
+  """(absolute path, size, sha256 of the content) of each file; (URL, size, sha256) for a URL
+  (etils.epath). A path, a size and a clock are not enough (a rewrite that keeps them, as
+  `cp -p` and `rsync -t` do, or a coarse file-system clock, would reuse stale tokens), so the
+  content is hashed; for a local file the digest is remembered under the file's inode, size,
+  mtime and ctime (which no copy tool can set back), so an unchanged file is read once. A URL's
+  content is read each time: etils.epath's stat has only a size and a time in whole seconds,
+  which a rewrite may keep."""
   out = []
-  for path in paths:
+  for path in files:
+    if paths.is_url(str(path)):
+      out.append(url_stats(str(path)))
+      continue
     resolved = pathlib.Path(path).resolve()
     out.append((str(resolved), os.stat(resolved).st_size, content_digest(resolved)))
   return out
+
+
+def url_stats(url: str) -> tuple[str, int, str]:
+  """(url, size, sha256 of the content) of a file at a URL, its content streamed in chunks."""
+  digest = hashlib.sha256()
+  with paths.backend_errors(url):
+    size = paths.file_size(paths.as_path(url))
+    with paths.open_binary(url) as f:
+      while block := f.read(1 << 22):
+        digest.update(block)
+  return url, size, digest.hexdigest()
 
 
 def content_digest(path: pathlib.Path) -> str:

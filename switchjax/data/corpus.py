@@ -10,7 +10,8 @@ A corpus is a deterministic sequence of documents (strings):
   Python 3.11. Parsing the standard library takes seconds, so it is cut into DEFAULT_PARTS
   parts (ranges of its files) that local worker processes parse (workers.py); the documents
   are the same, in the same order, for any number of workers.
-- user corpora (data.paths: files or globs, in the given order, each glob sorted):
+- user corpora (data.paths: files or globs, in the given order, each glob sorted; local, or
+  URLs such as gs://bucket/dir/*.jsonl.gz that etils.epath reads: paths.py):
   `.txt`: one document per paragraph (lines up to a blank line), which streams large files;
   `.jsonl` / `.json`: JSON Lines, one object per line, the text in data.text_field;
   `.parquet`: the string column data.text_field. `.gz` versions of .txt/.jsonl/.json work too.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import ast
 import bisect
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -39,10 +41,11 @@ import sysconfig
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
+from typing import IO, Any
 
 import numpy as np
 
-from switchjax.data import cache, workers
+from switchjax.data import cache, paths, workers
 from switchjax.data.tokenizer import (
   EmptyTextError,
   Tokenizer,
@@ -152,7 +155,7 @@ class DefaultCorpus:
 class FileCorpus:
   """Documents read from text, JSON Lines and Parquet files (see the module docstring)."""
 
-  files: tuple[pathlib.Path, ...]
+  files: tuple[pathlib.PurePath, ...]  # pathlib.Path, or etils.epath.Path for URLs
   text_field: str = "text"
   patterns: tuple[str, ...] = ()
 
@@ -168,21 +171,19 @@ class FileCorpus:
       yield from read_documents(path, self.text_field)
 
 
-def resolve_paths(patterns: Sequence[str]) -> list[pathlib.Path]:
-  """The files named by `patterns` (paths or globs, ~ expanded), in order, without repeats."""
-  files: list[pathlib.Path] = []
+def resolve_paths(patterns: Sequence[str]) -> list[pathlib.PurePath]:
+  """The files named by `patterns` (paths or globs, ~ expanded; URLs through etils.epath), in
+  order, without repeats: pathlib.Path for local files, etils.epath.Path for URLs."""
+  files: list[pathlib.PurePath] = []
   for pattern in patterns:
-    expanded = os.path.expanduser(pattern)
-    matches = (
-      sorted(glob.glob(expanded, recursive=True))
-      if glob.has_magic(expanded)
-      else ([expanded] if os.path.exists(expanded) else [])
-    )
+    matches = paths.glob_url(pattern) if paths.is_url(pattern) else _local_matches(pattern)
     if not matches:
       raise ValueError(f"no files match data.paths={pattern!r}; check the path or glob.")
     for match in matches:
-      path = pathlib.Path(match)
-      if path.is_dir():
+      path = paths.file_path(match)
+      with paths.backend_errors(match, "list"):
+        is_dir = path.is_dir()
+      if is_dir:
         raise ValueError(
           f"data.paths entry {match!r} is a directory; give files or a glob "
           f"such as {os.path.join(match, '*.jsonl')!r}."
@@ -193,7 +194,15 @@ def resolve_paths(patterns: Sequence[str]) -> list[pathlib.Path]:
   return files
 
 
-def _suffix(path: pathlib.Path) -> str:
+def _local_matches(pattern: str) -> list[str]:
+  """The local files a path or glob names (~ expanded), each glob sorted."""
+  expanded = os.path.expanduser(pattern)
+  if glob.has_magic(expanded):
+    return sorted(glob.glob(expanded, recursive=True))
+  return [expanded] if os.path.exists(expanded) else []
+
+
+def _suffix(path: pathlib.PurePath) -> str:
   """The format suffix, looking through .gz: a.jsonl.gz -> .jsonl."""
   suffixes = [s.lower() for s in path.suffixes]
   if suffixes and suffixes[-1] == ".gz":
@@ -201,7 +210,7 @@ def _suffix(path: pathlib.Path) -> str:
   return suffixes[-1] if suffixes else ""
 
 
-def _check_suffix(path: pathlib.Path) -> None:
+def _check_suffix(path: pathlib.PurePath) -> None:
   suffix = _suffix(path)
   gzipped = path.suffix.lower() == ".gz"
   if suffix not in SUPPORTED_SUFFIXES or (gzipped and suffix == ".parquet"):
@@ -213,7 +222,7 @@ def _check_suffix(path: pathlib.Path) -> None:
     )
 
 
-def _lines(path: pathlib.Path, block: Block | None = None) -> Iterator[tuple[int, str]]:
+def _lines(path: pathlib.PurePath, block: Block | None = None) -> Iterator[tuple[int, str]]:
   """(line number, line without its end) of a UTF-8 text file, gzipped if it ends in .gz.
 
   The file is read as bytes and decoded line by line, so an encoding error names its line (a
@@ -221,11 +230,11 @@ def _lines(path: pathlib.Path, block: Block | None = None) -> Iterator[tuple[int
   Read and decode errors are ValueErrors naming the file (and the line) and the fix. With a
   `block`, only its lines (see Block); line numbers then count from the block's first line.
   """
-  opener = gzip.open if path.suffix.lower() == ".gz" else open
+  gzipped = path.suffix.lower() == ".gz"
   where = _where(path, block)
   try:
-    with opener(path, "rb") as f:
-      raws = f if block is None else _block_lines(f, block)
+    with _open_bytes(path, gzipped) as f:
+      raws = f if block is None else _block_lines(f, block, _suffix(path) == ".txt")
       for number, raw in enumerate(raws, start=1):
         try:
           line = raw.decode("utf-8")
@@ -243,11 +252,22 @@ def _lines(path: pathlib.Path, block: Block | None = None) -> Iterator[tuple[int
         else:
           yield number, line
   except (OSError, EOFError, zlib.error) as e:
-    kind = "gzip" if opener is gzip.open else "text"
+    kind = "gzip" if gzipped else "text"
     raise ValueError(
       f"{where}: cannot read the file ({_one_line(e)}); check that it is a complete, readable "
       f"{kind} file, or remove it from data.paths."
     ) from None
+
+
+@contextlib.contextmanager
+def _open_bytes(path: pathlib.PurePath, gzipped: bool) -> Iterator[IO[bytes] | gzip.GzipFile]:
+  """The bytes of a file, decompressed if `gzipped`: a local file or a URL's file object."""
+  with paths.open_binary(path) as raw:
+    if not gzipped:
+      yield raw
+      return
+    with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+      yield f
 
 
 def _one_line(error: BaseException) -> str:
@@ -269,7 +289,7 @@ class Block:
   end: int
 
 
-def _where(path: pathlib.Path, block: Block | None) -> str:
+def _where(path: pathlib.PurePath, block: Block | None) -> str:
   return str(path) if block is None else f"{path} (block from byte {block.start})"
 
 
@@ -278,9 +298,9 @@ def _blank(raw: bytes) -> bool:
   return not raw.decode("utf-8", errors="replace").strip()
 
 
-def _block_lines(f, block: Block) -> Iterator[bytes]:
-  """The raw lines of `block` of the binary file `f` (see Block), ends included."""
-  paragraphs = _suffix(pathlib.Path(f.name)) == ".txt"
+def _block_lines(f, block: Block, paragraphs: bool) -> Iterator[bytes]:
+  """The raw lines of `block` of the binary file `f` (see Block), ends included; `paragraphs`
+  for .txt files (a block starts after a blank line)."""
   if block.start > 0:
     f.seek(block.start - 1)
     f.readline()  # now at the first line starting at or after block.start
@@ -303,18 +323,19 @@ def _block_lines(f, block: Block) -> Iterator[bytes]:
 def read_documents(
   path: str | os.PathLike, text_field: str = "text", block: Block | None = None
 ) -> Iterator[str]:
-  """The documents of one file (or of one Block of it), chosen by its extension."""
-  path = pathlib.Path(path)
-  _check_suffix(path)
-  suffix = _suffix(path)
+  """The documents of one file (or of one Block of it), chosen by its extension; `path` may be
+  a URL (etils.epath)."""
+  file = paths.file_path(path)
+  _check_suffix(file)
+  suffix = _suffix(file)
   if suffix == ".txt":
-    return _txt_documents(path, block)
+    return _txt_documents(file, block)
   if suffix in (".jsonl", ".json"):
-    return _jsonl_documents(path, text_field, block)
-  return _parquet_documents(path, text_field, block)
+    return _jsonl_documents(file, text_field, block)
+  return _parquet_documents(file, text_field, block)
 
 
-def _txt_documents(path: pathlib.Path, block: Block | None = None) -> Iterator[str]:
+def _txt_documents(path: pathlib.PurePath, block: Block | None = None) -> Iterator[str]:
   """Paragraphs: runs of non-blank lines."""
   paragraph: list[str] = []
   for _, line in _lines(path, block):
@@ -328,7 +349,7 @@ def _txt_documents(path: pathlib.Path, block: Block | None = None) -> Iterator[s
 
 
 def _jsonl_documents(
-  path: pathlib.Path, text_field: str, block: Block | None = None
+  path: pathlib.PurePath, text_field: str, block: Block | None = None
 ) -> Iterator[str]:
   where = _where(path, block)
   for line_number, line in _lines(path, block):
@@ -365,47 +386,59 @@ def _jsonl_documents(
 
 
 def _parquet_documents(
-  path: pathlib.Path, text_field: str, block: Block | None = None
+  path: pathlib.PurePath, text_field: str, block: Block | None = None
 ) -> Iterator[str]:
   import pyarrow as pa
+
+  with parquet_file(path) as parquet:
+    schema = parquet.schema_arrow
+    if text_field not in schema.names:
+      raise ValueError(
+        f"{path}: no column {text_field!r} (columns: {', '.join(schema.names)}); set "
+        "--set data.text_field=NAME to the column that holds the text."
+      )
+    kind = schema.field(text_field).type
+    value_kind = kind.value_type if pa.types.is_dictionary(kind) else kind
+    if not (pa.types.is_string(value_kind) or pa.types.is_large_string(value_kind)):
+      raise ValueError(
+        f"{path}: column {text_field!r} holds {kind}, not strings; set --set "
+        "data.text_field=NAME to the column that holds the text."
+      )
+    groups = None if block is None else range(block.start, block.end)
+    batches = parquet.iter_batches(columns=[text_field], batch_size=1024, row_groups=groups)
+    while True:
+      try:
+        batch = next(batches, None)
+      except (OSError, ValueError) as e:
+        raise _unreadable_parquet(path, e) from None
+      if batch is None:
+        return
+      for text in batch.column(0).to_pylist():
+        if isinstance(text, str) and text.strip():
+          yield text
+
+
+@contextlib.contextmanager
+def parquet_file(path: pathlib.PurePath) -> Iterator[Any]:
+  """pyarrow's ParquetFile of a local file, or over a URL's file object (opened 'rb'); an
+  unreadable file is a ValueError naming the fix."""
   import pyarrow.parquet as pq
 
-  def unreadable(e: Exception) -> ValueError:
-    return ValueError(
-      f"{path}: not a readable Parquet file ({_one_line(e)}); check the file (a complete "
-      "Parquet file), or give the text as .txt or .jsonl files."
-    )
-
-  # pyarrow's errors: ArrowInvalid (not Parquet, truncated) is a ValueError, IO errors OSError.
-  try:
-    parquet = pq.ParquetFile(path)
-  except (OSError, ValueError) as e:
-    raise unreadable(e) from None
-  schema = parquet.schema_arrow
-  if text_field not in schema.names:
-    raise ValueError(
-      f"{path}: no column {text_field!r} (columns: {', '.join(schema.names)}); set "
-      "--set data.text_field=NAME to the column that holds the text."
-    )
-  kind = schema.field(text_field).type
-  value_kind = kind.value_type if pa.types.is_dictionary(kind) else kind
-  if not (pa.types.is_string(value_kind) or pa.types.is_large_string(value_kind)):
-    raise ValueError(
-      f"{path}: column {text_field!r} holds {kind}, not strings; set --set "
-      "data.text_field=NAME to the column that holds the text."
-    )
-  groups = None if block is None else range(block.start, block.end)
-  batches = parquet.iter_batches(columns=[text_field], batch_size=1024, row_groups=groups)
-  while True:
+  with contextlib.ExitStack() as files:
+    source = files.enter_context(paths.open_binary(path)) if paths.is_url(str(path)) else path
+    # pyarrow's errors: ArrowInvalid (not Parquet, truncated) is a ValueError, IO errors OSError.
     try:
-      batch = next(batches, None)
+      parquet = pq.ParquetFile(source)
     except (OSError, ValueError) as e:
-      raise unreadable(e) from None
-    if batch is None:
-      return
-    for text in batch.column(0).to_pylist():
-      if isinstance(text, str) and text.strip():
-        yield text
+      raise _unreadable_parquet(path, e) from None
+    yield parquet
+
+
+def _unreadable_parquet(path: pathlib.PurePath, error: Exception) -> ValueError:
+  return ValueError(
+    f"{path}: not a readable Parquet file ({_one_line(error)}); check the file (a complete "
+    "Parquet file), or give the text as .txt or .jsonl files."
+  )
 
 
 def open_corpus(data_cfg) -> DefaultCorpus | FileCorpus:

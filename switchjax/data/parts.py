@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from switchjax.data import paths
 from switchjax.data.corpus import (
   Block,
   DefaultCorpus,
@@ -26,6 +27,7 @@ from switchjax.data.corpus import (
   default_part_documents,
   default_parts,
   in_batches,
+  parquet_file,
   read_documents,
 )
 from switchjax.data.tokenizer import Tokenizer, call_interruptibly
@@ -36,8 +38,9 @@ ENCODE_BATCH_DOCS = 512  # Documents per SentencePiece encode_batch call.
 
 @dataclasses.dataclass(frozen=True)
 class PartSpec:
-  """Part `index`: the documents of `source` (a file, or 'default' for the embedded corpus),
-  or of one Block of it (for 'default': the range of its sources, see corpus.default_parts)."""
+  """Part `index`: the documents of `source` (a file, a URL, or 'default' for the embedded
+  corpus), or of one Block of it (for 'default': the range of its sources, see
+  corpus.default_parts)."""
 
   index: int
   source: str
@@ -57,16 +60,16 @@ class PartSpec:
     return {"index": self.index, "source": self.source, "block": list(self.block or []) or None}
 
 
-def _file_blocks(path: pathlib.Path, block_bytes: int) -> list[tuple[int, int] | None]:
-  """The Blocks of one file: byte ranges of text files, row-group ranges of Parquet files;
-  [None] (the whole file) for gzipped and small files."""
-  size = path.stat().st_size
+def _file_blocks(path: pathlib.PurePath, block_bytes: int) -> list[tuple[int, int] | None]:
+  """The Blocks of one file (local, or a URL's etils.epath.Path): byte ranges of text files,
+  row-group ranges of Parquet files; [None] (the whole file) for gzipped and small files."""
+  with paths.backend_errors(str(path)):
+    size = paths.file_size(path)
   if path.suffix.lower() == ".gz" or size <= block_bytes:
     return [None]
   if path.suffix.lower() == ".parquet":
-    import pyarrow.parquet as pq
-
-    groups = pq.ParquetFile(path).metadata.num_row_groups
+    with parquet_file(path) as parquet:
+      groups = parquet.metadata.num_row_groups
     per_block = max(1, groups * block_bytes // size)
     return [(s, min(s + per_block, groups)) for s in range(0, groups, per_block)]
   return [(s, min(s + block_bytes, size)) for s in range(0, size, block_bytes)]
@@ -77,10 +80,11 @@ def plan_parts(corpus, block_bytes: int = DEFAULT_BLOCK_BYTES) -> list[PartSpec]
   embedded corpus's DEFAULT_PARTS ranges of sources."""
   if isinstance(corpus, DefaultCorpus):
     return [PartSpec(i, "default", bounds) for i, bounds in enumerate(default_parts())]
-  specs = []
+  specs: list[PartSpec] = []
   for path in corpus.files:
-    for block in _file_blocks(pathlib.Path(path), block_bytes):
-      specs.append(PartSpec(len(specs), str(pathlib.Path(path).resolve()), block))
+    source = str(path) if paths.is_url(str(path)) else str(pathlib.Path(path).resolve())
+    for block in _file_blocks(paths.file_path(path), block_bytes):
+      specs.append(PartSpec(len(specs), source, block))
   return specs
 
 

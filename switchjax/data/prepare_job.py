@@ -10,7 +10,8 @@ on the runner or the number of workers.
 Beam (`pip install -e ".[data]"`) runs on its DirectRunner with `num_workers` local processes
 by default; any other runner (Dataflow, Flink, Spark) takes Beam's own pipeline options
 (`--runner=...`), given that its workers can read the input files and write the output
-directory (a shared file system, or gs:// output through etils.epath).
+directory (a shared file system, or gs:// URLs for both through etils.epath, with gcsfs
+installed on the workers).
 """
 
 from __future__ import annotations

@@ -299,7 +299,7 @@ def _check_resume(workdir: Workdir, config: Config, say) -> None:
     )
 
 
-def _input_files(config: Config) -> list[pathlib.Path]:
+def _input_files(config: Config) -> list[pathlib.PurePath]:
   """The files a run reads its examples from: data.paths (pretraining), the fine-tuning files."""
   files = []
   with contextlib.suppress(ValueError):  # unreadable paths: the data pipeline says so
@@ -312,7 +312,7 @@ def _input_files(config: Config) -> list[pathlib.Path]:
 
 
 def input_digests(config: Config) -> dict[str, str]:
-  """{absolute path: sha256 of its content} of the run's input files."""
+  """{absolute path or URL: sha256 of its content} of the run's input files."""
   return {path: digest for path, _, digest in cache.file_stats(_input_files(config))}
 
 
