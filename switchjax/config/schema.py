@@ -369,7 +369,9 @@ class DataConfig:
   """Corpus, tokenizer and span corruption.
 
   Attributes:
-    paths: text / JSON Lines / Parquet files or globs; empty = the embedded default corpus.
+    paths: text / JSON Lines / Parquet files or globs, local or URLs (gs://bucket/dir/*.jsonl,
+      read through etils.epath: pip install gcsfs for gs://); empty = the embedded default
+      corpus.
     text_field: the field holding the text in JSON Lines and Parquet files.
     spm_path: a SentencePiece model (e.g. an HF checkpoint's spiece.model); None = train a
       T5-layout model on the corpus at first use and cache it.
