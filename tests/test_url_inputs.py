@@ -203,3 +203,6 @@ def test_gs_urls_reach_the_etils_backend_without_network():
   listed = _one_line_error(resolve_paths, ["gs://bucket/dir/*.jsonl"])
   for message in (listed, _one_line_error(read, url)):
     assert message.startswith("gs://bucket/dir/") and message.endswith("pip install gcsfs.")
+  opened = _one_line_error(prepared_lib.open_prepared, "gs://bucket/prepared")
+  assert opened.startswith("gs://bucket/prepared: cannot read gs:// URLs here")
+  assert opened.endswith("pip install gcsfs.")

@@ -341,6 +341,10 @@ class PartedTokens:
       return self._open[part]
 
   def _open_part(self, part: int):
+    with paths.backend_errors(self.location):
+      return self._open_part_file(part)
+
+  def _open_part_file(self, part: int):
     path = as_path(self.location) / f"{self.names[part]}.tokens"
     expected = int(self.counts[part]) * self.dtype.itemsize
     size = paths.file_size(path) if path.exists() else None
@@ -395,8 +399,14 @@ class PreparedCorpus:
 
 
 def open_prepared(location: str) -> PreparedCorpus:
-  """Reads the manifest of a prepared corpus; a missing or unfinished one is a ValueError."""
+  """Reads the manifest of a prepared corpus; a missing or unfinished one is a ValueError, as
+  is a URL this machine cannot read (no gcsfs for gs://, no credentials)."""
   location = str(location)
+  with paths.backend_errors(location):
+    return _open_prepared(location)
+
+
+def _open_prepared(location: str) -> PreparedCorpus:
   root = as_path(location)
   setting = f"data.prepared={location!r}"
   if not root.exists():
