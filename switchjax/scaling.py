@@ -339,6 +339,28 @@ def quality_threshold(results: dict) -> float:
   return max(run["eval"][-1][1] for run in results["runs"])
 
 
+def late_losses(results: dict, last: int = 4) -> dict[str, dict[int, float]]:
+  """{variant: {seed: mean eval loss of the run's last `last` evaluations}}: the end of a run
+  with its step-to-step noise damped, for differences paired by seed."""
+  out: dict[str, dict[int, float]] = {}
+  for run in results["runs"]:
+    out.setdefault(run["name"], {})[run["seed"]] = float(
+      np.mean([p[1] for p in run["eval"][-last:]])
+    )
+  return out
+
+
+def late_slope(results: dict, name: str, steps: int) -> float:
+  """How fast `name` still improves at the end: the eval loss's fall per 1,000 steps over the
+  last `steps` steps (a least-squares line through those evaluations, mean over seeds)."""
+  slopes = []
+  for run in (r for r in results["runs"] if r["name"] == name):
+    points = [p for p in run["eval"] if p[0] >= run["eval"][-1][0] - steps]
+    x, y = np.array([p[0] for p in points]), np.array([p[1] for p in points])
+    slopes.append(-np.polyfit(x, y, 1)[0] * 1000)
+  return float(np.mean(slopes))
+
+
 def summarize(results: dict, threshold: float | None = None) -> list[Row]:
   """One Row per variant, in the order the sweep ran them; times to `threshold` (default:
   `quality_threshold`)."""

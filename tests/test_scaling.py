@@ -182,6 +182,28 @@ def test_summaries_and_tables_of_hand_made_results():
   assert "q = 3.2000" in text and "| 15 | 29.2 |" in text
 
 
+def test_late_losses_and_slope_of_hand_made_results():
+  """The end of a run: the mean of its last evaluations, and the fall of a least-squares line
+  through the evaluations of its last steps, per 1,000 steps."""
+  results = {
+    "runs": [
+      _run("dense", 0, [5.0, 4.0, 3.0, 2.5], [1.0] * 8, num_experts=0),
+      _run("dense", 1, [5.0, 4.2, 3.2, 2.6], [1.0] * 8, num_experts=0),
+      _run("switch", 0, [5.0, 4.0, 3.5, 3.5], [1.0] * 8),
+    ]
+  }
+  late = scaling.late_losses(results, last=2)
+  assert late == {"dense": {0: 2.75, 1: pytest.approx(2.9)}, "switch": {0: 3.5}}
+  # Evaluations at steps 10, 20, 30, 40: over the last 10 steps the line through (30, 3.0) and
+  # (40, 2.5) falls 0.05 per step for seed 0, through (30, 3.2), (40, 2.6) 0.06.
+  assert scaling.late_slope(results, "dense", 10) == pytest.approx((50 + 60) / 2)
+  assert scaling.late_slope(results, "switch", 10) == pytest.approx(0, abs=1e-9)
+  # Over the last 30 steps: four points of seed 0, slope -0.085 per step by least squares.
+  x, y = np.array([10, 20, 30, 40]), np.array([5.0, 4.0, 3.0, 2.5])
+  expected = -np.sum((x - x.mean()) * (y - y.mean())) / np.sum((x - x.mean()) ** 2) * 1000
+  assert scaling.late_slope({"runs": results["runs"][:1]}, "dense", 30) == pytest.approx(expected)
+
+
 @pytest.fixture(scope="module")
 def shrunken_sweep(tmp_path_factory) -> tuple[pathlib.Path, str]:
   """The script on the tiny preset: 4 steps, dense / E=2 top-1 / E=2 top-2, seeds 0 and 1."""
