@@ -339,7 +339,28 @@ def test_study_notebook_plots_the_stored_study(monkeypatch):
   assert [r.name for r in ns["rows"]] == [v.name for v in scaling.study_variants()]
   code = [c for c in nb.cells if c.cell_type == "code"]
   pngs = sum("image/png" in o.get("data", {}) for c in code for o in c.outputs)
-  assert pngs == 3 and "| switch-top1-auxfree |" in code[1].outputs[0].text
+  assert pngs == 4 and "| switch-top1-auxfree |" in code[1].outputs[0].text
+  assert "| shared-fine-e32-top3-auxfree-sigmoid |" in code[-2].outputs[0].text
+
+
+LONG_STUDY = ROOT / "notebooks" / "beyond_switch_16k.json"
+LONG_VARIANTS = [
+  "dense",
+  "switch-top1",
+  "shared-fine-e32-top3",
+  "shared-fine-e32-top3-auxfree-sigmoid",
+]
+
+
+def test_stored_long_study_is_four_variants_for_two_seeds_on_unseen_text():
+  results = json.loads(LONG_STUDY.read_text())
+  rows = scaling.summarize(results)
+  assert [r.name for r in rows] == LONG_VARIANTS
+  assert all(r.seeds == 2 for r in rows) and results["steps"] == 16000
+  assert all(len(r["eval"]) == results["steps"] // results["eval_every"] for r in results["runs"])
+  # 48.6 MB of documentation hold 325,798 training chunks: 16,000 steps of 16 read 256,000 of
+  # them, each once.
+  assert results["steps"] * results["batch_size"] <= 325_798
 
 
 if __name__ == "__main__":  # re-execute the notebook on the stored results and store its outputs
