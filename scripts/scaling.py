@@ -12,7 +12,8 @@ width 64, 16 x (64 + 14) tokens per step; --config picks another, --set changes 
 live in WORKDIR/<variant>/seed<N> (an interrupted sweep resumes); all of them are written to
 --output (default WORKDIR/results.json) and the tables are printed. --study runs the
 beyond-Switch variants instead (scaling.study_variants: Switch top-1 with the auxiliary loss,
-auxiliary-loss-free and dropless; top-2; shared + fine-grained experts), all at Switch's FLOPs.
+auxiliary-loss-free and dropless; top-2; shared + fine-grained experts), all at Switch's FLOPs;
+--ablations adds the halves of DeepSeek-V3's combination (its bias alone, its gating alone).
 notebooks/expert_scaling.ipynb plots them. Run as a script it restarts once with XLA's
 buffers on huge pages (switchjax/huge_pages.py; GLIBC_TUNABLES=glibc.malloc.hugetlb=0 opts out).
 """
@@ -63,6 +64,12 @@ def main(argv=None) -> int:
     help="run the beyond-Switch study's variants (scaling.study_variants) instead of the sweep",
   )
   parser.add_argument(
+    "--ablations",
+    action="store_true",
+    help="add to --study the halves of DeepSeek-V3's combination: the bias alone (softmax), "
+    "sigmoid gating alone (auxiliary loss)",
+  )
+  parser.add_argument(
     "--only", default="", metavar="NAME[,NAME]", help="run only these variants (by name)"
   )
   parser.add_argument(
@@ -80,11 +87,13 @@ def main(argv=None) -> int:
     else:
       base = scaling.base_config(args.set)
     if args.study:
-      variants = scaling.study_variants(base.model.d_ff, args.bias_update_rate)
+      variants = scaling.study_variants(base.model.d_ff, args.bias_update_rate, args.ablations)
     else:
       variants = scaling.sweep_variants(
         args.experts, args.table_experts, args.capacity_factors, args.top_k, args.capacity_factor
       )
+    if args.ablations and not args.study:
+      raise ValueError("--ablations belongs to --study; add --study.")
     if args.only:
       variants = select(variants, args.only.split(","))
     if len(args.seeds) < 1 or args.steps < 1 or not 1 <= args.eval_every <= args.steps:

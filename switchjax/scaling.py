@@ -112,11 +112,13 @@ def sweep_variants(
 # top-2 over 16 experts of d_ff / 2, and DeepSeekMoE's fine-grained split (32 experts of
 # d_ff / 4, top-3) with one shared expert of d_ff / 4, so every token passes through d_ff
 # hidden units (the shared expert adds d_ff / 4 x 2 x d_model parameters per layer).
-def study_variants(d_ff: int = 256, rate: float = 1e-3) -> list[Variant]:
+def study_variants(d_ff: int = 256, rate: float = 1e-3, ablations: bool = False) -> list[Variant]:
   """The study's variants: dense; Switch top-1 at cf 1.25 with the auxiliary loss, without it
   but balanced by a choice bias updated at `rate` (DeepSeek-V3), and dropless; top-2 over
   narrower experts; shared + fine-grained experts with the auxiliary loss, and the same with
-  DeepSeek-V3's sigmoid scores, top-k normalisation and bias instead."""
+  DeepSeek-V3's sigmoid scores, top-k normalisation and bias instead. `ablations` adds the two
+  halves of that combination: the bias alone (softmax scores) and the sigmoid gating alone
+  (with the auxiliary loss)."""
   fine, half = d_ff // 4, d_ff // 2
   aux_free = ("train.aux_loss_factor=0.0", f"model.moe.router_bias_update_rate={rate:g}")
   shared_fine = (
@@ -125,6 +127,11 @@ def study_variants(d_ff: int = 256, rate: float = 1e-3) -> list[Variant]:
     f"model.moe.shared_expert_d_ff={fine}",
     "model.moe.capacity_per_choice=true",
   )
+  sigmoid = ("model.moe.router_score=sigmoid", "model.moe.normalize_top_k=true")
+  halves = [
+    Variant(32, 3, 1.25, "shared-fine-e32-top3-auxfree", shared_fine + aux_free),
+    Variant(32, 3, 1.25, "shared-fine-e32-top3-sigmoid", shared_fine + sigmoid),
+  ]
   return [
     Variant(0),
     Variant(8, 1, 1.25, "switch-top1"),
@@ -134,13 +141,8 @@ def study_variants(d_ff: int = 256, rate: float = 1e-3) -> list[Variant]:
       16, 2, 1.25, "top2-e16", (f"model.expert_d_ff={half}", "model.moe.capacity_per_choice=true")
     ),
     Variant(32, 3, 1.25, "shared-fine-e32-top3", shared_fine),
-    Variant(
-      32,
-      3,
-      1.25,
-      "shared-fine-e32-top3-auxfree-sigmoid",
-      shared_fine + aux_free + ("model.moe.router_score=sigmoid", "model.moe.normalize_top_k=true"),
-    ),
+    *(halves if ablations else []),
+    Variant(32, 3, 1.25, "shared-fine-e32-top3-auxfree-sigmoid", shared_fine + aux_free + sigmoid),
   ]
 
 

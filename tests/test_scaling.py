@@ -113,6 +113,20 @@ def test_study_variants_have_switch_flops_and_parameters():
     assert moe.router_bias_update_rate == (0.002 if auxfree else 0.0), name
   sigmoid = configs["shared-fine-e32-top3-auxfree-sigmoid"].model.moe
   assert (sigmoid.router_score, sigmoid.normalize_top_k) == ("sigmoid", True)
+  # The ablations: each half of DeepSeek-V3's combination alone, else the same experts.
+  halves = scaling.study_variants(base.model.d_ff, rate=0.002, ablations=True)
+  assert [v.name for v in halves] == [*configs][:6] + [
+    "shared-fine-e32-top3-auxfree",
+    "shared-fine-e32-top3-sigmoid",
+    "shared-fine-e32-top3-auxfree-sigmoid",
+  ]
+  extra = {v.name: set(v.extra) for v in halves}
+  both = extra["shared-fine-e32-top3-auxfree-sigmoid"] - extra["shared-fine-e32-top3"]
+  bias = extra["shared-fine-e32-top3-auxfree"] - extra["shared-fine-e32-top3"]
+  gating = extra["shared-fine-e32-top3-sigmoid"] - extra["shared-fine-e32-top3"]
+  assert bias == {"train.aux_loss_factor=0.0", "model.moe.router_bias_update_rate=0.002"}
+  assert gating == {"model.moe.router_score=sigmoid", "model.moe.normalize_top_k=true"}
+  assert both == bias | gating
   assert configs["switch-top1-dropless"].model.moe.router_type == "tokens_choose_dropless"
   fine = configs["shared-fine-e32-top3"].model
   extra = estimate_parameters(fine) - estimate_parameters(switch.model)
@@ -272,6 +286,14 @@ def test_study_script_trains_the_chosen_variant(tmp_path, capsys):
   assert script.main([*common, f"--workdir={tmp_path / 'a'}", "--only=top3"]) == 1
   err = capsys.readouterr().err
   assert err.startswith("error: --only=top3: no such variant; choose from dense, switch-top1,")
+  assert not (tmp_path / "a").exists()
+  assert script.main([*common[1:], f"--workdir={tmp_path / 'a'}", "--ablations"]) == 1
+  assert capsys.readouterr().err == "error: --ablations belongs to --study; add --study.\n"
+  assert (
+    script.main([*common, f"--workdir={tmp_path / 'a'}", "--only=shared-fine-e32-top3-auxfree"])
+    == 1
+  )
+  assert "shared-fine-e32-top3-auxfree: no such variant" in capsys.readouterr().err
   assert not (tmp_path / "a").exists()
   assert script.main([*common, f"--workdir={tmp_path / 'b'}", f"--only={name}"]) == 0
   (run,) = json.loads((tmp_path / "b" / "results.json").read_text())["runs"]
