@@ -361,8 +361,11 @@ def test_study_notebook_plots_the_stored_study(monkeypatch):
   assert [r.name for r in ns["rows"]] == [v.name for v in scaling.study_variants()]
   code = [c for c in nb.cells if c.cell_type == "code"]
   pngs = sum("image/png" in o.get("data", {}) for c in code for o in c.outputs)
-  assert pngs == 4 and "| switch-top1-auxfree |" in code[1].outputs[0].text
-  assert "| shared-fine-e32-top3-auxfree-sigmoid |" in code[-2].outputs[0].text
+  assert pngs == 5 and "| switch-top1-auxfree |" in code[1].outputs[0].text
+  assert "| shared-fine-e32-top3-auxfree-sigmoid |" in code[-4].outputs[0].text
+  ablation = code[-2].outputs[0].text
+  assert "| shared-fine-e32-top3-sigmoid |" in ablation
+  assert "the bias instead of the auxiliary loss:" in ablation and "with the bias" in ablation
 
 
 LONG_STUDY = ROOT / "notebooks" / "beyond_switch_16k.json"
@@ -383,6 +386,24 @@ def test_stored_long_study_is_four_variants_for_two_seeds_on_unseen_text():
   # 48.6 MB of documentation hold 325,798 training chunks: 16,000 steps of 16 read 256,000 of
   # them, each once.
   assert results["steps"] * results["batch_size"] <= 325_798
+
+
+ABLATIONS = ROOT / "notebooks" / "beyond_switch_16k_ablations.json"
+
+
+def test_stored_ablations_are_a_two_by_two_for_two_seeds():
+  """The halves of DeepSeek-V3's combination: every run is the shared + fine-grained experts
+  with the bias, the sigmoid gating, both or neither, as study_variants(ablations=True) makes
+  them, for 16,000 steps and two seeds."""
+  results = json.loads(ABLATIONS.read_text())
+  rows = scaling.summarize(results)
+  halves = [v for v in scaling.study_variants(ablations=True) if "shared" in v.name]
+  assert [r.name for r in rows] == [v.name for v in halves]
+  assert all(r.seeds == 2 for r in rows) and results["steps"] == 16000
+  assert all(len(r["eval"]) == results["steps"] // results["eval_every"] for r in results["runs"])
+  extras = {v.name: list(v.extra) for v in halves}
+  assert all(run["extra"] == extras[run["name"]] for run in results["runs"])
+  assert results["steps"] * results["batch_size"] <= 325_798  # each chunk read once
 
 
 if __name__ == "__main__":  # re-execute the notebook on the stored results and store its outputs
