@@ -11,7 +11,8 @@ then measures, each in a fresh process:
   - scripts/prepare_data.py with --num_workers 1 and 2, Beam and plain worker processes;
   - a run's start-up from the prepared corpus (make_pretraining_data and the first batch):
     seconds and peak RSS, for the whole corpus and for a smaller one (--small_mb, a fifth).
---threads_per_worker=1 shows how the rate grows with workers alone; --engines picks them.
+--threads_per_worker=1 shows how the rate grows with workers alone; --engines picks them;
+--repeats runs each pair again (the speed of a shared machine wanders from run to run).
 Prints a Markdown table (the one in docs/pod_data.md).
 """
 
@@ -63,9 +64,9 @@ def write_corpus(
 
 def python(code: str) -> dict:
   """Runs `code` in a fresh interpreter; its last stdout line is JSON."""
-  out = subprocess.run(
-    [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
-  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+  if out.returncode:  # the child's own last word (e.g. a corpus too small for a batch of 256)
+    sys.exit(f"error: {(out.stderr.strip().splitlines() or ['(no message)'])[-1]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -141,6 +142,9 @@ def main() -> None:
   parser.add_argument(
     "--threads_per_worker", type=int, default=None, help="(default: the cores / the workers)"
   )
+  parser.add_argument(
+    "--repeats", type=int, default=1, help="runs of each engine's 1- and 2-worker pair"
+  )
   args = parser.parse_args()
   root = pathlib.Path(args.dir)
   cache = root / "cache"
@@ -156,14 +160,14 @@ def main() -> None:
   rows = [("tokenize_corpus, one process", today, today, _children_cpu() - cpu)]
   threads = args.threads_per_worker
   flag = f" --threads_per_worker={threads}" if threads else ""
-  for engine in args.engines.split(","):
-    for workers in (1, 2):
-      output = root / f"out_{engine}_{workers}"
-      subprocess.run(["rm", "-rf", str(output)], check=True)
-      wall, job, cpu = prepare(files, cache, output, workers, engine, threads)
-      rows.append(
-        (f"prepare_data.py --engine={engine} --num_workers={workers}{flag}", wall, job, cpu)
-      )
+  for repeat in range(args.repeats):  # a pair back to back: this machine's speed wanders
+    for engine in args.engines.split(","):
+      for workers in (1, 2):
+        output = root / f"out_{engine}_{workers}"
+        subprocess.run(["rm", "-rf", str(output)], check=True)
+        wall, job, cpu = prepare(files, cache, output, workers, engine, threads)
+        name = f"prepare_data.py --engine={engine} --num_workers={workers}{flag}"
+        rows.append((name + (f" (run {repeat + 1})" if args.repeats > 1 else ""), wall, job, cpu))
   print(f"{megabytes:.1f} MB of text, {spm['tokens']:,} tokens\n")
   print(
     "| what | wall s (with imports) | s of the job | MB/s of text (job) | CPU s (all processes) |"
