@@ -86,14 +86,14 @@ def main(argv=None) -> int:
       base = load_config(args.config, args.set)
     else:
       base = scaling.base_config(args.set)
+    if args.ablations and not args.study:
+      raise ValueError("--ablations belongs to --study; add --study.")
     if args.study:
       variants = scaling.study_variants(base.model.d_ff, args.bias_update_rate, args.ablations)
     else:
       variants = scaling.sweep_variants(
         args.experts, args.table_experts, args.capacity_factors, args.top_k, args.capacity_factor
       )
-    if args.ablations and not args.study:
-      raise ValueError("--ablations belongs to --study; add --study.")
     if args.only:
       variants = select(variants, args.only.split(","))
     if len(args.seeds) < 1 or args.steps < 1 or not 1 <= args.eval_every <= args.steps:

@@ -352,6 +352,11 @@ def late_losses(results: dict, last: int = 4) -> dict[str, dict[int, float]]:
   return out
 
 
+def paired(late: dict[str, dict[int, float]], a: str, b: str) -> str:
+  """a - b in `late_losses`, seed by seed, as the study's tables print it: '-0.057 / -0.055'."""
+  return " / ".join(f"{late[a][s] - late[b][s]:+.3f}" for s in sorted(late[a]))
+
+
 def late_slope(results: dict, name: str, steps: int) -> float:
   """How fast `name` still improves at the end: the eval loss's fall per 1,000 steps over the
   last `steps` steps (a least-squares line through those evaluations, mean over seeds)."""

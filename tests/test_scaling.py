@@ -337,12 +337,18 @@ def test_stored_notebook_and_results_are_the_full_sweep():
   assert all(len(r["eval"]) == results["steps"] // results["eval_every"] for r in results["runs"])
 
 
+def _assert_every_run_whole(results: dict, names: list[str], steps: int) -> list:
+  """A stored study: `names` in order, two seeds each, `steps` steps with every evaluation."""
+  rows = scaling.summarize(results)
+  assert [r.name for r in rows] == names
+  assert all(r.seeds == 2 for r in rows) and results["steps"] == steps
+  assert all(len(r["eval"]) == results["steps"] // results["eval_every"] for r in results["runs"])
+  return rows
+
+
 def test_stored_study_is_every_variant_for_two_seeds_on_unseen_text():
   results = json.loads(STUDY.read_text())
-  rows = scaling.summarize(results)
-  assert [r.name for r in rows] == [v.name for v in scaling.study_variants()]
-  assert all(r.seeds == 2 for r in rows) and results["steps"] == 8000
-  assert all(len(r["eval"]) == results["steps"] // results["eval_every"] for r in results["runs"])
+  rows = _assert_every_run_whole(results, [v.name for v in scaling.study_variants()], 8000)
   dense = rows[0].gflops_per_step
   assert all(1.0 <= r.gflops_per_step / dense < 1.02 for r in rows)  # routers' FLOPs only
   # The kernel documentation holds 137,431 training chunks of 70 tokens (64 + 14 after span
@@ -379,10 +385,7 @@ LONG_VARIANTS = [
 
 def test_stored_long_study_is_four_variants_for_two_seeds_on_unseen_text():
   results = json.loads(LONG_STUDY.read_text())
-  rows = scaling.summarize(results)
-  assert [r.name for r in rows] == LONG_VARIANTS
-  assert all(r.seeds == 2 for r in rows) and results["steps"] == 16000
-  assert all(len(r["eval"]) == results["steps"] // results["eval_every"] for r in results["runs"])
+  _assert_every_run_whole(results, LONG_VARIANTS, 16000)
   # 48.6 MB of documentation hold 325,798 training chunks: 16,000 steps of 16 read 256,000 of
   # them, each once.
   assert results["steps"] * results["batch_size"] <= 325_798
@@ -396,11 +399,8 @@ def test_stored_ablations_are_a_two_by_two_for_two_seeds():
   with the bias, the sigmoid gating, both or neither, as study_variants(ablations=True) makes
   them, for 16,000 steps and two seeds."""
   results = json.loads(ABLATIONS.read_text())
-  rows = scaling.summarize(results)
   halves = [v for v in scaling.study_variants(ablations=True) if "shared" in v.name]
-  assert [r.name for r in rows] == [v.name for v in halves]
-  assert all(r.seeds == 2 for r in rows) and results["steps"] == 16000
-  assert all(len(r["eval"]) == results["steps"] // results["eval_every"] for r in results["runs"])
+  _assert_every_run_whole(results, [v.name for v in halves], 16000)
   extras = {v.name: list(v.extra) for v in halves}
   assert all(run["extra"] == extras[run["name"]] for run in results["runs"])
   assert results["steps"] * results["batch_size"] <= 325_798  # each chunk read once
